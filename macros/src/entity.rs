@@ -1,0 +1,140 @@
+//! `#[derive(Entity)]`: `impl txbus::Entity<B>` for each backend, as an upsert and a delete by
+//! primary key built from diesel's `Insertable`, `AsChangeset` and `Identifiable`.
+
+use proc_macro2::{Ident, TokenStream};
+use quote::{format_ident, quote};
+use syn::DeriveInput;
+
+use crate::errors::Errors;
+
+/// The backends the derive knows: (name in `#[entity(backends(...))]`, marker type).
+const BACKENDS: [(&str, &str); 2] = [("postgres", "Postgres"), ("sqlite", "Sqlite")];
+
+pub(crate) fn expand(input: TokenStream) -> TokenStream {
+    let parsed: DeriveInput = match syn::parse2(input) {
+        Ok(parsed) => parsed,
+        Err(error) => return error.to_compile_error(),
+    };
+    let mut errors = Errors::default();
+    let backends = parse_backends(&parsed, &mut errors);
+    if let Err(errors) = errors.finish(&TokenStream::new()) {
+        return errors;
+    }
+    backends
+        .into_iter()
+        .map(|(name, marker)| implement(&parsed, name, marker))
+        .collect()
+}
+
+fn parse_backends(input: &DeriveInput, errors: &mut Errors) -> Vec<(&'static str, &'static str)> {
+    let mut chosen: Option<Vec<(&'static str, &'static str)>> = None;
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("entity")) {
+        let result = attr.parse_nested_meta(|meta| {
+            if !meta.path.is_ident("backends") {
+                return Err(
+                    meta.error("unknown argument of `#[entity(...)]`; expected `backends(...)`")
+                );
+            }
+            if chosen.is_some() {
+                errors.add(&meta.path, "duplicate `backends` in `#[entity(...)]`");
+            }
+            let mut list = Vec::new();
+            meta.parse_nested_meta(|backend| {
+                match BACKENDS
+                    .iter()
+                    .find(|(name, _)| backend.path.is_ident(name))
+                {
+                    Some(&known) if list.contains(&known) => {
+                        errors.add(&backend.path, "backend listed twice")
+                    }
+                    Some(&known) => list.push(known),
+                    None => errors.add(
+                        &backend.path,
+                        "unknown backend; expected `postgres` or `sqlite`",
+                    ),
+                }
+                Ok(())
+            })?;
+            if list.is_empty() {
+                errors.add(&meta.path, "`backends(...)` needs at least one backend");
+            }
+            chosen = Some(list);
+            Ok(())
+        });
+        if let Err(error) = result {
+            errors.push(error);
+        }
+    }
+    chosen.unwrap_or_else(|| BACKENDS.to_vec())
+}
+
+fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let gate = format_ident!("__txbus_if_{}", backend);
+    let marker: Ident = format_ident!("{}", marker);
+    quote! {
+        ::txbus::#gate! {
+            impl #impl_generics ::txbus::Entity<::txbus::#marker> for #ident #ty_generics #where_clause {
+                fn persist<'__c>(
+                    &'__c self,
+                    conn: &'__c mut <::txbus::#marker as ::txbus::Backend>::Connection,
+                ) -> ::txbus::BoxFuture<'__c, ::txbus::__private::diesel::QueryResult<()>> {
+                    ::std::boxed::Box::pin(async move {
+                        use ::txbus::__private::diesel::Table as _;
+                        let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
+                        let upsert = ::txbus::__private::diesel::insert_into(table)
+                            .values(self)
+                            .on_conflict(table.primary_key())
+                            .do_update()
+                            .set(self);
+                        ::txbus::__private::diesel_async::RunQueryDsl::execute(upsert, conn)
+                            .await
+                            .map(|_| ())
+                    })
+                }
+
+                fn remove<'__c>(
+                    &'__c self,
+                    conn: &'__c mut <::txbus::#marker as ::txbus::Backend>::Connection,
+                ) -> ::txbus::BoxFuture<'__c, ::txbus::__private::diesel::QueryResult<()>> {
+                    ::std::boxed::Box::pin(async move {
+                        let delete = ::txbus::__private::diesel::delete(self);
+                        ::txbus::__private::diesel_async::RunQueryDsl::execute(delete, conn)
+                            .await
+                            .map(|_| ())
+                    })
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+    use quote::quote;
+
+    #[test]
+    fn every_backend_by_default() {
+        let out = expand(quote! { struct User { id: i64 } }).to_string();
+        assert!(out.contains("__txbus_if_postgres"), "{out}");
+        assert!(out.contains("__txbus_if_sqlite"), "{out}");
+    }
+
+    #[test]
+    fn backends_can_be_restricted() {
+        let out =
+            expand(quote! { #[entity(backends(postgres))] struct User { id: i64 } }).to_string();
+        assert!(out.contains("__txbus_if_postgres"), "{out}");
+        assert!(!out.contains("__txbus_if_sqlite"), "{out}");
+    }
+
+    #[test]
+    fn unknown_backends_are_reported() {
+        let out =
+            expand(quote! { #[entity(backends(oracle, sqlite, sqlite))] struct User; }).to_string();
+        assert!(out.contains("unknown backend"), "{out}");
+        assert!(out.contains("backend listed twice"), "{out}");
+    }
+}

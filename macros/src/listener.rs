@@ -1,0 +1,296 @@
+//! `#[listener]`: keeps the function as written and registers it in txbus's listener slice.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, LitStr, Meta, ReturnType, Token, Type};
+
+use crate::errors::Errors;
+
+/// What the attribute's arguments say.
+#[derive(Default)]
+struct Args {
+    name: Option<LitStr>,
+}
+
+/// What the function's signature says.
+struct Signature<'a> {
+    event: &'a Type,
+    takes_context: bool,
+}
+
+pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let args = parse_args(attr, &mut errors);
+    let function: ItemFn = match syn::parse2(item.clone()) {
+        Ok(function) => function,
+        Err(_) => {
+            errors.add(
+                &item,
+                "`#[txbus::listener]` goes on an `async fn` whose first parameter is the event",
+            );
+            return errors.finish(&item).err().unwrap_or_default();
+        }
+    };
+    let signature = check_signature(&function, &mut errors);
+    if let Err(output) = errors.finish(&item) {
+        return output;
+    }
+    match signature {
+        Some(signature) => generate(&function, &args, &signature),
+        None => item,
+    }
+}
+
+fn parse_args(attr: TokenStream, errors: &mut Errors) -> Args {
+    let mut args = Args::default();
+    let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr) {
+        Ok(metas) => metas,
+        Err(error) => {
+            errors.push(error);
+            return args;
+        }
+    };
+    for meta in metas {
+        match &meta {
+            Meta::NameValue(nv) if nv.path.is_ident("name") => {
+                let Expr::Lit(ExprLit {
+                    lit: Lit::Str(value),
+                    ..
+                }) = &nv.value
+                else {
+                    errors.add(
+                        &nv.value,
+                        "`name` takes a string: `name = \"billing.send_invoice\"`",
+                    );
+                    continue;
+                };
+                if args.name.is_some() {
+                    errors.add(&nv.path, "duplicate argument `name`");
+                } else if value.value().trim().is_empty() {
+                    errors.add(value, "a listener name cannot be empty");
+                } else {
+                    args.name = Some(value.clone());
+                }
+            }
+            other => errors.add(
+                other,
+                "unknown argument of `#[txbus::listener]`; expected `name = \"...\"`",
+            ),
+        }
+    }
+    args
+}
+
+fn check_signature<'a>(function: &'a ItemFn, errors: &mut Errors) -> Option<Signature<'a>> {
+    let sig = &function.sig;
+    if sig.asyncness.is_none() {
+        errors.add(sig.fn_token, "a listener must be an `async fn`");
+    }
+    if let Some(constness) = &sig.constness {
+        errors.add(constness, "a listener cannot be `const`");
+    }
+    if let Some(unsafety) = &sig.unsafety {
+        errors.add(unsafety, "a listener cannot be `unsafe`");
+    }
+    if let Some(abi) = &sig.abi {
+        errors.add(abi, "a listener cannot have an ABI");
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.add(variadic, "a listener cannot be variadic");
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        errors.add(
+            &sig.generics,
+            "a listener cannot be generic: its event type must be known when it is registered",
+        );
+    }
+    if let ReturnType::Default = sig.output {
+        errors.add_at(
+            sig.paren_token.span.join(),
+            "a listener returns `Result<(), E>`, with `E` convertible into `txbus::ListenerError`",
+        );
+    }
+    let mut inputs = sig.inputs.iter();
+    let event = match inputs.next() {
+        None => {
+            errors.add_at(
+                sig.paren_token.span.join(),
+                "a listener takes the event as its first parameter, e.g. \
+                 `async fn on_user_created(event: UserCreated)`",
+            );
+            None
+        }
+        Some(FnArg::Receiver(receiver)) => {
+            errors.add(
+                receiver,
+                "a listener is a free function; it cannot take `self`",
+            );
+            None
+        }
+        Some(FnArg::Typed(arg)) => match &*arg.ty {
+            Type::Reference(reference) => {
+                errors.add(
+                    reference,
+                    "a listener takes the event by value, not by reference",
+                );
+                None
+            }
+            Type::ImplTrait(bound) => {
+                errors.add(bound, "a listener cannot be generic: name the event type");
+                None
+            }
+            ty => Some(ty),
+        },
+    };
+    let takes_context = match inputs.next() {
+        None => false,
+        Some(FnArg::Typed(arg)) if is_context(&arg.ty) => true,
+        Some(other) => {
+            errors.add(
+                other,
+                "the second parameter of a listener is `ctx: txbus::Context`",
+            );
+            false
+        }
+    };
+    for extra in inputs {
+        errors.add(
+            extra,
+            "a listener takes at most two parameters: the event and `ctx: txbus::Context`",
+        );
+    }
+    Some(Signature {
+        event: event?,
+        takes_context,
+    })
+}
+
+fn is_context(ty: &Type) -> bool {
+    matches!(ty, Type::Path(path) if path.qself.is_none()
+        && path.path.segments.last().is_some_and(|s| s.ident == "Context" && s.arguments.is_empty()))
+}
+
+fn generate(function: &ItemFn, args: &Args, signature: &Signature<'_>) -> TokenStream {
+    let ident = &function.sig.ident;
+    let event = signature.event;
+    let id = match &args.name {
+        Some(name) => quote!(#name),
+        None => {
+            let name = LitStr::new(&ident.to_string(), ident.span());
+            quote!(::core::concat!(::core::module_path!(), "::", #name))
+        }
+    };
+    // Spanned on the function, so that a listener whose future is not `Send` or whose error
+    // does not convert is reported there.
+    let span = function.sig.span();
+    let invoke = if signature.takes_context {
+        quote_spanned!(span=> #ident(event, ctx))
+    } else {
+        quote_spanned!(span=> { let _ = ctx; #ident(event) })
+    };
+    let call = quote_spanned!(span=>
+        ::txbus::__private::call::<#event, _, _, _>(payload, ctx, |event, ctx| #invoke)
+    );
+    let line = quote_spanned!(ident.span()=> ::core::line!());
+    let call_fn = format_ident!("__txbus_call_{}", ident, span = Span::call_site());
+    quote! {
+        #function
+
+        #[doc(hidden)]
+        const _: () = {
+            #[::txbus::__private::linkme::distributed_slice(::txbus::__private::LISTENERS)]
+            #[linkme(crate = ::txbus::__private::linkme)]
+            static LISTENER: ::txbus::__private::ListenerDef = ::txbus::__private::ListenerDef {
+                id: #id,
+                event: <#event as ::txbus::Event>::NAME,
+                event_type: ::core::any::type_name::<#event>,
+                call: #call_fn,
+                file: ::core::file!(),
+                line: #line,
+            };
+
+            fn #call_fn(
+                payload: &::core::primitive::str,
+                ctx: ::txbus::Context,
+            ) -> ::txbus::__private::ListenerCall {
+                #call
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+    use quote::quote;
+
+    fn errors_of(attr: proc_macro2::TokenStream, item: proc_macro2::TokenStream) -> String {
+        expand(attr, item).to_string()
+    }
+
+    #[test]
+    fn a_valid_listener_is_kept_and_registered() {
+        let out = errors_of(
+            quote!(),
+            quote! {
+                async fn on_user(event: UserCreated, ctx: txbus::Context) -> Result<(), MyError> { Ok(()) }
+            },
+        );
+        assert!(out.contains("async fn on_user"), "{out}");
+        assert!(out.contains("distributed_slice"), "{out}");
+        assert!(out.contains("module_path"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn an_explicit_name_is_the_id() {
+        let out = errors_of(
+            quote!(name = "audit"),
+            quote! {
+                async fn audit(event: UserCreated) -> anyhow::Result<()> { Ok(()) }
+            },
+        );
+        assert!(out.contains("id : \"audit\""), "{out}");
+    }
+
+    #[test]
+    fn every_mistake_is_reported() {
+        let out = errors_of(
+            quote!(name = "a", name = "b", retries = 3),
+            quote! {
+                fn bad<T>(self, a: &E, b: u32, c: u8) {}
+            },
+        );
+        for expected in [
+            "duplicate argument `name`",
+            "unknown argument",
+            "must be an `async fn`",
+            "cannot be generic",
+            "returns `Result<(), E>`",
+            "cannot take `self`",
+            "second parameter of a listener",
+            "at most two parameters",
+        ] {
+            assert!(out.contains(expected), "missing {expected:?} in {out}");
+        }
+    }
+
+    #[test]
+    fn a_missing_event_is_reported() {
+        let out = errors_of(
+            quote!(),
+            quote!(
+                async fn f() -> Result<(), E> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(
+            out.contains("takes the event as its first parameter"),
+            "{out}"
+        );
+    }
+}

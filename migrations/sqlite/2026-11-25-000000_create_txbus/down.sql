@@ -1,0 +1,2 @@
+DROP TABLE txbus_deliveries;
+DROP TABLE txbus_events;

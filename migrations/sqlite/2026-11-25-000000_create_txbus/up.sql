@@ -1,0 +1,32 @@
+-- One row per emitted event; deleted when every delivery of it has succeeded.
+-- Times are milliseconds since the Unix epoch. AUTOINCREMENT: an id is never handed out twice.
+CREATE TABLE txbus_events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    emitted_at INTEGER NOT NULL,
+    -- How long a run may hold a delivery (the event's max_execution_time).
+    lease_ms   INTEGER NOT NULL
+);
+
+-- One row per (event, listener); deleted when the listener has succeeded.
+CREATE TABLE txbus_deliveries (
+    event_id     INTEGER NOT NULL REFERENCES txbus_events (id) ON DELETE CASCADE,
+    listener     TEXT NOT NULL,
+    -- Runs started so far; also the fence that completes only the run holding the lease.
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    -- When the delivery may be claimed next: a retry time, or the end of a lease.
+    available_at INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    last_error   TEXT,
+    -- Set for dead letters, with the reason: expired, max_attempts, aborted or no_listener.
+    dead_at      INTEGER,
+    dead_reason  TEXT,
+    PRIMARY KEY (event_id, listener)
+) WITHOUT ROWID;
+
+-- Serves the poller's claim: live deliveries, soonest available first.
+CREATE INDEX txbus_deliveries_due ON txbus_deliveries (available_at) WHERE dead_at IS NULL;
+
+-- Serves the expiry sweep.
+CREATE INDEX txbus_deliveries_expiry ON txbus_deliveries (expires_at) WHERE dead_at IS NULL;

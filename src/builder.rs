@@ -1,0 +1,259 @@
+//! Configuring and starting a bus.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use crate::bus::{Shared, Tasks};
+use crate::completion::complete_loop;
+use crate::dispatch::{Runner, dispatch_loop};
+use crate::listener::State;
+use crate::poller::poll_loop;
+use crate::registry::{LISTENERS, Registry};
+use crate::{Backend, BuildError, Event, EventBus, EventSettings, Pool};
+
+/// Configures an [`EventBus`]; made by [`EventBus::builder`], finished by
+/// [`build`](Self::build).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use txbus::{EventBus, EventSettings, Pool, Sqlite};
+///
+/// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+/// #[event(name = "user.created")]
+/// struct UserCreated { user_id: i64 }
+///
+/// struct Mailer;
+///
+/// # let dir = std::env::temp_dir().join(format!("txbus-doc-builder-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # let path = dir.join("app.db");
+/// let pool = Pool::<Sqlite>::connect(path.to_str().unwrap()).await?;
+/// let bus = EventBus::builder(pool)
+///     .event::<UserCreated>(
+///         EventSettings::default()
+///             .expires_after(Duration::from_secs(24 * 3600))
+///             .max_execution_time(Duration::from_secs(30))
+///             .retry_after(Duration::from_secs(5)),
+///     )
+///     .retry_every(Duration::from_secs(1))
+///     .max_events_per_retry(100)
+///     .state(Mailer)
+///     .build()
+///     .await?;
+/// # bus.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+pub struct EventBusBuilder<B: Backend> {
+    pool: Pool<B>,
+    events: HashMap<&'static str, (EventSettings, &'static str)>,
+    errors: Vec<BuildError>,
+    default_settings: EventSettings,
+    retry_every: Duration,
+    max_events_per_retry: usize,
+    max_concurrent_listeners: usize,
+    shutdown_grace: Duration,
+    state: State,
+    run_migrations: bool,
+    poller: bool,
+}
+
+impl<B: Backend> fmt::Debug for EventBusBuilder<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBusBuilder")
+            .field("backend", &B::NAME)
+            .field("events", &self.events)
+            .field("default_settings", &self.default_settings)
+            .field("retry_every", &self.retry_every)
+            .field("max_events_per_retry", &self.max_events_per_retry)
+            .field("max_concurrent_listeners", &self.max_concurrent_listeners)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("run_migrations", &self.run_migrations)
+            .field("poller", &self.poller)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> EventBusBuilder<B> {
+    pub(crate) fn new(pool: Pool<B>) -> Self {
+        Self {
+            pool,
+            events: HashMap::new(),
+            errors: Vec::new(),
+            default_settings: EventSettings::default(),
+            retry_every: Duration::from_secs(1),
+            max_events_per_retry: 100,
+            max_concurrent_listeners: 64,
+            shutdown_grace: Duration::from_secs(10),
+            state: State::default(),
+            run_migrations: true,
+            poller: true,
+        }
+    }
+
+    /// The settings of event type `E`. Events without their own use
+    /// [`default_settings`](Self::default_settings).
+    pub fn event<E: Event>(mut self, settings: EventSettings) -> Self {
+        let type_name = std::any::type_name::<E>();
+        if let Some((_, other)) = self.events.insert(E::NAME, (settings, type_name)) {
+            if other != type_name {
+                self.errors.push(BuildError::DuplicateEventName {
+                    name: E::NAME,
+                    first: other,
+                    second: type_name,
+                });
+            }
+        }
+        self
+    }
+
+    /// The settings of every event type not given its own with [`event`](Self::event).
+    /// Default: [`EventSettings::default()`].
+    pub fn default_settings(mut self, settings: EventSettings) -> Self {
+        self.default_settings = settings;
+        self
+    }
+
+    /// How often the poller looks for due and expired deliveries. Default: 1 second.
+    pub fn retry_every(mut self, interval: Duration) -> Self {
+        self.retry_every = interval;
+        self
+    }
+
+    /// The most deliveries one poll claims. Default: 100. A poll claims no more than can start
+    /// at once, and claims again right away while full batches keep coming.
+    pub fn max_events_per_retry(mut self, max: usize) -> Self {
+        self.max_events_per_retry = max;
+        self
+    }
+
+    /// The most listeners running at once in this process. Default: 64. As many more
+    /// deliveries may wait in the queue; beyond that, freshly emitted deliveries are handed back
+    /// to the database for the poller instead of piling up in memory.
+    pub fn max_concurrent_listeners(mut self, max: usize) -> Self {
+        self.max_concurrent_listeners = max;
+        self
+    }
+
+    /// How long [`EventBus::shutdown`] lets running listeners finish before cancelling them.
+    /// Default: 10 seconds.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Registers a value listeners get with [`Context::state`](crate::Context::state), one per
+    /// type (a second value of the same type replaces the first). Default: none.
+    pub fn state<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.state.insert(value);
+        self
+    }
+
+    /// Whether [`build`](Self::build) applies txbus's migrations. Default: true. Turn it off when
+    /// a deploy step runs [`txbus::migrate`](crate::migrate).
+    pub fn run_migrations(mut self, run: bool) -> Self {
+        self.run_migrations = run;
+        self
+    }
+
+    /// Whether this process runs the background poller, which retries failed deliveries and
+    /// takes over those of crashed processes. Default: true. Turn it off only where another
+    /// process polls the same database; this process still runs the listeners of its own emits.
+    pub fn poller(mut self, enabled: bool) -> Self {
+        self.poller = enabled;
+        self
+    }
+
+    /// Validates the configuration, applies migrations (unless turned off), and starts the
+    /// background tasks on the current tokio runtime.
+    pub fn build(self) -> impl Future<Output = Result<EventBus<B>, BuildError>> + Send {
+        async move {
+            let mut this = self;
+            if let Some(error) = this.errors.pop() {
+                return Err(error);
+            }
+            this.validate()?;
+            let registry = Registry::new(LISTENERS.iter())?;
+            if this.run_migrations {
+                crate::migrate(&this.pool)
+                    .await
+                    .map_err(BuildError::Database)?;
+            }
+            let (runner, jobs, reports) = Runner::new(this.max_concurrent_listeners, this.state);
+            let settings = this
+                .events
+                .into_iter()
+                .map(|(name, (s, _))| (name, s))
+                .collect();
+            let shared = Arc::new(Shared::new(
+                this.pool.clone(),
+                registry,
+                settings,
+                this.default_settings,
+                runner.clone(),
+                this.retry_every,
+                this.max_events_per_retry,
+                this.shutdown_grace,
+            ));
+            let tasks = Tasks {
+                dispatcher: Some(tokio::spawn(dispatch_loop(runner.clone(), jobs))),
+                completer: Some(tokio::spawn(complete_loop(
+                    this.pool,
+                    reports,
+                    runner.phase.subscribe(),
+                ))),
+                poller: this.poller.then(|| tokio::spawn(poll_loop(shared.clone()))),
+            };
+            *shared.tasks.lock().unwrap_or_else(PoisonError::into_inner) = tasks;
+            tracing::info!(
+                backend = B::NAME,
+                listeners = shared.registry.len(),
+                poller = this.poller,
+                "txbus started"
+            );
+            tracing::debug!(listeners = ?shared.registry.ids(), "registered listeners");
+            Ok(EventBus::from_shared(shared))
+        }
+    }
+
+    fn validate(&self) -> Result<(), BuildError> {
+        let bus = |reason: &str| BuildError::InvalidSettings {
+            event: None,
+            reason: reason.to_owned(),
+        };
+        if self.retry_every.is_zero() {
+            return Err(bus("retry_every must be longer than zero"));
+        }
+        if self.max_events_per_retry == 0 {
+            return Err(bus("max_events_per_retry must be at least 1"));
+        }
+        if self.max_concurrent_listeners == 0 {
+            return Err(bus("max_concurrent_listeners must be at least 1"));
+        }
+        if self.max_concurrent_listeners > u32::MAX as usize >> 3 {
+            return Err(bus("max_concurrent_listeners must be at most 536870911"));
+        }
+        self.default_settings
+            .validate()
+            .map_err(|reason| BuildError::InvalidSettings {
+                event: None,
+                reason: format!("default_settings: {reason}"),
+            })?;
+        let mut events: Vec<_> = self.events.iter().collect();
+        events.sort_by_key(|(name, _)| **name);
+        for (name, (settings, _)) in events {
+            settings
+                .validate()
+                .map_err(|reason| BuildError::InvalidSettings {
+                    event: Some(name),
+                    reason,
+                })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! Writes listener results to the database in batches: whatever arrived while the previous
+//! batch was being written goes in the next one, so a busy bus writes few, large batches.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::dispatch::{Phase, Report};
+use crate::error::Chain;
+use crate::store::{Outcome, Recorded};
+use crate::{Backend, Error, Pool};
+
+/// The most results written in one batch.
+const MAX_BATCH: usize = 512;
+
+/// Receives reports until every sender is gone, writing each batch before taking the next.
+pub(crate) async fn complete_loop<B: Backend>(
+    pool: Pool<B>,
+    mut reports: mpsc::Receiver<Report>,
+    phase: watch::Receiver<Phase>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while reports.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (outcomes, in_flight): (Vec<Outcome>, Vec<_>) =
+            batch.drain(..).map(|r| (r.outcome, r._in_flight)).unzip();
+        write(&pool, &outcomes, &phase).await;
+        // Only now is the bus idle for these deliveries.
+        drop(in_flight);
+    }
+}
+
+/// Writes one batch, retrying while the database is unreachable. A batch that cannot be written
+/// is not lost work: its deliveries are run again once their leases pass.
+async fn write<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome], phase: &watch::Receiver<Phase>) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match record::<B>(pool, outcomes).await {
+            Ok(recorded) => {
+                report(outcomes.len(), recorded);
+                return;
+            }
+            Err(error) if *phase.borrow() >= Phase::Cancelling => {
+                tracing::error!(error = %Chain(&error), results = outcomes.len(),
+                    "could not record listener results before shutdown; those deliveries will run again after their leases");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(error = %Chain(&error), results = outcomes.len(), retry_in = ?pause,
+                    "could not record listener results; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn record<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome]) -> Result<Recorded, Error> {
+    let mut conn = pool.get().await?;
+    Ok(B::record(&mut conn, outcomes).await?)
+}
+
+fn report(written: usize, recorded: Recorded) {
+    if recorded.applied < written {
+        // Their leases had passed and another run holds them now: the fence kept this stale
+        // result from overwriting the newer one.
+        tracing::debug!(
+            stale = written - recorded.applied,
+            "results of runs that lost their lease were not recorded"
+        );
+    }
+    for died in recorded.died {
+        tracing::error!(event_id = %died.event_id, listener = %died.listener, reason = %died.reason,
+            "delivery is dead; it stays in txbus_deliveries as a dead letter");
+    }
+}

@@ -1,0 +1,436 @@
+//! Runs deliveries: a bounded queue, a bound on concurrent listeners, a deadline per run (the end
+//! of its lease), panics caught, and every result handed to the completer.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Poll, ready};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tracing::Instrument;
+
+use crate::listener::{Context, ListenerDef, State};
+use crate::store::{DeadReason, DeliveryKey, Outcome, Resolution};
+use crate::{BoxFuture, EventSettings, ListenerError};
+
+/// The longest part of a lease kept back from the listener, so that its result is recorded
+/// before another instance may claim the delivery.
+const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(1);
+
+/// Where the bus is in its life. Ordered: each phase follows the one before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    /// Emitting, dispatching, polling.
+    Running,
+    /// Shutting down: no polls, queued deliveries released, running ones finishing.
+    Draining,
+    /// The grace period is over: running listeners are cancelled.
+    Cancelling,
+    /// Done.
+    Stopped,
+}
+
+/// The local deadline of a run leased at `leased` for `lease`: the lease's end less a margin.
+pub(crate) fn deadline(leased: Instant, lease: Duration) -> Instant {
+    leased + lease - (lease / 10).min(MAX_SAFETY_MARGIN)
+}
+
+/// One delivery to run.
+pub(crate) struct Job {
+    pub(crate) key: DeliveryKey,
+    pub(crate) def: &'static ListenerDef,
+    pub(crate) payload: Arc<str>,
+    pub(crate) emitted_at: SystemTime,
+    pub(crate) deadline: Instant,
+    pub(crate) settings: EventSettings,
+    pub(crate) in_flight: InFlight,
+}
+
+/// A result on its way to the database; the guard keeps the bus busy until it is written.
+pub(crate) struct Report {
+    pub(crate) outcome: Outcome,
+    pub(crate) _in_flight: InFlight,
+}
+
+/// Counts deliveries queued, running or not yet recorded, for `wait_idle`.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Tracker {
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlight {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    pub(crate) async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One delivery somewhere between its claim and its recorded result.
+pub(crate) struct InFlight(Arc<Tracker>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// The dispatcher shared by emitters, the poller and the listener tasks.
+pub(crate) struct Runner {
+    queue: mpsc::Sender<Job>,
+    queue_capacity: usize,
+    permits: Arc<Semaphore>,
+    max_concurrent: usize,
+    reports: Mutex<Option<mpsc::Sender<Report>>>,
+    pub(crate) tracker: Arc<Tracker>,
+    pub(crate) phase: watch::Sender<Phase>,
+    /// Signalled when a listener finishes, so the poller can claim more.
+    pub(crate) freed: Notify,
+    state: Arc<State>,
+}
+
+impl Runner {
+    /// A runner, the receiving end of its queue (for [`dispatch_loop`]) and of its reports (for
+    /// the completer).
+    pub(crate) fn new(
+        max_concurrent: usize,
+        state: State,
+    ) -> (Arc<Self>, mpsc::Receiver<Job>, mpsc::Receiver<Report>) {
+        let queue_capacity = max_concurrent.max(1);
+        let (queue, jobs) = mpsc::channel(queue_capacity);
+        let (reports, report_rx) = mpsc::channel(max_concurrent.max(64) * 4);
+        let runner = Arc::new(Self {
+            queue,
+            queue_capacity,
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            max_concurrent,
+            reports: Mutex::new(Some(reports)),
+            tracker: Arc::default(),
+            phase: watch::Sender::new(Phase::Running),
+            freed: Notify::new(),
+            state: Arc::new(state),
+        });
+        (runner, jobs, report_rx)
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// How many deliveries the poller may claim now: what can start without waiting.
+    pub(crate) fn room(&self, limit: usize) -> usize {
+        let queued = self.queue_capacity - self.queue.capacity();
+        self.permits
+            .available_permits()
+            .saturating_sub(queued)
+            .min(limit)
+    }
+
+    /// Queues a delivery; when the queue is full or closed, hands it back to the database at once
+    /// so that any instance's poller runs it.
+    pub(crate) fn submit(&self, job: Job) {
+        if self.phase() >= Phase::Draining {
+            self.release(job);
+            return;
+        }
+        if let Err(error) = self.queue.try_send(job) {
+            let job = match error {
+                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
+                    job
+                }
+            };
+            tracing::debug!(event_id = %job.key.event_id, listener = job.def.id,
+                "dispatch queue full; leaving the delivery to the poller");
+            self.release(job);
+        }
+    }
+
+    /// Gives a delivery that was not started back to the database.
+    pub(crate) fn release(&self, job: Job) {
+        let report = Report {
+            outcome: Outcome {
+                key: job.key,
+                resolution: Resolution::Release {
+                    undo_attempt: true,
+                    error: None,
+                },
+            },
+            _in_flight: job.in_flight,
+        };
+        // Without room, the lease runs out and the delivery becomes due by itself.
+        if let Some(reports) = self.reports_sender() {
+            let _ = reports.try_send(report);
+        }
+    }
+
+    fn reports_sender(&self) -> Option<mpsc::Sender<Report>> {
+        self.reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Closes the report channel once nothing will report any more, so the completer finishes.
+    pub(crate) fn close_reports(&self) {
+        self.reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Waits until no listener runs, for at most `timeout`. Returns whether that happened.
+    pub(crate) async fn wait_for_listeners(&self, timeout: Duration) -> bool {
+        let all = u32::try_from(self.max_concurrent).unwrap_or(u32::MAX);
+        tokio::time::timeout(timeout, self.permits.acquire_many(all))
+            .await
+            .is_ok_and(|permits| permits.is_ok())
+    }
+}
+
+/// Takes queued deliveries and starts each when a concurrency permit is free. On shutdown it
+/// releases what is still queued.
+pub(crate) async fn dispatch_loop(runner: Arc<Runner>, mut jobs: mpsc::Receiver<Job>) {
+    let mut phase = runner.phase.subscribe();
+    loop {
+        let job = tokio::select! {
+            job = jobs.recv() => job,
+            _ = phase.wait_for(|p| *p >= Phase::Draining) => None,
+        };
+        let Some(job) = job else { break };
+        let permit = tokio::select! {
+            permit = runner.permits.clone().acquire_owned() => permit.ok(),
+            _ = phase.wait_for(|p| *p >= Phase::Draining) => None,
+        };
+        match permit {
+            Some(permit) => {
+                let Some(reports) = runner.reports_sender() else {
+                    runner.release(job);
+                    break;
+                };
+                let task = run(job, permit, runner.clone(), reports);
+                tokio::spawn(task);
+            }
+            None => {
+                runner.release(job);
+                break;
+            }
+        }
+    }
+    jobs.close();
+    while let Ok(job) = jobs.try_recv() {
+        runner.release(job);
+    }
+}
+
+/// How one run ended.
+enum Verdict {
+    Succeeded,
+    Failed(ListenerError),
+    Panicked(String),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+async fn run(
+    job: Job,
+    permit: OwnedSemaphorePermit,
+    runner: Arc<Runner>,
+    reports: mpsc::Sender<Report>,
+) {
+    let span = tracing::info_span!(
+        "txbus.listener",
+        event = job.def.event,
+        event_id = %job.key.event_id,
+        listener = job.def.id,
+        attempt = job.key.attempt,
+    );
+    let started = Instant::now();
+    if started >= job.deadline {
+        // The lease ran out while it waited: another instance may hold the delivery now, and for
+        // everyone else it is due again. Not started, nothing to record.
+        span.in_scope(|| tracing::debug!("lease ran out before the listener could start"));
+        drop(permit);
+        runner.freed.notify_one();
+        return;
+    }
+    let verdict = execute(&job, &runner).instrument(span.clone()).await;
+    let resolution = {
+        let _enter = span.enter();
+        resolve(verdict, &job, started)
+    };
+    let report = Report {
+        outcome: Outcome {
+            key: job.key,
+            resolution,
+        },
+        _in_flight: job.in_flight,
+    };
+    // Holding the permit while the completer is behind slows the poller down with it.
+    let _ = reports.send(report).await;
+    drop(permit);
+    runner.freed.notify_one();
+}
+
+async fn execute(job: &Job, runner: &Runner) -> Verdict {
+    let ctx = Context {
+        event_id: job.key.event_id,
+        listener: job.def.id,
+        attempt: job.key.attempt,
+        emitted_at: job.emitted_at,
+        state: runner.state.clone(),
+    };
+    let started =
+        match std::panic::catch_unwind(AssertUnwindSafe(|| (job.def.call)(&job.payload, ctx))) {
+            Ok(Ok(future)) => future,
+            Ok(Err(error)) => return Verdict::Failed(error),
+            Err(panic) => return Verdict::Panicked(panic_message(&*panic)),
+        };
+    let mut phase = runner.phase.subscribe();
+    let deadline = tokio::time::Instant::from_std(job.deadline);
+    let begun = Instant::now();
+    tokio::select! {
+        biased;
+        _ = phase.wait_for(|p| *p >= Phase::Cancelling) => Verdict::Cancelled,
+        result = tokio::time::timeout_at(deadline, CatchUnwind(started)) => match result {
+            Ok(Ok(Ok(()))) => Verdict::Succeeded,
+            Ok(Ok(Err(error))) => Verdict::Failed(error),
+            Ok(Err(message)) => Verdict::Panicked(message),
+            Err(_) => Verdict::TimedOut(begun.elapsed()),
+        },
+    }
+}
+
+/// Turns a verdict into what the database should record, logging failures.
+fn resolve(verdict: Verdict, job: &Job, started: Instant) -> Resolution {
+    let attempt = job.key.attempt;
+    let settings = &job.settings;
+    let (error, requested_delay) = match verdict {
+        Verdict::Succeeded => {
+            tracing::debug!(elapsed = ?started.elapsed(), "listener succeeded");
+            return Resolution::Done;
+        }
+        Verdict::Cancelled => {
+            tracing::info!("listener cancelled by shutdown; released for a later run");
+            return Resolution::Release {
+                undo_attempt: false,
+                error: Some("cancelled: the bus shut down before the listener finished".to_owned()),
+            };
+        }
+        Verdict::Failed(error) if error.is_abort() => {
+            let error = error.to_string();
+            tracing::warn!(%error, "listener failed and aborted the delivery");
+            return Resolution::Dead {
+                reason: DeadReason::Aborted,
+                error,
+            };
+        }
+        Verdict::Failed(error) => (error.to_string(), error.retry_delay()),
+        Verdict::Panicked(message) => (format!("panicked: {message}"), None),
+        Verdict::TimedOut(elapsed) => (
+            format!(
+                "timed out after {elapsed:?} and was cancelled (max_execution_time {:?})",
+                settings.get_max_execution_time()
+            ),
+            None,
+        ),
+    };
+    if settings.attempts_exhausted(attempt) {
+        tracing::warn!(%error, "listener failed its last attempt");
+        return Resolution::Dead {
+            reason: DeadReason::MaxAttempts,
+            error,
+        };
+    }
+    let delay = requested_delay.unwrap_or_else(|| settings.retry_delay(attempt));
+    tracing::warn!(%error, retry_in = ?delay, "listener failed");
+    Resolution::Retry { delay, error }
+}
+
+/// Polls a listener future, turning a panic into an error message.
+struct CatchUnwind(BoxFuture<'static, Result<(), ListenerError>>);
+
+impl Future for CatchUnwind {
+    type Output = Result<Result<(), ListenerError>, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let future = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(poll) => Poll::Ready(Ok(ready!(poll))),
+            Err(panic) => Poll::Ready(Err(panic_message(&*panic))),
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_keeps_a_margin_of_a_tenth_up_to_a_second() {
+        let t = Instant::now();
+        assert_eq!(
+            deadline(t, Duration::from_millis(500)),
+            t + Duration::from_millis(450)
+        );
+        assert_eq!(
+            deadline(t, Duration::from_secs(30)),
+            t + Duration::from_secs(29)
+        );
+    }
+
+    #[tokio::test]
+    async fn catch_unwind_turns_panics_into_messages() {
+        let ok = CatchUnwind(Box::pin(async { Ok(()) })).await;
+        assert!(matches!(ok, Ok(Ok(()))));
+        let panicked = CatchUnwind(Box::pin(async { panic!("boom {}", 1) })).await;
+        assert_eq!(panicked.unwrap_err(), "boom 1");
+    }
+
+    #[tokio::test]
+    async fn tracker_waits_for_every_guard() {
+        let tracker = Arc::new(Tracker::default());
+        tracker.wait_idle().await;
+        let a = tracker.enter();
+        let b = tracker.enter();
+        let waiter = tokio::spawn({
+            let tracker = tracker.clone();
+            async move { tracker.wait_idle().await }
+        });
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -1,0 +1,101 @@
+//! Entity operations written in the same transaction as an event.
+
+use std::fmt;
+
+use diesel::QueryResult;
+
+use crate::{Backend, BoxFuture};
+
+/// A row the bus can write or delete in an emit's transaction: see [`persist`] and [`remove`].
+///
+/// Derive it with `#[derive(txbus::Entity)]` beside diesel's `Insertable`, `AsChangeset` and
+/// `Identifiable`; the derive implements it for every backend txbus was built with
+/// (`#[entity(backends(postgres))]` restricts that). By hand, implement both methods with
+/// diesel-async queries on `conn`; they run inside the emit's transaction, so they must not begin,
+/// commit or roll back one themselves.
+///
+/// ```
+/// use diesel::prelude::*;
+///
+/// diesel::table! {
+///     users (id) {
+///         id -> BigInt,
+///         email -> Text,
+///     }
+/// }
+///
+/// #[derive(Insertable, AsChangeset, Identifiable, txbus::Entity)]
+/// #[diesel(table_name = users)]
+/// struct User {
+///     id: i64,
+///     email: String,
+/// }
+/// ```
+pub trait Entity<B: Backend>: Sync {
+    /// Inserts the row, or updates every column when a row with its primary key exists.
+    fn persist<'c>(&'c self, conn: &'c mut B::Connection) -> BoxFuture<'c, QueryResult<()>>;
+
+    /// Deletes the row with its primary key (nothing when there is none).
+    fn remove<'c>(&'c self, conn: &'c mut B::Connection) -> BoxFuture<'c, QueryResult<()>>;
+}
+
+/// A write to run with an event, in its transaction: made by [`persist`] or [`remove`] and given
+/// to [`EventBus::emit`](crate::EventBus::emit).
+pub struct Operation<'a, B: Backend> {
+    entity: &'a (dyn Entity<B> + 'a),
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Persist,
+    Remove,
+}
+
+impl<B: Backend> Operation<'_, B> {
+    pub(crate) fn run<'c>(&'c self, conn: &'c mut B::Connection) -> BoxFuture<'c, QueryResult<()>> {
+        match self.kind {
+            Kind::Persist => self.entity.persist(conn),
+            Kind::Remove => self.entity.remove(conn),
+        }
+    }
+}
+
+impl<B: Backend> fmt::Debug for Operation<'_, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Operation")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Inserts `entity`, or updates it when its primary key exists, in the emit's transaction.
+///
+/// ```no_run
+/// # use diesel::prelude::*;
+/// # diesel::table! { users (id) { id -> BigInt, email -> Text, } }
+/// # #[derive(Insertable, AsChangeset, Identifiable, txbus::Entity)]
+/// # #[diesel(table_name = users)]
+/// # struct User { id: i64, email: String }
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+/// # struct UserCreated { user_id: i64 }
+/// # async fn run(bus: txbus::EventBus<txbus::Sqlite>) -> Result<(), txbus::Error> {
+/// let user = User { id: 1, email: "ada@example.com".into() };
+/// bus.emit(UserCreated { user_id: 1 }, [txbus::persist(&user)]).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn persist<'a, B: Backend, T: Entity<B> + Sync>(entity: &'a T) -> Operation<'a, B> {
+    Operation {
+        entity,
+        kind: Kind::Persist,
+    }
+}
+
+/// Deletes `entity` by its primary key in the emit's transaction.
+pub fn remove<'a, B: Backend, T: Entity<B> + Sync>(entity: &'a T) -> Operation<'a, B> {
+    Operation {
+        entity,
+        kind: Kind::Remove,
+    }
+}

@@ -1,0 +1,146 @@
+//! # txbus
+//!
+//! A transactional event bus for Rust services on [diesel-async](diesel_async) and tokio.
+//!
+//! A service writes its entities and an event in **one database transaction**. Right after the
+//! commit, the event goes to every [`#[listener]`](listener) function registered for it. What
+//! fails is retried by a background poller under per-event limits ([`EventSettings`]: expiry,
+//! execution time, retry delay with backoff); what never succeeds ends as a dead letter that
+//! stays in the database. It runs on PostgreSQL (feature `postgres`) and on an embedded SQLite
+//! (feature `sqlite`, the default) that needs no server.
+//!
+//! ## The guarantees
+//! 1. **Atomicity**: an event exists if and only if the transaction that emitted it commits.
+//!    Listeners never see events of rolled-back transactions, and never run before the commit.
+//! 2. **At least once per listener**: every (event, listener) delivery runs until it succeeds or
+//!    becomes a dead letter with a reason (expired, attempts exhausted, aborted, no listener).
+//!    Nothing is dropped silently: not for a crash, a restart, a timeout, a panic or bad JSON.
+//! 3. **Once after success**: a listener that succeeded is not run again for that event, except
+//!    when the process dies between the success and its durable record (the results of a batch
+//!    are written within milliseconds).
+//! 4. **No concurrent double run**: while a delivery is leased (its `max_execution_time`), no
+//!    other process or task runs it; a listener that runs past its lease is cancelled (its future
+//!    dropped) before the lease ends, and its result is recorded only if it still holds the lease.
+//! 5. **Time limits per event**: see [`EventSettings`]. All times are the database's clock.
+//!
+//! ## How it flows
+//! [`EventBus::emit`] (or [`Transaction::emit`] inside [`EventBus::transaction`]) writes the
+//! event and one delivery row per listener this process knows, already leased to this process.
+//! After the commit the deliveries are queued here and run with bounded concurrency, each until
+//! the end of its lease; their results are written in batches. Failures get a retry time with
+//! exponential backoff and jitter. The poller, every `retry_every`, claims due deliveries (`FOR
+//! UPDATE SKIP LOCKED` on PostgreSQL; SQLite has one writer) of the listeners this process has, so
+//! several processes can share a database, and turns expired ones into dead letters. A listener
+//! always gets the event deserialized from the stored JSON, on the first attempt and on retries.
+//!
+//! ## Example
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use txbus::{Context, EventBus, ListenerError, Pool, Sqlite};
+//!
+//! #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+//! #[event(name = "user.created")]
+//! struct UserCreated { user_id: i64, email: String }
+//!
+//! #[txbus::listener]
+//! async fn send_welcome(event: UserCreated, ctx: Context) -> Result<(), ListenerError> {
+//!     println!("welcome {} (attempt {})", event.email, ctx.attempt());
+//!     Ok(())
+//! }
+//!
+//! # let dir = std::env::temp_dir().join(format!("txbus-doc-lib-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # let path = dir.join("app.db");
+//! let pool = Pool::<Sqlite>::connect(path.to_str().unwrap()).await?;
+//! let bus = EventBus::builder(pool).build().await?;
+//! bus.emit(UserCreated { user_id: 1, email: "ada@example.com".into() }, []).await?;
+//! bus.wait_idle().await;
+//! bus.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Listeners and linking
+//! `#[listener]` registers the function at link time (a `linkme` distributed slice). A listener
+//! defined in a library crate is linked only if the binary refers to that crate; if nothing
+//! does, add `use that_crate as _;`. The bus logs how many listeners it found when it starts,
+//! and their ids at debug level.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+#[cfg(not(any(feature = "postgres", feature = "sqlite")))]
+compile_error!("txbus needs a database backend: enable the feature `postgres` or `sqlite`");
+
+extern crate self as txbus;
+
+mod builder;
+mod bus;
+mod completion;
+mod dispatch;
+mod entity;
+mod error;
+mod event;
+mod listener;
+mod migrate;
+mod poller;
+mod pool;
+mod registry;
+mod settings;
+mod store;
+mod transaction;
+
+pub use builder::EventBusBuilder;
+pub use bus::EventBus;
+pub use entity::{Entity, Operation, persist, remove};
+pub use error::{BuildError, Error, StateError};
+pub use event::{Event, EventId};
+pub use listener::{Context, ListenerError};
+pub use migrate::migrate;
+pub use pool::{Pool, PoolBuilder, PooledConnection};
+pub use settings::EventSettings;
+pub use store::Backend;
+#[cfg(feature = "postgres")]
+pub use store::postgres::Postgres;
+#[cfg(feature = "sqlite")]
+pub use store::sqlite::Sqlite;
+pub use transaction::{Transaction, TransactionFn};
+
+/// Derives [`Event`]: `#[derive(txbus::Event)]`, with an optional `#[event(name = "...")]`
+/// (default: the type's name).
+pub use txbus_macros::Event;
+
+/// Derives [`Entity`] for every backend txbus was built with, from diesel's `Insertable`,
+/// `AsChangeset` and `Identifiable`; `#[entity(backends(postgres, sqlite))]` restricts the
+/// backends.
+pub use txbus_macros::Entity;
+
+/// Registers an `async fn` as a listener of the event type of its first parameter.
+///
+/// ```
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+/// # struct UserCreated { email: String }
+/// #[txbus::listener] // id: "<module path>::send_welcome"
+/// async fn send_welcome(event: UserCreated, ctx: txbus::Context) -> Result<(), txbus::ListenerError> {
+///     Ok(())
+/// }
+///
+/// #[txbus::listener(name = "audit")] // an explicit id that survives renames and moves
+/// async fn audit(event: UserCreated) -> anyhow::Result<()> {
+///     Ok(())
+/// }
+/// ```
+///
+/// The first parameter is the event, by value. An optional second one, `ctx: txbus::Context`,
+/// tells the attempt number and gives the bus's state. The function returns `Result<(), E>` with
+/// `E` convertible into [`ListenerError`]; its future must be `Send`. It stays an ordinary
+/// function that can be called directly, in tests for example.
+pub use txbus_macros::listener;
+
+/// A boxed, `Send` future, as [`Entity`] methods return.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Items the macros expand to. Not public API: it changes without notice.
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;

@@ -1,0 +1,106 @@
+//! The background poller: every `retry_every` it makes expired deliveries dead, then claims due
+//! deliveries of this process's listeners, as many as can start at once, and hands them to the
+//! runner. While full batches keep coming it claims again as soon as listeners free up.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::time::MissedTickBehavior;
+
+use crate::bus::Shared;
+use crate::dispatch::{self, Job, Phase};
+use crate::error::Chain;
+use crate::store::{Claimed, DeliveryKey};
+use crate::{Backend, Error};
+
+/// How many expired deliveries one sweep handles at most.
+const EXPIRE_BATCH: usize = 1000;
+
+pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
+    let runner = shared.runner.clone();
+    let mut phase = runner.phase.subscribe();
+    let known = shared.registry.ids();
+    let mut tick = tokio::time::interval(shared.retry_every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut more = false;
+    loop {
+        if more {
+            // A full batch came back: more is probably due. Claim again when a listener frees
+            // up, or at the next tick at the latest.
+            tokio::select! {
+                _ = runner.freed.notified() => {}
+                _ = tick.tick() => {}
+                _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
+            }
+        } else {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
+            }
+            if let Err(error) = expire(&shared, &known).await {
+                tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying at the next poll");
+            }
+        }
+        more = match claim(&shared, &known).await {
+            Ok(more) => more,
+            Err(error) => {
+                tracing::warn!(error = %Chain(&error), "claiming due deliveries failed; retrying at the next poll");
+                false
+            }
+        };
+    }
+}
+
+async fn expire<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<(), Error> {
+    let mut conn = shared.pool.get().await?;
+    let died = B::expire(&mut conn, known, EXPIRE_BATCH).await?;
+    for died in died {
+        tracing::error!(event_id = %died.event_id, listener = %died.listener, reason = %died.reason,
+            "delivery expired; it stays in txbus_deliveries as a dead letter");
+    }
+    Ok(())
+}
+
+/// Claims one batch and queues it. Returns whether the batch was full.
+async fn claim<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<bool, Error> {
+    if known.is_empty() {
+        return Ok(false);
+    }
+    let room = shared.runner.room(shared.max_events_per_retry);
+    if room == 0 {
+        return Ok(true);
+    }
+    let mut conn = shared.pool.get().await?;
+    let leased = Instant::now();
+    let claimed = B::claim(&mut conn, known, room).await?;
+    drop(conn);
+    let full = claimed.len() >= room;
+    if !claimed.is_empty() {
+        tracing::debug!(count = claimed.len(), "claimed due deliveries");
+    }
+    for delivery in claimed {
+        submit(shared, delivery, leased);
+    }
+    Ok(full)
+}
+
+fn submit<B: Backend>(shared: &Shared<B>, delivery: Claimed, leased: Instant) {
+    let Some(def) = shared.registry.get(&delivery.listener) else {
+        // Claims name only listeners of this process.
+        tracing::warn!(listener = %delivery.listener, "claimed a delivery of an unknown listener; it will be retried after its lease");
+        return;
+    };
+    shared.runner.submit(Job {
+        key: DeliveryKey {
+            event_id: delivery.event_id,
+            listener: def.id,
+            attempt: delivery.attempt,
+        },
+        def,
+        payload: delivery.payload,
+        emitted_at: delivery.emitted_at,
+        deadline: dispatch::deadline(leased, delivery.lease),
+        settings: shared.settings_for(def.event),
+        in_flight: shared.runner.tracker.enter(),
+    });
+}

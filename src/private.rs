@@ -1,0 +1,63 @@
+//! What the macros' expansions refer to, by absolute path, so that users never depend on the
+//! crates behind them.
+
+use std::future::Future;
+
+pub use diesel;
+pub use diesel_async;
+pub use linkme;
+
+pub use crate::listener::{ListenerCall, ListenerDef};
+pub use crate::registry::LISTENERS;
+use crate::{Context, Event, ListenerError};
+
+/// Deserializes `payload` into the listener's event type and starts the listener.
+pub fn call<E, F, Fut, Err>(payload: &str, ctx: Context, listener: F) -> ListenerCall
+where
+    E: Event,
+    F: FnOnce(E, Context) -> Fut,
+    Fut: Future<Output = Result<(), Err>> + Send + 'static,
+    Err: Into<ListenerError>,
+{
+    let event: E = serde_json::from_str(payload).map_err(|error| {
+        ListenerError::from(format!(
+            "the stored payload of event `{}` does not deserialize into `{}`: {error}",
+            E::NAME,
+            std::any::type_name::<E>(),
+        ))
+    })?;
+    let future = listener(event, ctx);
+    Ok(Box::pin(async move { future.await.map_err(Into::into) }))
+}
+
+/// Expands its input only when txbus is built with the `postgres` feature.
+#[cfg(feature = "postgres")]
+#[macro_export]
+#[doc(hidden)]
+macro_rules! __txbus_if_postgres {
+    ($($item:tt)*) => { $($item)* };
+}
+
+/// Expands its input only when txbus is built with the `postgres` feature.
+#[cfg(not(feature = "postgres"))]
+#[macro_export]
+#[doc(hidden)]
+macro_rules! __txbus_if_postgres {
+    ($($item:tt)*) => {};
+}
+
+/// Expands its input only when txbus is built with the `sqlite` feature.
+#[cfg(feature = "sqlite")]
+#[macro_export]
+#[doc(hidden)]
+macro_rules! __txbus_if_sqlite {
+    ($($item:tt)*) => { $($item)* };
+}
+
+/// Expands its input only when txbus is built with the `sqlite` feature.
+#[cfg(not(feature = "sqlite"))]
+#[macro_export]
+#[doc(hidden)]
+macro_rules! __txbus_if_sqlite {
+    ($($item:tt)*) => {};
+}

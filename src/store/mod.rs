@@ -1,0 +1,274 @@
+//! The database side of the bus: one sealed trait, implemented once per backend.
+//!
+//! Every SQL statement lives in the backend files beside this one. The engine above only calls
+//! the methods of [`Backend`], so it never needs to know which database it runs on.
+//!
+//! Storage (see the migrations): `txbus_events` holds each event once (name, JSON payload,
+//! emit time, lease length); `txbus_deliveries` holds one row per (event, listener) with its
+//! attempts, when it is next available (a retry time, or the end of a lease), when it expires,
+//! and, for dead letters, when and why it died. A delivery is deleted when it succeeds, and an
+//! event when it has no delivery left.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use diesel::QueryResult;
+use diesel_async::AsyncConnection;
+
+use crate::{Error, EventId};
+
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
+
+mod sealed {
+    pub trait Sealed {}
+}
+pub(crate) use sealed::Sealed;
+
+/// A database txbus runs on: [`Postgres`](crate::Postgres) or [`Sqlite`](crate::Sqlite).
+///
+/// This trait is sealed; its methods are the bus's internals and hidden from the docs.
+pub trait Backend: Sealed + Sized + Send + Sync + 'static {
+    /// The diesel-async connection of this backend, which [`Pool::get`](crate::Pool::get)
+    /// hands out and [`Transaction::conn`](crate::Transaction::conn) lends.
+    type Connection: AsyncConnection + Send + 'static;
+
+    /// A short name for messages: `"postgres"`, `"sqlite"`.
+    const NAME: &'static str;
+
+    /// The pool's connection manager.
+    #[doc(hidden)]
+    type Manager: deadpool::managed::Manager<
+            Type = Self::Connection,
+            Error = diesel_async::pooled_connection::PoolError,
+        > + Send
+        + Sync
+        + 'static;
+
+    #[doc(hidden)]
+    fn manager(url: &str) -> Result<Self::Manager, Error>;
+
+    /// Opens a transaction for [`EventBus::transaction`](crate::EventBus::transaction).
+    #[doc(hidden)]
+    fn begin(conn: &mut Self::Connection) -> impl Future<Output = QueryResult<()>> + Send;
+
+    /// Inserts an event and one delivery per listener, leased to the emitter for `event.lease`.
+    /// With no listener, writes nothing and only reserves an id.
+    #[doc(hidden)]
+    fn insert_event(
+        conn: &mut Self::Connection,
+        event: &NewEvent,
+    ) -> impl Future<Output = QueryResult<Inserted>> + Send;
+
+    /// Leases up to `limit` due deliveries of `listeners`, oldest due first, in one statement
+    /// that concurrent claimers cannot overlap.
+    #[doc(hidden)]
+    fn claim(
+        conn: &mut Self::Connection,
+        listeners: &[&'static str],
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<Claimed>>> + Send;
+
+    /// Records the results of runs, each only if the delivery is still held by that attempt.
+    #[doc(hidden)]
+    fn record(
+        conn: &mut Self::Connection,
+        outcomes: &[Outcome],
+    ) -> impl Future<Output = QueryResult<Recorded>> + Send;
+
+    /// Makes up to `limit` expired deliveries dead: "expired", or "no_listener" for listeners not
+    /// in `known`.
+    #[doc(hidden)]
+    fn expire(
+        conn: &mut Self::Connection,
+        known: &[&'static str],
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<Died>>> + Send;
+
+    /// Applies the pending migrations under a lock that serializes concurrent starts. Returns the
+    /// versions applied.
+    #[doc(hidden)]
+    fn migrate(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
+}
+
+/// An event about to be written.
+#[derive(Debug)]
+pub struct NewEvent {
+    pub(crate) name: &'static str,
+    pub(crate) payload: Arc<str>,
+    pub(crate) listeners: Arc<[&'static str]>,
+    pub(crate) lease: Duration,
+    pub(crate) expires_after: Duration,
+}
+
+/// A written event.
+#[derive(Debug, Clone, Copy)]
+pub struct Inserted {
+    pub(crate) id: EventId,
+    pub(crate) emitted_at: SystemTime,
+}
+
+/// A delivery leased by [`Backend::claim`].
+#[derive(Debug)]
+pub struct Claimed {
+    pub(crate) event_id: EventId,
+    pub(crate) listener: String,
+    pub(crate) attempt: u32,
+    pub(crate) payload: Arc<str>,
+    pub(crate) emitted_at: SystemTime,
+    pub(crate) lease: Duration,
+}
+
+/// One run of a delivery: the attempt number is the fence token of its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DeliveryKey {
+    pub(crate) event_id: EventId,
+    pub(crate) listener: &'static str,
+    pub(crate) attempt: u32,
+}
+
+/// Why a run gave its delivery up. The database adds two reasons of its own: `expired` (the
+/// next attempt would come after the expiry) and `no_listener` (it expired while no running
+/// instance had its listener).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeadReason {
+    /// It failed `max_attempts` times.
+    MaxAttempts,
+    /// The listener returned [`ListenerError::abort`](crate::ListenerError::abort).
+    Aborted,
+}
+
+impl DeadReason {
+    /// The code stored in `txbus_deliveries.dead_reason`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxAttempts => "max_attempts",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
+/// What to record for a run.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Resolution {
+    /// It succeeded: delete the delivery (and the event when it has none left).
+    Done,
+    /// It failed: try again after `delay`, or die as expired if that is past the expiry.
+    Retry { delay: Duration, error: String },
+    /// It gave up.
+    Dead { reason: DeadReason, error: String },
+    /// It was not finished here: make it available at once. `undo_attempt` when it never started.
+    Release {
+        undo_attempt: bool,
+        error: Option<String>,
+    },
+}
+
+/// The result of one run, for [`Backend::record`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub(crate) key: DeliveryKey,
+    pub(crate) resolution: Resolution,
+}
+
+/// What [`Backend::record`] did.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Outcomes written.
+    pub(crate) applied: usize,
+    /// Deliveries that became dead letters.
+    pub(crate) died: Vec<Died>,
+}
+
+/// A delivery that became a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Died {
+    pub(crate) event_id: EventId,
+    pub(crate) listener: String,
+    pub(crate) reason: String,
+}
+
+/// Splits `outcomes` into the keys of successes and the rest.
+pub(crate) fn split_done(outcomes: &[Outcome]) -> (Vec<DeliveryKey>, Vec<&Outcome>) {
+    let mut done = Vec::new();
+    let mut other = Vec::new();
+    for outcome in outcomes {
+        match outcome.resolution {
+            Resolution::Done => done.push(outcome.key),
+            _ => other.push(outcome),
+        }
+    }
+    (done, other)
+}
+
+/// Converts a duration to whole microseconds for binding; settings are validated to fit.
+pub(crate) fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Converts whole microseconds since the Unix epoch to a `SystemTime`.
+pub(crate) fn system_time_from_micros(us: i64) -> SystemTime {
+    let magnitude = Duration::from_micros(us.unsigned_abs());
+    if us >= 0 {
+        SystemTime::UNIX_EPOCH + magnitude
+    } else {
+        SystemTime::UNIX_EPOCH - magnitude
+    }
+}
+
+/// The attempt number as the database stores it.
+pub(crate) fn attempt_i32(attempt: u32) -> i32 {
+    i32::try_from(attempt).unwrap_or(i32::MAX)
+}
+
+/// An attempt number read back from the database.
+pub(crate) fn attempt_u32(attempt: i32) -> u32 {
+    u32::try_from(attempt).unwrap_or(0)
+}
+
+/// The fields of an outcome that is not a success, flattened for binding.
+pub(crate) struct UpdateRow {
+    pub(crate) delay_us: i64,
+    pub(crate) dead_reason: Option<&'static str>,
+    pub(crate) error: Option<String>,
+    pub(crate) undo_attempt: bool,
+}
+
+impl UpdateRow {
+    pub(crate) fn new(resolution: &Resolution) -> Self {
+        match resolution {
+            Resolution::Done => Self {
+                delay_us: 0,
+                dead_reason: None,
+                error: None,
+                undo_attempt: false,
+            },
+            Resolution::Retry { delay, error } => Self {
+                delay_us: micros(*delay),
+                dead_reason: None,
+                error: Some(error.clone()),
+                undo_attempt: false,
+            },
+            Resolution::Dead { reason, error } => Self {
+                delay_us: 0,
+                dead_reason: Some(reason.as_str()),
+                error: Some(error.clone()),
+                undo_attempt: false,
+            },
+            Resolution::Release {
+                undo_attempt,
+                error,
+            } => Self {
+                delay_us: 0,
+                dead_reason: None,
+                error: error.clone(),
+                undo_attempt: *undo_attempt,
+            },
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! PostgreSQL: `AsyncPgConnection`, claims with `FOR UPDATE SKIP LOCKED`, batches as arrays.
+
+use std::time::Duration;
+
+use diesel::QueryResult;
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::{
+    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
+    TransactionManager,
+};
+
+use super::{
+    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
+    attempt_i32, attempt_u32, micros, split_done, system_time_from_micros,
+};
+use crate::migrate::{self, Migration};
+use crate::{Error, EventId};
+
+/// The PostgreSQL backend (feature `postgres`), on diesel-async's `AsyncPgConnection`.
+///
+/// Connect with a URL such as `postgres://user:password@host:5432/database`; the tables go into
+/// the first schema of the connection's `search_path`. No system library is needed.
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Postgres;
+
+impl Sealed for Postgres {}
+
+const INSERT_EVENT: &str = "\
+WITH e AS (
+    INSERT INTO txbus_events (name, payload, emitted_at, lease_ms)
+    VALUES ($1, $2::jsonb, statement_timestamp(), $3)
+    RETURNING id, emitted_at),
+d AS (
+    INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
+    SELECT e.id, l.listener, 1,
+           e.emitted_at + $3 * interval '1 millisecond',
+           e.emitted_at + $4 * interval '1 microsecond'
+    FROM e CROSS JOIN unnest($5::text[]) AS l (listener))
+SELECT id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us FROM e";
+
+const RESERVE_ID: &str = "\
+SELECT nextval(pg_get_serial_sequence('txbus_events', 'id')) AS id,
+       (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us";
+
+// The MATERIALIZED CTE is evaluated exactly once: a plain `IN (SELECT ... LIMIT n FOR UPDATE SKIP
+// LOCKED)` can be rescanned by some plans and then claim more than n rows.
+const CLAIM: &str = "\
+WITH c AS MATERIALIZED (
+    SELECT event_id, listener FROM txbus_deliveries
+    WHERE dead_at IS NULL AND available_at <= now() AND expires_at > now() AND listener = ANY($1)
+    ORDER BY available_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+UPDATE txbus_deliveries d
+SET attempts = d.attempts + 1,
+    available_at = now() + e.lease_ms * interval '1 millisecond'
+FROM c, txbus_events e
+WHERE d.event_id = c.event_id AND d.listener = c.listener AND e.id = d.event_id
+RETURNING d.event_id, d.listener, d.attempts, e.payload::text AS payload,
+          (extract(epoch FROM e.emitted_at) * 1000000)::int8 AS emitted_at_us, e.lease_ms";
+
+// Completers of the same event serialize on the event row, so the last one to finish sees the
+// others' deletes and removes the event.
+const LOCK_EVENTS: &str = "SELECT id FROM txbus_events WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+const DELETE_DONE: &str = "\
+WITH x AS (
+    SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[]) AS x (event_id, listener, attempts)),
+gone AS (
+    DELETE FROM txbus_deliveries t USING x
+    WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+    RETURNING t.event_id, t.listener),
+ev AS (
+    DELETE FROM txbus_events e
+    WHERE e.id IN (SELECT event_id FROM gone)
+      AND NOT EXISTS (
+          SELECT 1 FROM txbus_deliveries o
+          WHERE o.event_id = e.id
+            AND NOT EXISTS (SELECT 1 FROM gone g WHERE g.event_id = o.event_id AND g.listener = o.listener))
+    RETURNING 1)
+SELECT (SELECT count(*) FROM gone) AS n";
+
+const UPDATE_FAILED: &str = "\
+UPDATE txbus_deliveries t
+SET attempts = t.attempts - CASE WHEN x.undo THEN 1 ELSE 0 END,
+    last_error = COALESCE(x.error, t.last_error),
+    dead_at = CASE WHEN x.reason IS NOT NULL
+                     OR now() + x.delay_us * interval '1 microsecond' >= t.expires_at
+                   THEN now() END,
+    dead_reason = CASE WHEN x.reason IS NOT NULL THEN x.reason
+                       WHEN now() + x.delay_us * interval '1 microsecond' >= t.expires_at
+                       THEN 'expired' END,
+    available_at = now() + x.delay_us * interval '1 microsecond'
+FROM unnest($1::int8[], $2::text[], $3::int4[], $4::int8[], $5::text[], $6::text[], $7::bool[])
+     AS x (event_id, listener, attempts, delay_us, reason, error, undo)
+WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+RETURNING t.event_id, t.listener, t.dead_reason";
+
+const EXPIRE: &str = "\
+WITH c AS MATERIALIZED (
+    SELECT event_id, listener FROM txbus_deliveries
+    WHERE dead_at IS NULL AND expires_at <= now() AND available_at <= now()
+    ORDER BY expires_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+UPDATE txbus_deliveries d
+SET dead_at = now(),
+    dead_reason = CASE WHEN d.listener = ANY($1) THEN 'expired' ELSE 'no_listener' END,
+    last_error = CASE WHEN d.listener = ANY($1) THEN d.last_error
+                      ELSE COALESCE(d.last_error, 'no running instance has listener ' || d.listener) END
+FROM c
+WHERE d.event_id = c.event_id AND d.listener = c.listener
+RETURNING d.event_id, d.listener, d.dead_reason";
+
+// Keyed by schema, so that buses in different schemas of one database do not wait for each other.
+const LOCK_MIGRATIONS: &str =
+    "SELECT pg_advisory_lock(hashtext('txbus.migrate.' || COALESCE(current_schema(), '')))";
+const UNLOCK_MIGRATIONS: &str =
+    "SELECT pg_advisory_unlock(hashtext('txbus.migrate.' || COALESCE(current_schema(), '')))";
+const CREATE_MIGRATIONS_TABLE: &str = "\
+CREATE TABLE IF NOT EXISTS txbus_migrations (
+    version TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
+
+#[derive(diesel::QueryableByName)]
+struct InsertedRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = BigInt)]
+    emitted_at_us: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct ClaimedRow {
+    #[diesel(sql_type = BigInt)]
+    event_id: i64,
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Text)]
+    payload: String,
+    #[diesel(sql_type = BigInt)]
+    emitted_at_us: i64,
+    #[diesel(sql_type = BigInt)]
+    lease_ms: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct DiedRow {
+    #[diesel(sql_type = BigInt)]
+    event_id: i64,
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    dead_reason: Option<String>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = Text)]
+    version: String,
+}
+
+impl Backend for Postgres {
+    type Connection = AsyncPgConnection;
+
+    type Manager = AsyncDieselConnectionManager<AsyncPgConnection>;
+
+    const NAME: &'static str = "postgres";
+
+    fn manager(url: &str) -> Result<AsyncDieselConnectionManager<AsyncPgConnection>, Error> {
+        let mut config = ManagerConfig::default();
+        // Broken connections and open transactions are still detected; a ping per checkout is
+        // a round trip per emit that buys nothing a failed statement would not tell.
+        config.recycling_method = RecyclingMethod::Fast;
+        Ok(AsyncDieselConnectionManager::new_with_config(url, config))
+    }
+
+    async fn begin(conn: &mut AsyncPgConnection) -> QueryResult<()> {
+        AnsiTransactionManager::begin_transaction(conn).await
+    }
+
+    async fn insert_event(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
+        let row: InsertedRow = if event.listeners.is_empty() {
+            diesel::sql_query(RESERVE_ID).get_result(conn).await?
+        } else {
+            diesel::sql_query(INSERT_EVENT)
+                .bind::<Text, _>(event.name)
+                .bind::<Text, _>(&*event.payload)
+                .bind::<BigInt, _>(lease_ms(event.lease))
+                .bind::<BigInt, _>(micros(event.expires_after))
+                .bind::<Array<Text>, _>(&*event.listeners)
+                .get_result(conn)
+                .await?
+        };
+        Ok(Inserted {
+            id: EventId::new(row.id),
+            emitted_at: system_time_from_micros(row.emitted_at_us),
+        })
+    }
+
+    async fn claim(
+        conn: &mut AsyncPgConnection,
+        listeners: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<Claimed>> {
+        let rows: Vec<ClaimedRow> = diesel::sql_query(CLAIM)
+            .bind::<Array<Text>, _>(listeners)
+            .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+            .load(conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Claimed {
+                event_id: EventId::new(row.event_id),
+                listener: row.listener,
+                attempt: attempt_u32(row.attempts),
+                payload: row.payload.into(),
+                emitted_at: system_time_from_micros(row.emitted_at_us),
+                lease: Duration::from_millis(u64::try_from(row.lease_ms).unwrap_or(0)),
+            })
+            .collect())
+    }
+
+    async fn record(conn: &mut AsyncPgConnection, outcomes: &[Outcome]) -> QueryResult<Recorded> {
+        let (done, other) = split_done(outcomes);
+        let mut recorded = Recorded::default();
+        if !done.is_empty() {
+            recorded.applied += delete_done(conn, &done).await?;
+        }
+        if !other.is_empty() {
+            let keys: Vec<DeliveryKey> = other.iter().map(|o| o.key).collect();
+            let (event_ids, listeners, attempts) = key_columns(&keys);
+            let rows: Vec<UpdateRow> = other
+                .iter()
+                .map(|o| UpdateRow::new(&o.resolution))
+                .collect();
+            let died: Vec<DiedRow> = diesel::sql_query(UPDATE_FAILED)
+                .bind::<Array<BigInt>, _>(event_ids)
+                .bind::<Array<Text>, _>(listeners)
+                .bind::<Array<Integer>, _>(attempts)
+                .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.delay_us).collect::<Vec<_>>())
+                .bind::<Array<Nullable<Text>>, _>(
+                    rows.iter().map(|r| r.dead_reason).collect::<Vec<_>>(),
+                )
+                .bind::<Array<Nullable<Text>>, _>(
+                    rows.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>(),
+                )
+                .bind::<Array<Bool>, _>(rows.iter().map(|r| r.undo_attempt).collect::<Vec<_>>())
+                .load(conn)
+                .await?;
+            recorded.applied += died.len();
+            recorded
+                .died
+                .extend(died.into_iter().filter_map(died_from_row));
+        }
+        Ok(recorded)
+    }
+
+    async fn expire(
+        conn: &mut AsyncPgConnection,
+        known: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<Died>> {
+        let rows: Vec<DiedRow> = diesel::sql_query(EXPIRE)
+            .bind::<Array<Text>, _>(known)
+            .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+            .load(conn)
+            .await?;
+        Ok(rows.into_iter().filter_map(died_from_row).collect())
+    }
+
+    async fn migrate(conn: &mut AsyncPgConnection) -> Result<Vec<String>, Error> {
+        conn.batch_execute(LOCK_MIGRATIONS).await?;
+        let result = apply_migrations(conn, migrate::POSTGRES).await;
+        // On a broken connection the session ends, and the lock with it.
+        let unlocked = conn.batch_execute(UNLOCK_MIGRATIONS).await;
+        let applied = result?;
+        unlocked?;
+        Ok(applied)
+    }
+}
+
+async fn apply_migrations(
+    conn: &mut AsyncPgConnection,
+    migrations: &[Migration],
+) -> Result<Vec<String>, Error> {
+    conn.batch_execute(CREATE_MIGRATIONS_TABLE).await?;
+    let done: Vec<VersionRow> = diesel::sql_query("SELECT version FROM txbus_migrations")
+        .load(conn)
+        .await?;
+    let done: Vec<String> = done.into_iter().map(|row| row.version).collect();
+    let mut applied = Vec::new();
+    for migration in migrate::pending(migrations, &done) {
+        conn.transaction(async |conn| {
+            conn.batch_execute(migration.up).await?;
+            diesel::sql_query("INSERT INTO txbus_migrations (version, name) VALUES ($1, $2)")
+                .bind::<Text, _>(migration.version)
+                .bind::<Text, _>(migration.name)
+                .execute(conn)
+                .await
+        })
+        .await
+        .map_err(|source| Error::Migration {
+            version: migration.version.to_owned(),
+            source,
+        })?;
+        applied.push(migration.version.to_owned());
+    }
+    Ok(applied)
+}
+
+async fn delete_done(conn: &mut AsyncPgConnection, done: &[DeliveryKey]) -> QueryResult<usize> {
+    let (event_ids, listeners, attempts) = key_columns(done);
+    let mut locked: Vec<i64> = event_ids.clone();
+    locked.sort_unstable();
+    locked.dedup();
+    conn.transaction(async |conn| {
+        diesel::sql_query(LOCK_EVENTS)
+            .bind::<Array<BigInt>, _>(&locked)
+            .execute(conn)
+            .await?;
+        let count: CountRow = diesel::sql_query(DELETE_DONE)
+            .bind::<Array<BigInt>, _>(&event_ids)
+            .bind::<Array<Text>, _>(&listeners)
+            .bind::<Array<Integer>, _>(&attempts)
+            .get_result(conn)
+            .await?;
+        Ok(usize::try_from(count.n).unwrap_or(0))
+    })
+    .await
+}
+
+fn key_columns(keys: &[DeliveryKey]) -> (Vec<i64>, Vec<&'static str>, Vec<i32>) {
+    let event_ids = keys.iter().map(|k| k.event_id.get()).collect();
+    let listeners = keys.iter().map(|k| k.listener).collect();
+    let attempts = keys.iter().map(|k| attempt_i32(k.attempt)).collect();
+    (event_ids, listeners, attempts)
+}
+
+fn died_from_row(row: DiedRow) -> Option<Died> {
+    Some(Died {
+        event_id: EventId::new(row.event_id),
+        listener: row.listener,
+        reason: row.dead_reason?,
+    })
+}
+
+/// Whole milliseconds, at least one, for the `lease_ms` column.
+fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1)
+}

@@ -1,0 +1,419 @@
+//! SQLite: one writer at a time, so every write is a short `BEGIN IMMEDIATE` transaction run on
+//! the blocking pool; times are milliseconds since the Unix epoch.
+
+use std::time::Duration;
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+use diesel::sqlite::SqliteConnection;
+use diesel::{QueryResult, RunQueryDsl};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+
+use super::{
+    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
+    attempt_i32, attempt_u32, split_done, system_time_from_micros,
+};
+use crate::migrate;
+use crate::{Error, EventId};
+
+/// The embedded SQLite backend (feature `sqlite`, on by default), on
+/// `SyncConnectionWrapper<SqliteConnection>` with a bundled SQLite: no server, no system library.
+///
+/// Connect with a file path (`"app.db"`, or `"sqlite://app.db"`); the file is created if missing.
+/// Every connection uses write-ahead logging, `synchronous = NORMAL` (a commit survives a crash
+/// of the process; a power loss may lose the last commits, entities and events alike),
+/// `foreign_keys = ON` and a `busy_timeout` of 5 seconds. SQLite lets one transaction write at a
+/// time: keep transactions short, and inside [`EventBus::transaction`](crate::EventBus::transaction)
+/// emit with the transaction's `emit`, never with the bus's.
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sqlite;
+
+impl Sealed for Sqlite {}
+
+type Conn = SyncConnectionWrapper<SqliteConnection>;
+
+/// The database clock: milliseconds since the Unix epoch.
+macro_rules! now_ms {
+    () => {
+        "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
+    };
+}
+
+const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                       PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
+
+const INSERT_EVENT: &str = concat!(
+    "INSERT INTO txbus_events (name, payload, emitted_at, lease_ms) VALUES (?, ?, ",
+    now_ms!(),
+    ", ?) RETURNING id, emitted_at"
+);
+
+const INSERT_DELIVERIES: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
+SELECT ?1, value, 1, ?2 + ?3, ?2 + ?4 FROM json_each(?5)";
+
+const CLAIM: &str = concat!(
+    "UPDATE txbus_deliveries SET attempts = attempts + 1, available_at = ",
+    now_ms!(),
+    " + (SELECT lease_ms FROM txbus_events e WHERE e.id = txbus_deliveries.event_id)
+    WHERE (event_id, listener) IN (
+        SELECT event_id, listener FROM txbus_deliveries
+        WHERE dead_at IS NULL AND available_at <= ",
+    now_ms!(),
+    " AND expires_at > ",
+    now_ms!(),
+    " AND listener IN (SELECT value FROM json_each(?1))
+        ORDER BY available_at
+        LIMIT ?2)
+    RETURNING event_id, listener, attempts"
+);
+
+const LOAD_EVENTS: &str = "\
+SELECT id, payload, emitted_at, lease_ms FROM txbus_events
+WHERE id IN (SELECT value FROM json_each(?))";
+
+const DELETE_DONE: &str =
+    "DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?";
+
+const DELETE_FINISHED_EVENTS: &str = "\
+DELETE FROM txbus_events WHERE id IN (SELECT value FROM json_each(?))
+AND NOT EXISTS (SELECT 1 FROM txbus_deliveries d WHERE d.event_id = txbus_events.id)";
+
+const UPDATE_FAILED: &str = concat!(
+    "UPDATE txbus_deliveries SET
+    attempts = attempts - ?4,
+    last_error = COALESCE(?7, last_error),
+    dead_at = CASE WHEN ?6 IS NOT NULL OR ",
+    now_ms!(),
+    " + ?5 >= expires_at THEN ",
+    now_ms!(),
+    " END,
+    dead_reason = CASE WHEN ?6 IS NOT NULL THEN ?6 WHEN ",
+    now_ms!(),
+    " + ?5 >= expires_at THEN 'expired' END,
+    available_at = ",
+    now_ms!(),
+    " + ?5
+    WHERE event_id = ?1 AND listener = ?2 AND attempts = ?3
+    RETURNING event_id, listener, dead_reason"
+);
+
+const EXPIRE: &str = concat!(
+    "UPDATE txbus_deliveries SET dead_at = ",
+    now_ms!(),
+    ",
+    dead_reason = CASE WHEN listener IN (SELECT value FROM json_each(?1)) THEN 'expired' ELSE 'no_listener' END,
+    last_error = CASE WHEN listener IN (SELECT value FROM json_each(?1)) THEN last_error
+                      ELSE COALESCE(last_error, 'no running instance has listener ' || listener) END
+    WHERE (event_id, listener) IN (
+        SELECT event_id, listener FROM txbus_deliveries
+        WHERE dead_at IS NULL AND expires_at <= ",
+    now_ms!(),
+    " AND available_at <= ",
+    now_ms!(),
+    " ORDER BY expires_at LIMIT ?2)
+    RETURNING event_id, listener, dead_reason"
+);
+
+const CREATE_MIGRATIONS_TABLE: &str = concat!(
+    "CREATE TABLE IF NOT EXISTS txbus_migrations (
+    version TEXT PRIMARY KEY NOT NULL,
+    name TEXT NOT NULL,
+    applied_at INTEGER NOT NULL DEFAULT (",
+    now_ms!(),
+    "))"
+);
+
+#[derive(diesel::QueryableByName)]
+struct InsertedRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = BigInt)]
+    emitted_at: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct ClaimedRow {
+    #[diesel(sql_type = BigInt)]
+    event_id: i64,
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+}
+
+#[derive(diesel::QueryableByName)]
+struct EventRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    payload: String,
+    #[diesel(sql_type = BigInt)]
+    emitted_at: i64,
+    #[diesel(sql_type = BigInt)]
+    lease_ms: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct DiedRow {
+    #[diesel(sql_type = BigInt)]
+    event_id: i64,
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    dead_reason: Option<String>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = Text)]
+    version: String,
+}
+
+impl Backend for Sqlite {
+    type Connection = Conn;
+
+    type Manager = AsyncDieselConnectionManager<Conn>;
+
+    const NAME: &'static str = "sqlite";
+
+    fn manager(url: &str) -> Result<AsyncDieselConnectionManager<Conn>, Error> {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        if path.is_empty() || path.contains(":memory:") || path.contains("mode=memory") {
+            return Err(Error::Config(format!(
+                "`{url}` is not a database file; an in-memory SQLite database is private to one \
+                 connection and cannot back a pool: give a file path such as `app.db`"
+            )));
+        }
+        let mut config = ManagerConfig::default();
+        config.recycling_method = RecyclingMethod::Fast;
+        config.custom_setup = Box::new(|url| {
+            Box::pin(async move {
+                let mut conn = Conn::establish(url).await?;
+                conn.batch_execute(PRAGMAS)
+                    .await
+                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                Ok(conn)
+            })
+        });
+        Ok(AsyncDieselConnectionManager::new_with_config(path, config))
+    }
+
+    async fn begin(conn: &mut Conn) -> QueryResult<()> {
+        // Take the write lock up front: a deferred transaction that reads before it writes fails
+        // at once, without waiting, when another connection wrote in between.
+        conn.spawn_blocking(|c| AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE"))
+            .await
+    }
+
+    async fn insert_event(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
+        let name = event.name;
+        let payload = event.payload.clone();
+        let lease = lease_ms(event.lease);
+        let expires = millis(event.expires_after);
+        let listeners = json_list(&event.listeners);
+        let has_listeners = !event.listeners.is_empty();
+        conn.spawn_blocking(move |c| {
+            let row: InsertedRow = diesel::sql_query(INSERT_EVENT)
+                .bind::<Text, _>(name)
+                .bind::<Text, _>(&*payload)
+                .bind::<BigInt, _>(lease)
+                .get_result(c)?;
+            if has_listeners {
+                diesel::sql_query(INSERT_DELIVERIES)
+                    .bind::<BigInt, _>(row.id)
+                    .bind::<BigInt, _>(row.emitted_at)
+                    .bind::<BigInt, _>(lease)
+                    .bind::<BigInt, _>(expires)
+                    .bind::<Text, _>(listeners)
+                    .execute(c)?;
+            } else {
+                // AUTOINCREMENT never hands this id out again.
+                diesel::sql_query("DELETE FROM txbus_events WHERE id = ?")
+                    .bind::<BigInt, _>(row.id)
+                    .execute(c)?;
+            }
+            Ok(Inserted {
+                id: EventId::new(row.id),
+                emitted_at: system_time_from_micros(row.emitted_at.saturating_mul(1000)),
+            })
+        })
+        .await
+    }
+
+    async fn claim(
+        conn: &mut Conn,
+        listeners: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<Claimed>> {
+        let listeners = json_list(listeners);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        conn.spawn_blocking(move |c| {
+            c.immediate_transaction(|c| {
+                let claimed: Vec<ClaimedRow> = diesel::sql_query(CLAIM)
+                    .bind::<Text, _>(&listeners)
+                    .bind::<BigInt, _>(limit)
+                    .load(c)?;
+                if claimed.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let ids: Vec<i64> = claimed.iter().map(|row| row.event_id).collect();
+                let events: Vec<EventRow> = diesel::sql_query(LOAD_EVENTS)
+                    .bind::<Text, _>(json_ids(ids))
+                    .load(c)?;
+                let events: std::collections::HashMap<i64, EventRow> =
+                    events.into_iter().map(|e| (e.id, e)).collect();
+                Ok(claimed
+                    .into_iter()
+                    .filter_map(|row| {
+                        let event = events.get(&row.event_id)?;
+                        Some(Claimed {
+                            event_id: EventId::new(row.event_id),
+                            listener: row.listener,
+                            attempt: attempt_u32(row.attempts),
+                            payload: event.payload.as_str().into(),
+                            emitted_at: system_time_from_micros(
+                                event.emitted_at.saturating_mul(1000),
+                            ),
+                            lease: Duration::from_millis(
+                                u64::try_from(event.lease_ms).unwrap_or(0),
+                            ),
+                        })
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    async fn record(conn: &mut Conn, outcomes: &[Outcome]) -> QueryResult<Recorded> {
+        let (done, other) = split_done(outcomes);
+        let other: Vec<(DeliveryKey, UpdateRow)> = other
+            .into_iter()
+            .map(|o| (o.key, UpdateRow::new(&o.resolution)))
+            .collect();
+        conn.spawn_blocking(move |c| {
+            c.immediate_transaction(|c| {
+                let mut recorded = Recorded::default();
+                for key in &done {
+                    recorded.applied += diesel::sql_query(DELETE_DONE)
+                        .bind::<BigInt, _>(key.event_id.get())
+                        .bind::<Text, _>(key.listener)
+                        .bind::<Integer, _>(attempt_i32(key.attempt))
+                        .execute(c)?;
+                }
+                if !done.is_empty() {
+                    let ids = done.iter().map(|k| k.event_id.get()).collect();
+                    diesel::sql_query(DELETE_FINISHED_EVENTS)
+                        .bind::<Text, _>(json_ids(ids))
+                        .execute(c)?;
+                }
+                for (key, row) in &other {
+                    let died: Option<DiedRow> = diesel::sql_query(UPDATE_FAILED)
+                        .bind::<BigInt, _>(key.event_id.get())
+                        .bind::<Text, _>(key.listener)
+                        .bind::<Integer, _>(attempt_i32(key.attempt))
+                        .bind::<BigInt, _>(i64::from(row.undo_attempt))
+                        .bind::<BigInt, _>(row.delay_us / 1000)
+                        .bind::<Nullable<Text>, _>(row.dead_reason)
+                        .bind::<Nullable<Text>, _>(row.error.as_deref())
+                        .get_result(c)
+                        .map(Some)
+                        .or_else(not_found_as_none)?;
+                    if let Some(died) = died {
+                        recorded.applied += 1;
+                        recorded.died.extend(died_from_row(died));
+                    }
+                }
+                Ok(recorded)
+            })
+        })
+        .await
+    }
+
+    async fn expire(
+        conn: &mut Conn,
+        known: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<Died>> {
+        let known = json_list(known);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        conn.spawn_blocking(move |c| {
+            let rows: Vec<DiedRow> = diesel::sql_query(EXPIRE)
+                .bind::<Text, _>(&known)
+                .bind::<BigInt, _>(limit)
+                .load(c)?;
+            Ok(rows.into_iter().filter_map(died_from_row).collect())
+        })
+        .await
+    }
+
+    async fn migrate(conn: &mut Conn) -> Result<Vec<String>, Error> {
+        // The immediate transaction is the lock: concurrent starts wait on SQLite's writer lock.
+        conn.spawn_blocking(|c| {
+            Ok(c.immediate_transaction(|c| {
+                c.batch_execute(CREATE_MIGRATIONS_TABLE)?;
+                let done: Vec<VersionRow> =
+                    diesel::sql_query("SELECT version FROM txbus_migrations").load(c)?;
+                let done: Vec<String> = done.into_iter().map(|row| row.version).collect();
+                let mut applied = Vec::new();
+                for migration in migrate::pending(migrate::SQLITE, &done) {
+                    c.batch_execute(migration.up)
+                        .and_then(|()| {
+                            diesel::sql_query(
+                                "INSERT INTO txbus_migrations (version, name) VALUES (?, ?)",
+                            )
+                            .bind::<Text, _>(migration.version)
+                            .bind::<Text, _>(migration.name)
+                            .execute(c)
+                        })
+                        .map_err(|source| Error::Migration {
+                            version: migration.version.to_owned(),
+                            source,
+                        })?;
+                    applied.push(migration.version.to_owned());
+                }
+                Ok::<_, Error>(applied)
+            }))
+        })
+        .await?
+    }
+}
+
+fn not_found_as_none<T>(error: diesel::result::Error) -> QueryResult<Option<T>> {
+    match error {
+        diesel::result::Error::NotFound => Ok(None),
+        other => Err(other),
+    }
+}
+
+fn died_from_row(row: DiedRow) -> Option<Died> {
+    Some(Died {
+        event_id: EventId::new(row.event_id),
+        listener: row.listener,
+        reason: row.dead_reason?,
+    })
+}
+
+/// A JSON array of strings, for `json_each`.
+fn json_list(items: &[&str]) -> String {
+    serde_json::Value::from(items.to_vec()).to_string()
+}
+
+/// A JSON array of ids, for `json_each`.
+fn json_ids(ids: Vec<i64>) -> String {
+    serde_json::Value::from(ids).to_string()
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn lease_ms(lease: Duration) -> i64 {
+    millis(lease).max(1)
+}

@@ -1,0 +1,185 @@
+//! `EventBus::transaction`: events emitted inside the caller's own transaction.
+
+use std::future::Future;
+use std::time::Instant;
+
+use deadpool::managed::Object;
+use diesel_async::{AsyncConnection, TransactionManager};
+
+use crate::bus::{Shared, Written};
+use crate::pool::PooledConnection;
+use crate::{Backend, Error, Event, EventBus, EventId, Pool};
+
+/// A transaction opened by [`EventBus::transaction`]: run your queries on
+/// [`conn`](Self::conn) and emit events with [`emit`](Self::emit); all of it commits together,
+/// and the events' listeners run only after that commit.
+pub struct Transaction<'c, B: Backend> {
+    conn: &'c mut B::Connection,
+    shared: &'c Shared<B>,
+    written: Vec<Written>,
+}
+
+impl<'c, B: Backend> Transaction<'c, B> {
+    /// The transaction's connection, for your own diesel-async queries.
+    pub fn conn(&mut self) -> &mut B::Connection {
+        self.conn
+    }
+
+    /// Writes `event` and its deliveries in this transaction and returns its id. Its listeners
+    /// run after the commit, and never if the transaction rolls back.
+    pub fn emit<E: Event>(
+        &mut self,
+        event: &E,
+    ) -> impl Future<Output = Result<EventId, Error>> + Send + use<'_, 'c, B, E> {
+        let prepared = self.shared.prepare(event);
+        async move {
+            let prepared = prepared?;
+            let leased = Instant::now();
+            let inserted = B::insert_event(self.conn, &prepared.new).await?;
+            self.written.push(Written {
+                prepared,
+                inserted,
+                leased,
+            });
+            Ok(inserted.id)
+        }
+    }
+}
+
+/// The bound [`EventBus::transaction`] puts on its closure: an async closure whose future is
+/// `Send`. Implemented for every such closure; there is nothing to implement by hand.
+pub trait TransactionFn<A, O>:
+    AsyncFnOnce(A) -> O + FnOnce(A) -> <Self as TransactionFn<A, O>>::Fut
+{
+    /// The closure's future.
+    type Fut: Future<Output = O>;
+}
+
+impl<A, O, F, Fut> TransactionFn<A, O> for F
+where
+    F: AsyncFnOnce(A) -> O + FnOnce(A) -> Fut,
+    Fut: Future<Output = O>,
+{
+    type Fut = Fut;
+}
+
+impl<B: Backend> EventBus<B> {
+    /// Runs `f` in a database transaction: it commits when `f` returns `Ok` and rolls back when
+    /// it returns `Err`. Events emitted with [`Transaction::emit`] are dispatched after the
+    /// commit, and never when the transaction rolls back.
+    ///
+    /// ```no_run
+    /// # use diesel::prelude::*;
+    /// # use diesel_async::RunQueryDsl;
+    /// # diesel::table! { users (id) { id -> BigInt, email -> Text, } }
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+    /// # struct UserCreated { user_id: i64, email: String }
+    /// # async fn run(bus: txbus::EventBus<txbus::Sqlite>) -> Result<(), txbus::Error> {
+    /// let email = "ada@example.com".to_owned();
+    /// let user_id = bus
+    ///     .transaction(async |tx| {
+    ///         let id: i64 = diesel::insert_into(users::table)
+    ///             .values(users::email.eq(&email))
+    ///             .returning(users::id)
+    ///             .get_result(tx.conn())
+    ///             .await?;
+    ///         tx.emit(&UserCreated { user_id: id, email: email.clone() }).await?;
+    ///         Ok::<_, txbus::Error>(id)
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// On SQLite the transaction takes the database's write lock when it begins (`BEGIN
+    /// IMMEDIATE`), so that it never fails halfway for another writer.
+    pub fn transaction<'s, R, E, F>(
+        &'s self,
+        f: F,
+    ) -> impl Future<Output = Result<R, E>> + Send + 's
+    where
+        for<'t, 'c> F: AsyncFnOnce(&'t mut Transaction<'c, B>) -> Result<R, E>
+            + TransactionFn<&'t mut Transaction<'c, B>, Result<R, E>, Fut: Send>
+            + Send
+            + 's,
+        E: From<Error> + From<diesel::result::Error> + Send,
+        R: Send,
+    {
+        async move {
+            let shared = &*self.shared;
+            shared.check_running()?;
+            let mut guard = TxConn::<B>::begin(&shared.pool).await?;
+            let mut tx = Transaction {
+                conn: guard.conn()?,
+                shared,
+                written: Vec::new(),
+            };
+            let result = f(&mut tx).await;
+            let written = tx.written;
+            match result {
+                Ok(value) => {
+                    guard.commit().await?;
+                    drop(guard);
+                    shared.dispatch(written);
+                    Ok(value)
+                }
+                Err(error) => {
+                    guard.rollback().await;
+                    Err(error)
+                }
+            }
+        }
+    }
+}
+
+/// A pooled connection with an open transaction. If it is dropped before the transaction ends
+/// (the caller's future was cancelled, or a rollback failed), the connection is closed instead of
+/// going back to the pool, so no pooled connection ever sits in an open transaction.
+pub(crate) struct TxConn<B: Backend> {
+    conn: Option<PooledConnection<B>>,
+}
+
+impl<B: Backend> TxConn<B> {
+    pub(crate) async fn begin(pool: &Pool<B>) -> Result<Self, Error> {
+        let mut conn = pool.get().await?;
+        B::begin(&mut conn).await?;
+        Ok(Self { conn: Some(conn) })
+    }
+
+    pub(crate) fn conn(&mut self) -> Result<&mut B::Connection, Error> {
+        self.conn.as_deref_mut().ok_or(Error::Shutdown)
+    }
+
+    pub(crate) async fn commit(&mut self) -> Result<(), Error> {
+        let Some(conn) = self.conn.as_deref_mut() else {
+            return Err(Error::Shutdown);
+        };
+        <B::Connection as AsyncConnection>::TransactionManager::commit_transaction(conn).await?;
+        self.conn.take();
+        Ok(())
+    }
+
+    pub(crate) async fn rollback(&mut self) {
+        let Some(conn) = self.conn.as_deref_mut() else {
+            return;
+        };
+        match <B::Connection as AsyncConnection>::TransactionManager::rollback_transaction(conn)
+            .await
+        {
+            Ok(()) => {
+                self.conn.take();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "rollback failed; closing the connection");
+            }
+        }
+    }
+}
+
+impl<B: Backend> Drop for TxConn<B> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(Object::take(conn));
+        }
+    }
+}
