@@ -100,14 +100,14 @@ impl<B: Backend> EventBusBuilder<B> {
     /// [`default_settings`](Self::default_settings).
     pub fn event<E: Event>(mut self, settings: EventSettings) -> Self {
         let type_name = std::any::type_name::<E>();
-        if let Some((_, other)) = self.events.insert(E::NAME, (settings, type_name)) {
-            if other != type_name {
-                self.errors.push(BuildError::DuplicateEventName {
-                    name: E::NAME,
-                    first: other,
-                    second: type_name,
-                });
-            }
+        if let Some((_, other)) = self.events.insert(E::NAME, (settings, type_name))
+            && other != type_name
+        {
+            self.errors.push(BuildError::DuplicateEventName {
+                name: E::NAME,
+                first: other,
+                second: type_name,
+            });
         }
         self
     }

@@ -186,13 +186,13 @@ fn generate(function: &ItemFn, args: &Args, signature: &Signature<'_>) -> TokenS
     // Spanned on the function, so that a listener whose future is not `Send` or whose error
     // does not convert is reported there.
     let span = function.sig.span();
-    let invoke = if signature.takes_context {
-        quote_spanned!(span=> #ident(event, ctx))
+    let listener = if signature.takes_context {
+        quote_spanned!(span=> #ident)
     } else {
-        quote_spanned!(span=> { let _ = ctx; #ident(event) })
+        quote_spanned!(span=> |event, _: ::txbus::Context| #ident(event))
     };
     let call = quote_spanned!(span=>
-        ::txbus::__private::call::<#event, _, _, _>(payload, ctx, |event, ctx| #invoke)
+        ::txbus::__private::call::<#event, _, _, _>(payload, ctx, #listener)
     );
     let line = quote_spanned!(ident.span()=> ::core::line!());
     let call_fn = format_ident!("__txbus_call_{}", ident, span = Span::call_site());

@@ -1,0 +1,173 @@
+//! Giving up: expiry, max_attempts and abort end in dead letters, and only for that listener.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use txbus::{Context, ListenerError};
+
+use crate::support::{DeliveryRow, Probe, TestBackend, TestDb, bus, eventually, fast_settings};
+
+async fn dead_letter<B: TestBackend>(db: &TestDb<B>) -> DeliveryRow {
+    eventually("a dead letter", || async {
+        B::deliveries(&db.pool)
+            .await
+            .into_iter()
+            .find(|d| d.dead_reason.is_some())
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.expiring")]
+struct Expiring {
+    n: u32,
+}
+
+#[txbus::listener]
+async fn never_succeeds(_event: Expiring, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "run");
+    Err("the downstream service is down".into())
+}
+
+#[txbus::listener]
+async fn succeeds_beside_expiring(_event: Expiring, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "run");
+    Ok(())
+}
+
+pub async fn deliveries_expire_into_dead_letters<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let settings = fast_settings()
+        .expires_after(Duration::from_millis(900))
+        .max_execution_time(Duration::from_millis(200))
+        .retry_after(Duration::from_millis(100))
+        .backoff_factor(1.0);
+    let bus = bus(db.pool.clone(), &probe)
+        .event::<Expiring>(settings)
+        .build()
+        .await
+        .unwrap();
+    let id = bus.emit(Expiring { n: 1 }, []).await.unwrap();
+
+    let dead = dead_letter(&db).await;
+    bus.wait_idle().await;
+    let runs = probe.calls_of("never_succeeds").len();
+    assert!(runs >= 3, "retried until expiry: {runs}");
+    assert_eq!(dead.event_id, id.get());
+    assert!(dead.listener.ends_with("never_succeeds"));
+    assert_eq!(dead.dead_reason.as_deref(), Some("expired"));
+    assert_eq!(
+        dead.last_error.as_deref(),
+        Some("the downstream service is down")
+    );
+    // Only the dead letter is left; the other listener's delivery succeeded once.
+    assert_eq!(B::deliveries(&db.pool).await.len(), 1);
+    assert_eq!(probe.calls_of("succeeds_beside_expiring").len(), 1);
+
+    // Polls keep coming (every 25 ms); none runs the dead delivery again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    bus.wait_idle().await;
+    assert_eq!(probe.calls_of("never_succeeds").len(), runs);
+    assert_eq!(
+        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await,
+        1,
+        "the event stays with its dead letter"
+    );
+    bus.shutdown().await;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.limited")]
+struct Limited {
+    n: u32,
+}
+
+#[txbus::listener]
+async fn fails_every_time(_event: Limited, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "run");
+    Err(std::io::Error::other(format!("failure {}", ctx.attempt())).into())
+}
+
+#[txbus::listener]
+async fn succeeds_beside_limited(_event: Limited, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "run");
+    Ok(())
+}
+
+pub async fn max_attempts_ends_in_a_dead_letter<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let settings = fast_settings()
+        .retry_after(Duration::from_millis(50))
+        .max_attempts(3);
+    let bus = bus(db.pool.clone(), &probe)
+        .event::<Limited>(settings)
+        .build()
+        .await
+        .unwrap();
+    bus.emit(Limited { n: 1 }, []).await.unwrap();
+
+    let dead = dead_letter(&db).await;
+    bus.wait_idle().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let attempts: Vec<_> = probe
+        .calls_of("fails_every_time")
+        .iter()
+        .map(|c| c.attempt)
+        .collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    assert_eq!(dead.dead_reason.as_deref(), Some("max_attempts"));
+    assert_eq!(dead.attempts, 3);
+    assert_eq!(dead.last_error.as_deref(), Some("failure 3"));
+    assert_eq!(probe.calls_of("succeeds_beside_limited").len(), 1);
+    assert_eq!(B::deliveries(&db.pool).await.len(), 1);
+    bus.shutdown().await;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.rejected")]
+struct Rejected {
+    n: u32,
+}
+
+#[txbus::listener]
+async fn aborts(event: Rejected, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "run");
+    Err(ListenerError::abort(format!(
+        "order {} cannot be shipped",
+        event.n
+    )))
+}
+
+#[txbus::listener]
+async fn succeeds_beside_abort(_event: Rejected, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "run");
+    Ok(())
+}
+
+pub async fn abort_ends_in_a_dead_letter_at_once<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let settings = fast_settings().retry_after(Duration::from_millis(20));
+    let bus = bus(db.pool.clone(), &probe)
+        .event::<Rejected>(settings)
+        .build()
+        .await
+        .unwrap();
+    bus.emit(Rejected { n: 7 }, []).await.unwrap();
+
+    let dead = dead_letter(&db).await;
+    bus.wait_idle().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(probe.calls_of("aborts").len(), 1);
+    assert_eq!(dead.dead_reason.as_deref(), Some("aborted"));
+    assert_eq!(dead.attempts, 1);
+    assert_eq!(
+        dead.last_error.as_deref(),
+        Some("order 7 cannot be shipped")
+    );
+    assert_eq!(probe.calls_of("succeeds_beside_abort").len(), 1);
+    bus.shutdown().await;
+}

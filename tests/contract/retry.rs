@@ -1,0 +1,316 @@
+//! Failures: retries with backoff, timeouts that cancel, panics, payloads that do not decode.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use txbus::{Context, EventSettings, ListenerError};
+
+use crate::support::{Probe, TestBackend, bus, fast_settings};
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.retried")]
+struct Retried {
+    n: u32,
+}
+
+#[txbus::listener]
+async fn retried_ok(_event: Retried, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "ok");
+    Ok(())
+}
+
+#[txbus::listener]
+async fn retried_fails_twice(_event: Retried, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "run");
+    if ctx.attempt() <= 2 {
+        return Err(format!("attempt {} fails", ctx.attempt()).into());
+    }
+    Ok(())
+}
+
+pub async fn failures_are_retried_with_backoff<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let settings = fast_settings()
+        .retry_after(Duration::from_millis(200))
+        .backoff_factor(2.0);
+    let bus = bus(db.pool.clone(), &probe)
+        .event::<Retried>(settings)
+        .build()
+        .await
+        .unwrap();
+    let id = bus.emit(Retried { n: 1 }, []).await.unwrap();
+
+    let calls = probe
+        .wait_until("three runs of the failing listener", |c| {
+            c.iter()
+                .filter(|c| c.listener == "retried_fails_twice")
+                .count()
+                == 3
+        })
+        .await;
+    bus.wait_idle().await;
+    crate::support::eventually("the event to be deleted", || async {
+        (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await == 0).then_some(())
+    })
+    .await;
+
+    let ok = probe.calls_of("retried_ok");
+    assert_eq!(
+        ok.len(),
+        1,
+        "the succeeding listener ran exactly once: {ok:?}"
+    );
+    let failing = probe.calls_of("retried_fails_twice");
+    assert_eq!(failing.len(), 3, "{failing:?}");
+    assert!(calls.iter().all(|c| c.event_id == id));
+    let attempts: Vec<_> = failing.iter().map(|c| c.attempt).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    // The first retry waits retry_after, the second twice that (backoff factor 2), each plus at
+    // most 10% jitter. Runs cannot start before then; the upper bound only shows progress.
+    let first_gap = failing[1].started - failing[0].started;
+    let second_gap = failing[2].started - failing[1].started;
+    assert!(first_gap >= Duration::from_millis(200), "{first_gap:?}");
+    assert!(second_gap >= Duration::from_millis(400), "{second_gap:?}");
+    assert!(first_gap < Duration::from_secs(5) && second_gap < Duration::from_secs(5));
+    bus.shutdown().await;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.slow")]
+struct Slow {
+    n: u32,
+}
+
+/// Counts runs in progress in the probe; a run that is cancelled drops it without finishing.
+struct Running {
+    probe: Arc<Probe>,
+    finished: bool,
+}
+
+impl Running {
+    fn start(probe: Arc<Probe>) -> Self {
+        let now = probe.running.fetch_add(1, Ordering::SeqCst) + 1;
+        probe.most_running.fetch_max(now, Ordering::SeqCst);
+        Self {
+            probe,
+            finished: false,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.probe.running.fetch_sub(1, Ordering::SeqCst);
+        if !self.finished {
+            self.probe.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Hangs on its first two attempts, so the bus must cancel it; succeeds on the third.
+#[txbus::listener]
+async fn slow_twice(_event: Slow, ctx: Context) -> Result<(), ListenerError> {
+    let probe = ctx.state::<Arc<Probe>>()?.clone();
+    probe.record(&ctx, "start");
+    let mut running = Running::start(probe);
+    if ctx.attempt() <= 2 {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    running.finished = true;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.always_slow")]
+struct AlwaysSlow {
+    n: u32,
+}
+
+#[txbus::listener]
+async fn always_slow(_event: AlwaysSlow, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, "start");
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    Ok(())
+}
+
+pub async fn timeouts_cancel_the_listener_without_overlap<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let settings = fast_settings()
+        .max_execution_time(Duration::from_millis(300))
+        .retry_after(Duration::from_millis(50));
+    let bus = bus(db.pool.clone(), &probe)
+        .event::<Slow>(settings)
+        .event::<AlwaysSlow>(settings.max_attempts(1))
+        .build()
+        .await
+        .unwrap();
+    bus.emit(Slow { n: 1 }, []).await.unwrap();
+    bus.emit(AlwaysSlow { n: 1 }, []).await.unwrap();
+
+    probe
+        .wait_until("the third attempt", |c| {
+            c.iter()
+                .any(|c| c.listener == "slow_twice" && c.attempt == 3)
+        })
+        .await;
+    let dead = crate::support::eventually("the always slow delivery to die", || async {
+        B::deliveries(&db.pool)
+            .await
+            .into_iter()
+            .find(|d| d.dead_reason.is_some())
+    })
+    .await;
+    bus.wait_idle().await;
+
+    let runs = probe.calls_of("slow_twice");
+    assert_eq!(
+        runs.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    // Each attempt started only after the previous one was cancelled at its deadline.
+    for pair in runs.windows(2) {
+        assert!(
+            pair[1].started - pair[0].started >= Duration::from_millis(270),
+            "{runs:?}"
+        );
+    }
+    assert_eq!(
+        probe.most_running.load(Ordering::SeqCst),
+        1,
+        "two runs of the delivery overlapped"
+    );
+    assert_eq!(
+        probe.cancelled.load(Ordering::SeqCst),
+        2,
+        "the hanging runs were dropped"
+    );
+    assert_eq!(dead.dead_reason.as_deref(), Some("max_attempts"));
+    let error = dead.last_error.unwrap_or_default();
+    assert!(error.contains("timed out"), "{error}");
+    bus.shutdown().await;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.panicky")]
+struct Panicky {
+    n: u32,
+}
+
+#[txbus::listener]
+async fn panics_first(event: Panicky, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?
+        .record(&ctx, format!("{}", event.n));
+    if ctx.attempt() == 1 {
+        panic!("listener bug on event {}", event.n);
+    }
+    Ok(())
+}
+
+#[txbus::listener]
+async fn beside_the_panic(event: Panicky, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?
+        .record(&ctx, format!("{}", event.n));
+    Ok(())
+}
+
+pub async fn panics_are_retried_and_the_bus_keeps_working<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let bus = bus(db.pool.clone(), &probe).build().await.unwrap();
+    for n in 1..=2 {
+        bus.emit(Panicky { n }, []).await.unwrap();
+        probe
+            .wait_until("the retry after the panic", |c| {
+                c.iter().any(|c| {
+                    c.listener == "panics_first" && c.attempt == 2 && c.note == n.to_string()
+                })
+            })
+            .await;
+    }
+    bus.wait_idle().await;
+    let panicking: Vec<_> = probe
+        .calls_of("panics_first")
+        .iter()
+        .map(|c| (c.note.clone(), c.attempt))
+        .collect();
+    assert_eq!(
+        panicking,
+        [
+            ("1".into(), 1),
+            ("1".into(), 2),
+            ("2".into(), 1),
+            ("2".into(), 2)
+        ]
+    );
+    let beside: Vec<_> = probe
+        .calls_of("beside_the_panic")
+        .iter()
+        .map(|c| c.note.clone())
+        .collect();
+    assert_eq!(beside, ["1", "2"]);
+    bus.shutdown().await;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.decoded")]
+struct Decoded {
+    n: u32,
+}
+
+#[txbus::listener(name = "contract.decoded_listener")]
+async fn decoded(event: Decoded, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, event.n.to_string());
+    Ok(())
+}
+
+pub async fn undeserializable_payload_fails_only_its_delivery<B: TestBackend>() {
+    let db = B::open().await;
+    txbus::migrate(&db.pool).await.unwrap();
+    let mut payloads: Vec<String> = (1..=6).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    payloads.insert(3, r#"{"n":"not a number"}"#.to_owned());
+    let ids = B::insert_backlog(
+        &db.pool,
+        "contract.decoded",
+        payloads,
+        "contract.decoded_listener".into(),
+    )
+    .await;
+    let bad = ids[3];
+
+    let probe = Probe::new();
+    let settings = EventSettings::default().retry_after(Duration::from_secs(600));
+    let bus = bus(db.pool.clone(), &probe)
+        .event::<Decoded>(settings)
+        .build()
+        .await
+        .unwrap();
+    probe
+        .wait_until("the six good events", |c| c.len() == 6)
+        .await;
+    let failed = crate::support::eventually("the failure to be recorded", || async {
+        B::deliveries(&db.pool)
+            .await
+            .into_iter()
+            .find(|d| d.last_error.is_some())
+    })
+    .await;
+    bus.wait_idle().await;
+
+    assert_eq!(failed.event_id, bad);
+    assert_eq!(failed.attempts, 1);
+    assert_eq!(
+        failed.dead_reason, None,
+        "a decoding failure is retried like any other"
+    );
+    let error = failed.last_error.unwrap();
+    assert!(error.contains("does not deserialize into"), "{error}");
+    assert!(error.contains("Decoded"), "{error}");
+    let mut delivered: Vec<_> = probe.calls().into_iter().map(|c| c.note).collect();
+    delivered.sort();
+    assert_eq!(delivered, ["1", "2", "3", "4", "5", "6"]);
+    bus.shutdown().await;
+}

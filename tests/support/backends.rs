@@ -1,0 +1,299 @@
+//! One isolated database per test, on each backend, and the few statements tests need that
+//! differ between backends.
+
+use std::future::Future;
+
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use txbus::{Backend, Pool};
+
+use super::{Count, DeliveryRow, TestDb, unique};
+
+/// A backend the contract suite runs on.
+pub trait TestBackend: Backend {
+    /// A fresh, empty database of this backend.
+    fn open() -> impl Future<Output = TestDb<Self>> + Send;
+
+    /// Every delivery row, ordered by event and listener.
+    fn deliveries(pool: &Pool<Self>) -> impl Future<Output = Vec<DeliveryRow>> + Send;
+
+    /// Runs `sql`, a query returning one row with one column `n`.
+    fn count(pool: &Pool<Self>, sql: &'static str) -> impl Future<Output = i64> + Send;
+
+    /// Writes events named `name` with these payloads, each with one delivery for `listener`,
+    /// due now, as if they had been emitted by a process that then crashed.
+    fn insert_backlog(
+        pool: &Pool<Self>,
+        name: &'static str,
+        payloads: Vec<String>,
+        listener: String,
+    ) -> impl Future<Output = Vec<i64>> + Send;
+
+    /// Whether the contract users table has the row `id`.
+    fn user_exists(pool: &Pool<Self>, id: i64) -> impl Future<Output = bool> + Send {
+        async move {
+            Self::count_bound(
+                pool,
+                "SELECT count(*) AS n FROM contract_users WHERE id = ",
+                id,
+            )
+            .await
+                > 0
+        }
+    }
+
+    /// Runs `sql` followed by the bound id, as a count.
+    fn count_bound(
+        pool: &Pool<Self>,
+        sql: &'static str,
+        id: i64,
+    ) -> impl Future<Output = i64> + Send;
+}
+
+/// Runs a batch of statements.
+pub async fn exec<B: Backend>(pool: &Pool<B>, sql: &str) {
+    let mut conn = pool.get().await.unwrap();
+    conn.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// The table the contract scenarios write entities to.
+pub async fn create_users_table<B: Backend>(pool: &Pool<B>) {
+    exec(
+        pool,
+        "CREATE TABLE contract_users (id BIGINT PRIMARY KEY, email TEXT NOT NULL UNIQUE)",
+    )
+    .await;
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use diesel_async::{AsyncConnection, AsyncPgConnection};
+    use txbus::Postgres;
+
+    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    fn base_url() -> String {
+        std::env::var("TXBUS_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    }
+
+    fn unreachable(url: &str, error: impl std::fmt::Display) -> ! {
+        panic!(
+            "PostgreSQL is not reachable at {url}: {error}\n\
+             Start the local server with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+             or set TXBUS_TEST_POSTGRES_URL to a server where this user may create schemas."
+        )
+    }
+
+    impl TestBackend for Postgres {
+        async fn open() -> TestDb<Self> {
+            let base = base_url();
+            let schema = unique("txbus_t");
+            let mut admin = AsyncPgConnection::establish(&base)
+                .await
+                .unwrap_or_else(|e| unreachable(&base, e));
+            admin
+                .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .await
+                .unwrap_or_else(|e| unreachable(&base, e));
+            let separator = if base.contains('?') { '&' } else { '?' };
+            let url = format!("{base}{separator}options=-csearch_path%3D{schema}");
+            let pool = Pool::builder(url.clone())
+                .max_size(6)
+                .connect()
+                .await
+                .unwrap();
+            let cleanup = move || {
+                // Dropped from sync code, maybe inside a runtime: use a thread of its own.
+                let _ = std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async {
+                        if let Ok(mut conn) = AsyncPgConnection::establish(&base).await {
+                            let _ = conn
+                                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                                .await;
+                        }
+                    });
+                })
+                .join();
+            };
+            TestDb {
+                url,
+                pool,
+                cleanup: Some(Box::new(cleanup)),
+            }
+        }
+
+        async fn deliveries(pool: &Pool<Self>) -> Vec<DeliveryRow> {
+            let mut conn = pool.get().await.unwrap();
+            diesel::sql_query(
+                "SELECT event_id, listener, attempts, dead_reason, last_error FROM txbus_deliveries \
+                 ORDER BY event_id, listener",
+            )
+            .load(&mut *conn)
+            .await
+            .unwrap()
+        }
+
+        async fn count(pool: &Pool<Self>, sql: &'static str) -> i64 {
+            let mut conn = pool.get().await.unwrap();
+            let row: Count = diesel::sql_query(sql).get_result(&mut *conn).await.unwrap();
+            row.n
+        }
+
+        async fn count_bound(pool: &Pool<Self>, sql: &'static str, id: i64) -> i64 {
+            let mut conn = pool.get().await.unwrap();
+            let row: Count = diesel::sql_query(format!("{sql}$1"))
+                .bind::<BigInt, _>(id)
+                .get_result(&mut *conn)
+                .await
+                .unwrap();
+            row.n
+        }
+
+        async fn insert_backlog(
+            pool: &Pool<Self>,
+            name: &'static str,
+            payloads: Vec<String>,
+            listener: String,
+        ) -> Vec<i64> {
+            #[derive(diesel::QueryableByName)]
+            struct Id {
+                #[diesel(sql_type = BigInt)]
+                event_id: i64,
+            }
+            let mut conn = pool.get().await.unwrap();
+            let ids: Vec<Id> = diesel::sql_query(
+                "WITH e AS (
+                    INSERT INTO txbus_events (name, payload, emitted_at, lease_ms)
+                    SELECT $1, p::jsonb, now(), 5000 FROM unnest($2::text[]) AS p RETURNING id)
+                 INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
+                 SELECT id, $3, 0, now(), now() + interval '1 hour' FROM e RETURNING event_id",
+            )
+            .bind::<Text, _>(name)
+            .bind::<diesel::sql_types::Array<Text>, _>(&payloads)
+            .bind::<Text, _>(&listener)
+            .load(&mut *conn)
+            .await
+            .unwrap();
+            ids.into_iter().map(|id| id.event_id).collect()
+        }
+    }
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use super::*;
+    use txbus::Sqlite;
+
+    impl TestBackend for Sqlite {
+        async fn open() -> TestDb<Self> {
+            let dir = std::env::temp_dir().join("txbus-tests");
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{}.db", unique("db")));
+            let url = path.to_str().unwrap().to_owned();
+            let pool = Pool::builder(url.clone())
+                .max_size(6)
+                .connect()
+                .await
+                .unwrap();
+            let cleanup = move || {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            };
+            TestDb {
+                url,
+                pool,
+                cleanup: Some(Box::new(cleanup)),
+            }
+        }
+
+        async fn deliveries(pool: &Pool<Self>) -> Vec<DeliveryRow> {
+            let mut conn = pool.get().await.unwrap();
+            diesel::sql_query(
+                "SELECT event_id, listener, attempts, dead_reason, last_error FROM txbus_deliveries \
+                 ORDER BY event_id, listener",
+            )
+            .load(&mut *conn)
+            .await
+            .unwrap()
+        }
+
+        async fn count(pool: &Pool<Self>, sql: &'static str) -> i64 {
+            let mut conn = pool.get().await.unwrap();
+            let row: Count = diesel::sql_query(sql).get_result(&mut *conn).await.unwrap();
+            row.n
+        }
+
+        async fn count_bound(pool: &Pool<Self>, sql: &'static str, id: i64) -> i64 {
+            let mut conn = pool.get().await.unwrap();
+            let row: Count = diesel::sql_query(format!("{sql}?"))
+                .bind::<BigInt, _>(id)
+                .get_result(&mut *conn)
+                .await
+                .unwrap();
+            row.n
+        }
+
+        async fn insert_backlog(
+            pool: &Pool<Self>,
+            name: &'static str,
+            payloads: Vec<String>,
+            listener: String,
+        ) -> Vec<i64> {
+            let mut conn = pool.get().await.unwrap();
+            conn.spawn_blocking(move |c| sync::insert_backlog(c, name, &payloads, &listener))
+                .await
+                .unwrap()
+        }
+    }
+
+    /// Sync diesel, in a module of its own: its `RunQueryDsl` clashes with diesel-async's.
+    mod sync {
+        use diesel::sql_types::{BigInt, Text};
+        use diesel::sqlite::SqliteConnection;
+        use diesel::{QueryResult, RunQueryDsl};
+
+        #[derive(diesel::QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+        }
+
+        pub(super) fn insert_backlog(
+            c: &mut SqliteConnection,
+            name: &str,
+            payloads: &[String],
+            listener: &str,
+        ) -> QueryResult<Vec<i64>> {
+            c.immediate_transaction(|c| {
+                let mut ids = Vec::new();
+                for payload in payloads {
+                    let id: Id = diesel::sql_query(
+                        "INSERT INTO txbus_events (name, payload, emitted_at, lease_ms) \
+                         VALUES (?, ?, CAST(unixepoch('subsec') * 1000 AS INTEGER), 5000) RETURNING id",
+                    )
+                    .bind::<Text, _>(name)
+                    .bind::<Text, _>(payload)
+                    .get_result(c)?;
+                    diesel::sql_query(
+                        "INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at) \
+                         VALUES (?, ?, 0, CAST(unixepoch('subsec') * 1000 AS INTEGER), \
+                                 CAST(unixepoch('subsec') * 1000 AS INTEGER) + 3600000)",
+                    )
+                    .bind::<BigInt, _>(id.id)
+                    .bind::<Text, _>(listener)
+                    .execute(c)?;
+                    ids.push(id.id);
+                }
+                Ok(ids)
+            })
+        }
+    }
+}
