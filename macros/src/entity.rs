@@ -39,7 +39,9 @@ fn parse_backends(input: &DeriveInput, errors: &mut Errors) -> Vec<(&'static str
                 errors.add(&meta.path, "duplicate `backends` in `#[entity(...)]`");
             }
             let mut list = Vec::new();
+            let mut named = 0;
             meta.parse_nested_meta(|backend| {
+                named += 1;
                 match BACKENDS
                     .iter()
                     .find(|(name, _)| backend.path.is_ident(name))
@@ -55,7 +57,7 @@ fn parse_backends(input: &DeriveInput, errors: &mut Errors) -> Vec<(&'static str
                 }
                 Ok(())
             })?;
-            if list.is_empty() {
+            if named == 0 {
                 errors.add(&meta.path, "`backends(...)` needs at least one backend");
             }
             chosen = Some(list);

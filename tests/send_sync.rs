@@ -1,0 +1,73 @@
+//! The type-level promises: handles are `Send + Sync`, the public futures are `Send` (so they
+//! can be spawned), errors are `std::error::Error + Send + Sync + 'static`.
+#![cfg(feature = "sqlite")]
+#![allow(missing_docs, clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::fmt::Debug;
+use std::hash::Hash;
+
+use support::TestBackend;
+use txbus::{BuildError, Error, EventBus, EventId, Sqlite, StateError};
+
+fn assert_send<T: Send>(value: T) -> T {
+    value
+}
+
+fn assert_send_sync_clone<T: Send + Sync + Clone + 'static>() {}
+
+fn assert_error<T: std::error::Error + Send + Sync + 'static>() {}
+
+fn assert_id<T: Debug + std::fmt::Display + Clone + Copy + PartialEq + Eq + Hash>() {}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+struct Noted {
+    n: u32,
+}
+
+#[test]
+fn handles_ids_and_errors() {
+    assert_send_sync_clone::<EventBus<Sqlite>>();
+    assert_send_sync_clone::<txbus::Pool<Sqlite>>();
+    assert_id::<EventId>();
+    assert_error::<Error>();
+    assert_error::<BuildError>();
+    assert_error::<StateError>();
+}
+
+#[tokio::test]
+async fn public_futures_are_send_and_spawnable() {
+    let db = Sqlite::open().await;
+    let bus: EventBus<Sqlite> = assert_send(EventBus::builder(db.pool.clone()).build())
+        .await
+        .unwrap();
+
+    let emitted = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.emit(Noted { n: 1 }, []).await }
+    });
+    emitted.await.unwrap().unwrap();
+
+    let in_transaction = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            bus.transaction(async |tx| {
+                tx.emit(&Noted { n: 2 }).await?;
+                Ok::<_, Error>(())
+            })
+            .await
+        }
+    });
+    in_transaction.await.unwrap().unwrap();
+
+    assert_send(bus.wait_idle()).await;
+    assert_send(txbus::migrate(&db.pool)).await.unwrap();
+    tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.shutdown().await }
+    })
+    .await
+    .unwrap();
+}

@@ -1,0 +1,6 @@
+#[txbus::listener]
+async fn on_nothing() -> Result<(), txbus::ListenerError> {
+    Ok(())
+}
+
+fn main() {}
