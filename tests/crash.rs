@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use support::backends::exec;
 use support::{PATIENCE, TestBackend, eventually};
-use txbus::{Backend, Context, EventBus, EventSettings, ListenerError, Pool};
+use txbus::{Context, EventBus, EventSettings, ListenerError, Pool};
 
 /// How long the child's deliveries stay leased to it.
 const LEASE: Duration = Duration::from_secs(2);
@@ -78,10 +78,7 @@ async fn dies(event: OrderPlaced, ctx: Context) -> Result<(), ListenerError> {
     Ok(())
 }
 
-fn role<B: Backend>(pool: &Pool<B>, child: bool) -> Role
-where
-    B: TestBackend,
-{
+fn role<B: TestBackend>(pool: &Pool<B>, child: bool) -> Role {
     let for_record = pool.clone();
     let for_done = pool.clone();
     Role {
