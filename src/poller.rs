@@ -3,7 +3,7 @@
 //! runner. While full batches keep coming it claims again as soon as listeners free up.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::time::MissedTickBehavior;
 
@@ -16,6 +16,12 @@ use crate::{Backend, Error};
 /// How many expired deliveries one sweep handles at most.
 const EXPIRE_BATCH: usize = 1000;
 
+/// How often the poller reports due deliveries whose listener this process does not have.
+const ORPHAN_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// How many due deliveries one orphan report looks at, at most.
+const ORPHAN_SAMPLE: usize = 10_000;
+
 pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
     let runner = shared.runner.clone();
     let mut phase = runner.phase.subscribe();
@@ -23,6 +29,7 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
     let mut tick = tokio::time::interval(shared.retry_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut more = false;
+    let mut next_report = Instant::now();
     loop {
         if more {
             // A full batch came back: more is probably due. Claim again when a listener frees
@@ -39,6 +46,12 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
             }
             if let Err(error) = expire(&shared, &known).await {
                 tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying at the next poll");
+            }
+            if Instant::now() >= next_report {
+                next_report = Instant::now() + ORPHAN_REPORT_EVERY;
+                if let Err(error) = report_orphans(&shared, &known).await {
+                    tracing::debug!(error = %Chain(&error), "could not look for deliveries of unknown listeners");
+                }
             }
         }
         more = match claim(&shared, &known).await {
@@ -57,6 +70,20 @@ async fn expire<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Resul
     for died in died {
         tracing::error!(event_id = %died.event_id, listener = %died.listener, reason = %died.reason,
             "delivery expired; it stays in txbus_deliveries as a dead letter");
+    }
+    Ok(())
+}
+
+/// Warns about due deliveries that wait for a listener this process does not have (a rolling
+/// deploy, a rename, a listener in a crate that is not linked).
+async fn report_orphans<B: Backend>(
+    shared: &Shared<B>,
+    known: &[&'static str],
+) -> Result<(), Error> {
+    let mut conn = shared.pool.get().await?;
+    for (listener, due) in B::orphans(&mut conn, known, ORPHAN_SAMPLE).await? {
+        tracing::warn!(%listener, due, "deliveries are due for a listener this process does not have; \
+            they wait for an instance that has it, and expire as no_listener otherwise");
     }
     Ok(())
 }

@@ -88,6 +88,15 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = QueryResult<Vec<Died>>> + Send;
 
+    /// Counts due deliveries, per listener, of listeners not in `known` (at most `limit` rows
+    /// looked at): work waiting for an instance that has those listeners.
+    #[doc(hidden)]
+    fn orphans(
+        conn: &mut Self::Connection,
+        known: &[&'static str],
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<(String, i64)>>> + Send;
+
     /// Applies the pending migrations under a lock that serializes concurrent starts. Returns the
     /// versions applied.
     #[doc(hidden)]

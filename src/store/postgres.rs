@@ -116,6 +116,13 @@ FROM c
 WHERE d.event_id = c.event_id AND d.listener = c.listener
 RETURNING d.event_id, d.listener, d.dead_reason";
 
+const ORPHANS: &str = "\
+SELECT listener, count(*) AS n FROM (
+    SELECT listener FROM txbus_deliveries
+    WHERE dead_at IS NULL AND available_at <= now() AND NOT (listener = ANY($1))
+    LIMIT $2) due
+GROUP BY listener ORDER BY listener";
+
 // Keyed by schema, so that buses in different schemas of one database do not wait for each other.
 const LOCK_MIGRATIONS: &str =
     "SELECT pg_advisory_lock(hashtext('txbus.migrate.' || COALESCE(current_schema(), '')))";
@@ -159,6 +166,14 @@ struct DiedRow {
     listener: String,
     #[diesel(sql_type = Nullable<Text>)]
     dead_reason: Option<String>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct ListenerCountRow {
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -280,6 +295,19 @@ impl Backend for Postgres {
             .load(conn)
             .await?;
         Ok(rows.into_iter().filter_map(died_from_row).collect())
+    }
+
+    async fn orphans(
+        conn: &mut AsyncPgConnection,
+        known: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<(String, i64)>> {
+        let rows: Vec<ListenerCountRow> = diesel::sql_query(ORPHANS)
+            .bind::<Array<Text>, _>(known)
+            .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+            .load(conn)
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.listener, r.n)).collect())
     }
 
     async fn migrate(conn: &mut AsyncPgConnection) -> Result<Vec<String>, Error> {

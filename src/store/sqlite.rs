@@ -120,6 +120,16 @@ const EXPIRE: &str = concat!(
     RETURNING event_id, listener, dead_reason"
 );
 
+const ORPHANS: &str = concat!(
+    "SELECT listener, count(*) AS n FROM (
+        SELECT listener FROM txbus_deliveries
+        WHERE dead_at IS NULL AND available_at <= ",
+    now_ms!(),
+    " AND listener NOT IN (SELECT value FROM json_each(?1))
+        LIMIT ?2) due
+    GROUP BY listener ORDER BY listener"
+);
+
 const CREATE_MIGRATIONS_TABLE: &str = concat!(
     "CREATE TABLE IF NOT EXISTS txbus_migrations (
     version TEXT PRIMARY KEY NOT NULL,
@@ -167,6 +177,14 @@ struct DiedRow {
     listener: String,
     #[diesel(sql_type = Nullable<Text>)]
     dead_reason: Option<String>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct ListenerCountRow {
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -349,6 +367,23 @@ impl Backend for Sqlite {
                 .bind::<BigInt, _>(limit)
                 .load(c)?;
             Ok(rows.into_iter().filter_map(died_from_row).collect())
+        })
+        .await
+    }
+
+    async fn orphans(
+        conn: &mut Conn,
+        known: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<(String, i64)>> {
+        let known = json_list(known);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        conn.spawn_blocking(move |c| {
+            let rows: Vec<ListenerCountRow> = diesel::sql_query(ORPHANS)
+                .bind::<Text, _>(&known)
+                .bind::<BigInt, _>(limit)
+                .load(c)?;
+            Ok(rows.into_iter().map(|r| (r.listener, r.n)).collect())
         })
         .await
     }

@@ -171,3 +171,39 @@ pub async fn abort_ends_in_a_dead_letter_at_once<B: TestBackend>() {
     assert_eq!(probe.calls_of("succeeds_beside_abort").len(), 1);
     bus.shutdown().await;
 }
+
+pub async fn unknown_listeners_wait_and_expire_as_no_listener<B: TestBackend>() {
+    let db = B::open().await;
+    txbus::migrate(&db.pool).await.unwrap();
+    let ids = B::insert_backlog(
+        &db.pool,
+        "contract.expiring",
+        vec![r#"{"n":1}"#.into()],
+        "contract.removed_listener".into(),
+        Duration::from_millis(400),
+    )
+    .await;
+    let probe = Probe::new();
+    let bus = bus(db.pool.clone(), &probe).build().await.unwrap();
+
+    // This process does not have the listener: it leaves the delivery alone...
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let waiting = B::deliveries(&db.pool).await;
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(
+        (waiting[0].attempts, waiting[0].dead_reason.as_deref()),
+        (0, None)
+    );
+
+    // ...until it expires, as a dead letter that says why.
+    let dead = dead_letter(&db).await;
+    assert_eq!(dead.event_id, ids[0]);
+    assert_eq!(dead.dead_reason.as_deref(), Some("no_listener"));
+    assert_eq!(dead.attempts, 0);
+    assert_eq!(
+        dead.last_error.as_deref(),
+        Some("no running instance has listener contract.removed_listener")
+    );
+    assert!(probe.calls().is_empty());
+    bus.shutdown().await;
+}

@@ -1,5 +1,5 @@
 //! The contract suite: every scenario runs against every backend txbus was built with, each in
-//! a database of its own. Run the whole suite with `cargo test --all-features`.
+//! a database of its own. Run the whole suite with `cargo test --workspace --all-features`.
 #![allow(
     missing_docs,
     unreachable_pub,
@@ -57,6 +57,7 @@ contract! {
     expiry::deliveries_expire_into_dead_letters,
     expiry::max_attempts_ends_in_a_dead_letter,
     expiry::abort_ends_in_a_dead_letter_at_once,
+    expiry::unknown_listeners_wait_and_expire_as_no_listener,
     sharing::two_buses_drain_a_backlog_exactly_once,
     sharing::concurrent_first_starts_migrate_once,
     build::bad_configuration_fails_build,

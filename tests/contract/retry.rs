@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use txbus::{Context, EventSettings, ListenerError};
 
-use crate::support::{Probe, TestBackend, bus, fast_settings};
+use crate::support::{HOUR, Probe, TestBackend, bus, fast_settings};
 
 #[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
 #[event(name = "contract.retried")]
@@ -277,6 +277,7 @@ pub async fn undeserializable_payload_fails_only_its_delivery<B: TestBackend>() 
         "contract.decoded",
         payloads,
         "contract.decoded_listener".into(),
+        HOUR,
     )
     .await;
     let bad = ids[3];

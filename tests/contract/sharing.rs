@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use txbus::{Context, EventBus, ListenerError};
 
-use crate::support::{Probe, TestBackend, bus};
+use crate::support::{HOUR, Probe, TestBackend, bus};
 
 #[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
 #[event(name = "contract.backlog")]
@@ -31,6 +31,7 @@ pub async fn two_buses_drain_a_backlog_exactly_once<B: TestBackend>() {
         "contract.backlog",
         payloads,
         "contract.backlog_counter".into(),
+        HOUR,
     )
     .await;
     assert_eq!(ids.len(), BACKLOG);

@@ -21,12 +21,13 @@ pub trait TestBackend: Backend {
     fn count(pool: &Pool<Self>, sql: &'static str) -> impl Future<Output = i64> + Send;
 
     /// Writes events named `name` with these payloads, each with one delivery for `listener`,
-    /// due now, as if they had been emitted by a process that then crashed.
+    /// due now and expiring after `expires_in`, as if emitted by a process that then crashed.
     fn insert_backlog(
         pool: &Pool<Self>,
         name: &'static str,
         payloads: Vec<String>,
         listener: String,
+        expires_in: std::time::Duration,
     ) -> impl Future<Output = Vec<i64>> + Send;
 
     /// Whether the contract users table has the row `id`.
@@ -161,6 +162,7 @@ mod postgres {
             name: &'static str,
             payloads: Vec<String>,
             listener: String,
+            expires_in: std::time::Duration,
         ) -> Vec<i64> {
             #[derive(diesel::QueryableByName)]
             struct Id {
@@ -173,11 +175,12 @@ mod postgres {
                     INSERT INTO txbus_events (name, payload, emitted_at, lease_ms)
                     SELECT $1, p::jsonb, now(), 5000 FROM unnest($2::text[]) AS p RETURNING id)
                  INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
-                 SELECT id, $3, 0, now(), now() + interval '1 hour' FROM e RETURNING event_id",
+                 SELECT id, $3, 0, now(), now() + $4 * interval '1 millisecond' FROM e RETURNING event_id",
             )
             .bind::<Text, _>(name)
             .bind::<diesel::sql_types::Array<Text>, _>(&payloads)
             .bind::<Text, _>(&listener)
+            .bind::<BigInt, _>(expires_in.as_millis() as i64)
             .load(&mut *conn)
             .await
             .unwrap();
@@ -246,11 +249,15 @@ mod sqlite {
             name: &'static str,
             payloads: Vec<String>,
             listener: String,
+            expires_in: std::time::Duration,
         ) -> Vec<i64> {
+            let expires_ms = expires_in.as_millis() as i64;
             let mut conn = pool.get().await.unwrap();
-            conn.spawn_blocking(move |c| sync::insert_backlog(c, name, &payloads, &listener))
-                .await
-                .unwrap()
+            conn.spawn_blocking(move |c| {
+                sync::insert_backlog(c, name, &payloads, &listener, expires_ms)
+            })
+            .await
+            .unwrap()
         }
     }
 
@@ -271,6 +278,7 @@ mod sqlite {
             name: &str,
             payloads: &[String],
             listener: &str,
+            expires_ms: i64,
         ) -> QueryResult<Vec<i64>> {
             c.immediate_transaction(|c| {
                 let mut ids = Vec::new();
@@ -285,10 +293,11 @@ mod sqlite {
                     diesel::sql_query(
                         "INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at) \
                          VALUES (?, ?, 0, CAST(unixepoch('subsec') * 1000 AS INTEGER), \
-                                 CAST(unixepoch('subsec') * 1000 AS INTEGER) + 3600000)",
+                                 CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?)",
                     )
                     .bind::<BigInt, _>(id.id)
                     .bind::<Text, _>(listener)
+                    .bind::<BigInt, _>(expires_ms)
                     .execute(c)?;
                     ids.push(id.id);
                 }

@@ -25,6 +25,9 @@ pub use backends::TestBackend;
 /// How long any wait in a test may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// An expiry far beyond any test.
+pub const HOUR: Duration = Duration::from_secs(3600);
+
 /// A name no other test (in this run or another) uses.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
