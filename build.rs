@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::{env, fs, io};
 
-const BACKENDS: [&str; 2] = ["postgres", "sqlite"];
+const BACKENDS: [&str; 3] = ["postgres", "mysql", "sqlite"];
 
 fn main() -> io::Result<()> {
     println!("cargo:rerun-if-changed=migrations");

@@ -13,6 +13,9 @@ use crate::{Backend, Error, Pool};
 /// The most results written in one batch.
 const MAX_BATCH: usize = 512;
 
+/// How often a batch is tried when the database is reachable but the write fails.
+const MAX_STATEMENT_FAILURES: u32 = 5;
+
 /// Receives reports until every sender is gone, writing each batch before taking the next.
 pub(crate) async fn complete_loop<B: Backend>(
     pool: Pool<B>,
@@ -29,28 +32,35 @@ pub(crate) async fn complete_loop<B: Backend>(
     }
 }
 
-/// Writes one batch, retrying while the database is unreachable. A batch that cannot be written
-/// is not lost work: its deliveries are run again once their leases pass.
+/// Writes one batch, retrying while the database is unreachable, and a few times for other
+/// errors. A batch that cannot be written is not lost work: its deliveries run again once their
+/// leases pass.
 async fn write<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome], phase: &watch::Receiver<Phase>) {
     let mut pause = Duration::from_millis(50);
+    let mut failures = 0;
     loop {
-        match record::<B>(pool, outcomes).await {
+        let error = match record::<B>(pool, outcomes).await {
             Ok(recorded) => {
                 report(outcomes.len(), recorded);
                 return;
             }
-            Err(error) if *phase.borrow() >= Phase::Cancelling => {
-                tracing::error!(error = %Chain(&error), results = outcomes.len(),
-                    "could not record listener results before shutdown; those deliveries will run again after their leases");
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(error = %Chain(&error), results = outcomes.len(), retry_in = ?pause,
-                    "could not record listener results; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
+            Err(error) => error,
+        };
+        failures += 1;
+        // Without a connection, waiting is all there is to do; a statement that keeps failing
+        // on a live connection will not succeed by being repeated.
+        let unreachable = matches!(error, Error::Connection { .. });
+        if *phase.borrow() >= Phase::Cancelling
+            || (!unreachable && failures >= MAX_STATEMENT_FAILURES)
+        {
+            tracing::error!(error = %Chain(&error), results = outcomes.len(),
+                "could not record listener results; those deliveries will run again after their leases");
+            return;
         }
+        tracing::warn!(error = %Chain(&error), results = outcomes.len(), retry_in = ?pause,
+            "could not record listener results; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -6,8 +6,8 @@
 //! commit, the event goes to every [`#[listener]`](listener) function registered for it. What
 //! fails is retried by a background poller under per-event limits ([`EventSettings`]: expiry,
 //! execution time, retry delay with backoff); what never succeeds ends as a dead letter that
-//! stays in the database. It runs on PostgreSQL (feature `postgres`) and on an embedded SQLite
-//! (feature `sqlite`, the default) that needs no server.
+//! stays in the database. It runs on PostgreSQL (feature `postgres`), MySQL 8 / MariaDB 10.6+
+//! (feature `mysql`) and an embedded SQLite (feature `sqlite`, the default) that needs no server.
 //!
 //! ## The guarantees
 //! 1. **Atomicity**: an event exists if and only if the transaction that emitted it commits.
@@ -29,7 +29,7 @@
 //! After the commit the deliveries are queued here and run with bounded concurrency, each until
 //! the end of its lease; their results are written in batches. Failures get a retry time with
 //! exponential backoff and jitter. The poller, every `retry_every`, claims due deliveries (`FOR
-//! UPDATE SKIP LOCKED` on PostgreSQL; SQLite has one writer) of the listeners this process has, so
+//! UPDATE SKIP LOCKED` on PostgreSQL and MySQL; SQLite has one writer) of the listeners this process has, so
 //! several processes can share a database, and turns expired ones into dead letters. A listener
 //! always gets the event deserialized from the stored JSON, on the first attempt and on retries.
 //!
@@ -69,8 +69,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-#[cfg(not(any(feature = "postgres", feature = "sqlite")))]
-compile_error!("txbus needs a database backend: enable the feature `postgres` or `sqlite`");
+#[cfg(not(any(feature = "postgres", feature = "mysql", feature = "sqlite")))]
+compile_error!(
+    "txbus needs a database backend: enable the feature `postgres`, `mysql` or `sqlite`"
+);
 
 extern crate self as txbus;
 
@@ -100,6 +102,8 @@ pub use migrate::migrate;
 pub use pool::{Pool, PoolBuilder, PooledConnection};
 pub use settings::EventSettings;
 pub use store::Backend;
+#[cfg(feature = "mysql")]
+pub use store::mysql::Mysql;
 #[cfg(feature = "postgres")]
 pub use store::postgres::Postgres;
 #[cfg(feature = "sqlite")]

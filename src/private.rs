@@ -61,3 +61,19 @@ macro_rules! __txbus_if_sqlite {
 macro_rules! __txbus_if_sqlite {
     ($($item:tt)*) => {};
 }
+
+/// Expands its input only when txbus is built with the `mysql` feature.
+#[cfg(feature = "mysql")]
+#[macro_export]
+#[doc(hidden)]
+macro_rules! __txbus_if_mysql {
+    ($($item:tt)*) => { $($item)* };
+}
+
+/// Expands its input only when txbus is built with the `mysql` feature.
+#[cfg(not(feature = "mysql"))]
+#[macro_export]
+#[doc(hidden)]
+macro_rules! __txbus_if_mysql {
+    ($($item:tt)*) => {};
+}

@@ -184,7 +184,7 @@ async fn crash_recovery<B: TestBackend>() {
     })
     .await;
     let recovered_at = crashed_at.elapsed();
-    bus.wait_idle().await;
+    support::idle(&bus).await;
     eventually("the tables to empty", || async {
         (runs(pool, "SELECT count(*) AS n FROM txbus_events").await == 0).then_some(())
     })
@@ -233,6 +233,8 @@ fn main() -> ExitCode {
         match backend.as_str() {
             #[cfg(feature = "postgres")]
             "postgres" => runtime().block_on(child::<txbus::Postgres>(url)),
+            #[cfg(feature = "mysql")]
+            "mysql" => runtime().block_on(child::<txbus::Mysql>(url)),
             #[cfg(feature = "sqlite")]
             "sqlite" => runtime().block_on(child::<txbus::Sqlite>(url)),
             other => panic!("unknown backend {other}"),
@@ -243,6 +245,10 @@ fn main() -> ExitCode {
     #[cfg(feature = "postgres")]
     scenarios.push(("postgres", || {
         runtime().block_on(crash_recovery::<txbus::Postgres>())
+    }));
+    #[cfg(feature = "mysql")]
+    scenarios.push(("mysql", || {
+        runtime().block_on(crash_recovery::<txbus::Mysql>())
     }));
     #[cfg(feature = "sqlite")]
     scenarios.push(("sqlite", || {

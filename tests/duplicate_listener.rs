@@ -59,6 +59,12 @@ async fn postgres_duplicate_ids_fail_build() {
     duplicate_ids_fail_build::<txbus::Postgres>().await;
 }
 
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn mysql_duplicate_ids_fail_build() {
+    duplicate_ids_fail_build::<txbus::Mysql>().await;
+}
+
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn sqlite_duplicate_ids_fail_build() {

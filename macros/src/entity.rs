@@ -8,7 +8,11 @@ use syn::DeriveInput;
 use crate::errors::Errors;
 
 /// The backends the derive knows: (name in `#[entity(backends(...))]`, marker type).
-const BACKENDS: [(&str, &str); 2] = [("postgres", "Postgres"), ("sqlite", "Sqlite")];
+const BACKENDS: [(&str, &str); 3] = [
+    ("postgres", "Postgres"),
+    ("mysql", "Mysql"),
+    ("sqlite", "Sqlite"),
+];
 
 pub(crate) fn expand(input: TokenStream) -> TokenStream {
     let parsed: DeriveInput = match syn::parse2(input) {
@@ -52,7 +56,7 @@ fn parse_backends(input: &DeriveInput, errors: &mut Errors) -> Vec<(&'static str
                     Some(&known) => list.push(known),
                     None => errors.add(
                         &backend.path,
-                        "unknown backend; expected `postgres` or `sqlite`",
+                        "unknown backend; expected `postgres`, `mysql` or `sqlite`",
                     ),
                 }
                 Ok(())
@@ -75,6 +79,30 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let gate = format_ident!("__txbus_if_{}", backend);
     let marker: Ident = format_ident!("{}", marker);
+    let upsert = if backend == "mysql" {
+        // `ON DUPLICATE KEY UPDATE` would also fire on any other unique key: update by primary
+        // key, and insert when no row matched (diesel-async counts matched rows on MySQL).
+        quote! {
+            let update = ::txbus::__private::diesel::update(self).set(self);
+            let matched = ::txbus::__private::diesel_async::RunQueryDsl::execute(update, conn).await?;
+            if matched == 0 {
+                let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
+                let insert = ::txbus::__private::diesel::insert_into(table).values(self);
+                ::txbus::__private::diesel_async::RunQueryDsl::execute(insert, conn).await?;
+            }
+        }
+    } else {
+        quote! {
+            use ::txbus::__private::diesel::Table as _;
+            let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
+            let upsert = ::txbus::__private::diesel::insert_into(table)
+                .values(self)
+                .on_conflict(table.primary_key())
+                .do_update()
+                .set(self);
+            ::txbus::__private::diesel_async::RunQueryDsl::execute(upsert, conn).await?;
+        }
+    };
     quote! {
         ::txbus::#gate! {
             impl #impl_generics ::txbus::Entity<::txbus::#marker> for #ident #ty_generics #where_clause {
@@ -83,16 +111,8 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
                     conn: &'__c mut <::txbus::#marker as ::txbus::Backend>::Connection,
                 ) -> ::txbus::BoxFuture<'__c, ::txbus::__private::diesel::QueryResult<()>> {
                     ::std::boxed::Box::pin(async move {
-                        use ::txbus::__private::diesel::Table as _;
-                        let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
-                        let upsert = ::txbus::__private::diesel::insert_into(table)
-                            .values(self)
-                            .on_conflict(table.primary_key())
-                            .do_update()
-                            .set(self);
-                        ::txbus::__private::diesel_async::RunQueryDsl::execute(upsert, conn)
-                            .await
-                            .map(|_| ())
+                        #upsert
+                        ::core::result::Result::Ok(())
                     })
                 }
 
@@ -121,6 +141,7 @@ mod tests {
     fn every_backend_by_default() {
         let out = expand(quote! { struct User { id: i64 } }).to_string();
         assert!(out.contains("__txbus_if_postgres"), "{out}");
+        assert!(out.contains("__txbus_if_mysql"), "{out}");
         assert!(out.contains("__txbus_if_sqlite"), "{out}");
     }
 

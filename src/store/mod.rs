@@ -18,6 +18,8 @@ use diesel_async::AsyncConnection;
 
 use crate::{Error, EventId};
 
+#[cfg(feature = "mysql")]
+pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
 #[cfg(feature = "sqlite")]
@@ -28,7 +30,7 @@ mod sealed {
 }
 pub(crate) use sealed::Sealed;
 
-/// A database txbus runs on: [`Postgres`](crate::Postgres) or [`Sqlite`](crate::Sqlite).
+/// A database txbus runs on: `Postgres`, `Mysql` or `Sqlite` (each behind its feature).
 ///
 /// This trait is sealed; its methods are the bus's internals and hidden from the docs.
 pub trait Backend: Sealed + Sized + Send + Sync + 'static {

@@ -132,7 +132,7 @@ where
     .await
     .unwrap();
     assert_eq!(emails(&db).await, (1, 1));
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     bus.shutdown().await;
 }
 
@@ -153,7 +153,7 @@ where
     probe
         .wait_until("the first delivery", |c| c.len() == 1)
         .await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
 
     // The second operation violates the unique email: nothing of this emit may remain.
     let error = bus
@@ -182,7 +182,7 @@ where
 
     // A poll cycle later there is still no run for it.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     assert_eq!(probe.calls().len(), 1);
     bus.shutdown().await;
 }
@@ -241,7 +241,7 @@ where
         0
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     assert!(probe.calls().is_empty(), "{:?}", probe.calls());
 
     // The same connection pool is healthy afterwards: a committed transaction is delivered.
@@ -358,7 +358,7 @@ pub async fn concurrent_emits_are_each_delivered_once<B: TestBackend>() {
         task.await.unwrap();
     }
     let calls = probe.wait_until("320 deliveries", |c| c.len() >= 320).await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     let mut notes: Vec<_> = probe.calls().into_iter().map(|c| c.note).collect();
     notes.sort();
     notes.dedup();

@@ -52,7 +52,7 @@ pub async fn deliveries_expire_into_dead_letters<B: TestBackend>() {
     let id = bus.emit(Expiring { n: 1 }, []).await.unwrap();
 
     let dead = dead_letter(&db).await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     let runs = probe.calls_of("never_succeeds").len();
     assert!(runs >= 3, "retried until expiry: {runs}");
     assert_eq!(dead.event_id, id.get());
@@ -68,7 +68,7 @@ pub async fn deliveries_expire_into_dead_letters<B: TestBackend>() {
 
     // Polls keep coming (every 25 ms); none runs the dead delivery again.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     assert_eq!(probe.calls_of("never_succeeds").len(), runs);
     assert_eq!(
         B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await,
@@ -110,7 +110,7 @@ pub async fn max_attempts_ends_in_a_dead_letter<B: TestBackend>() {
     bus.emit(Limited { n: 1 }, []).await.unwrap();
 
     let dead = dead_letter(&db).await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let attempts: Vec<_> = probe
         .calls_of("fails_every_time")
@@ -159,7 +159,7 @@ pub async fn abort_ends_in_a_dead_letter_at_once<B: TestBackend>() {
     bus.emit(Rejected { n: 7 }, []).await.unwrap();
 
     let dead = dead_letter(&db).await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(probe.calls_of("aborts").len(), 1);
     assert_eq!(dead.dead_reason.as_deref(), Some("aborted"));

@@ -16,49 +16,57 @@ mod expiry;
 mod retry;
 mod sharing;
 
-/// Declares, for each backend, one test per scenario. A scenario is an `async fn` generic over
-/// the backend, in one of the modules above.
-macro_rules! contract {
-    ($($module:ident :: $scenario:ident),* $(,)?) => {
-        #[cfg(feature = "postgres")]
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$module::$scenario::<txbus::Postgres>().await;
-                }
-            )*
-        }
+/// Calls `$callback!(<args>; <every scenario>)`: the one list of scenarios.
+macro_rules! scenarios {
+    ($callback:ident!($($args:tt)*)) => {
+        $callback!($($args)*;
+            emit::emit_writes_entities_and_event_atomically,
+            emit::failed_operation_leaves_nothing,
+            emit::rollback_dispatches_nothing,
+            emit::listeners_run_after_the_commit,
+            emit::event_without_listeners_writes_nothing,
+            emit::concurrent_emits_are_each_delivered_once,
+            emit::emit_after_shutdown_is_refused,
+            retry::failures_are_retried_with_backoff,
+            retry::timeouts_cancel_the_listener_without_overlap,
+            retry::panics_are_retried_and_the_bus_keeps_working,
+            retry::undeserializable_payload_fails_only_its_delivery,
+            expiry::deliveries_expire_into_dead_letters,
+            expiry::max_attempts_ends_in_a_dead_letter,
+            expiry::abort_ends_in_a_dead_letter_at_once,
+            expiry::unknown_listeners_wait_and_expire_as_no_listener,
+            sharing::two_buses_drain_a_backlog_exactly_once,
+            sharing::concurrent_first_starts_migrate_once,
+            build::bad_configuration_fails_build,
+        );
+    };
+}
 
-        #[cfg(feature = "sqlite")]
-        mod sqlite {
+/// One test per scenario for one backend, in a module named after it.
+macro_rules! backend_tests {
+    ($feature:literal, $module:ident, $backend:ty $(, extra: $($extra_module:ident :: $extra:ident),*)?;
+     $($scenario_module:ident :: $scenario:ident),* $(,)?) => {
+        #[cfg(feature = $feature)]
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
-                    super::$module::$scenario::<txbus::Sqlite>().await;
+                    super::$scenario_module::$scenario::<$backend>().await;
                 }
             )*
+            $($(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $extra() {
+                    super::$extra_module::$extra::<$backend>().await;
+                }
+            )*)?
         }
     };
 }
 
-contract! {
-    emit::emit_writes_entities_and_event_atomically,
-    emit::failed_operation_leaves_nothing,
-    emit::rollback_dispatches_nothing,
-    emit::listeners_run_after_the_commit,
-    emit::event_without_listeners_writes_nothing,
-    emit::concurrent_emits_are_each_delivered_once,
-    emit::emit_after_shutdown_is_refused,
-    retry::failures_are_retried_with_backoff,
-    retry::timeouts_cancel_the_listener_without_overlap,
-    retry::panics_are_retried_and_the_bus_keeps_working,
-    retry::undeserializable_payload_fails_only_its_delivery,
-    expiry::deliveries_expire_into_dead_letters,
-    expiry::max_attempts_ends_in_a_dead_letter,
-    expiry::abort_ends_in_a_dead_letter_at_once,
-    expiry::unknown_listeners_wait_and_expire_as_no_listener,
-    sharing::two_buses_drain_a_backlog_exactly_once,
-    sharing::concurrent_first_starts_migrate_once,
-    build::bad_configuration_fails_build,
-}
+// Backends with row locks also show that a claimer skips the rows another transaction holds.
+scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
+    extra: sharing::claims_skip_rows_locked_by_another_transaction));
+scenarios!(backend_tests!("mysql", mysql, txbus::Mysql,
+    extra: sharing::claims_skip_rows_locked_by_another_transaction));
+scenarios!(backend_tests!("sqlite", sqlite, txbus::Sqlite));

@@ -51,7 +51,7 @@ pub async fn failures_are_retried_with_backoff<B: TestBackend>() {
                 == 3
         })
         .await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     crate::support::eventually("the event to be deleted", || async {
         (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await == 0).then_some(())
     })
@@ -164,7 +164,7 @@ pub async fn timeouts_cancel_the_listener_without_overlap<B: TestBackend>() {
             .find(|d| d.dead_reason.is_some())
     })
     .await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
 
     let runs = probe.calls_of("slow_twice");
     assert_eq!(
@@ -231,7 +231,7 @@ pub async fn panics_are_retried_and_the_bus_keeps_working<B: TestBackend>() {
             })
             .await;
     }
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
     let panicking: Vec<_> = probe
         .calls_of("panics_first")
         .iter()
@@ -299,7 +299,7 @@ pub async fn undeserializable_payload_fails_only_its_delivery<B: TestBackend>() 
             .find(|d| d.last_error.is_some())
     })
     .await;
-    bus.wait_idle().await;
+    crate::support::idle(&bus).await;
 
     assert_eq!(failed.event_id, bad);
     assert_eq!(failed.attempts, 1);

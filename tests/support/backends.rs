@@ -11,6 +11,9 @@ use super::{Count, DeliveryRow, TestDb, unique};
 
 /// A backend the contract suite runs on.
 pub trait TestBackend: Backend {
+    /// How many migrations txbus has for this backend.
+    const MIGRATIONS: i64;
+
     /// A fresh, empty database of this backend.
     fn open() -> impl Future<Output = TestDb<Self>> + Send;
 
@@ -51,6 +54,16 @@ pub trait TestBackend: Backend {
     ) -> impl Future<Output = i64> + Send;
 }
 
+/// A backend with row locks: a transaction can hold some deliveries while others claim.
+pub trait RowLocks: TestBackend {
+    /// A connection in a transaction that holds the first `n` deliveries (by event id) locked
+    /// until `COMMIT`.
+    fn hold_locks(
+        pool: &Pool<Self>,
+        n: i64,
+    ) -> impl Future<Output = txbus::PooledConnection<Self>> + Send;
+}
+
 /// Runs a batch of statements.
 pub async fn exec<B: Backend>(pool: &Pool<B>, sql: &str) {
     let mut conn = pool.get().await.unwrap();
@@ -63,7 +76,7 @@ pub async fn exec<B: Backend>(pool: &Pool<B>, sql: &str) {
 pub async fn create_users_table<B: Backend>(pool: &Pool<B>) {
     exec(
         pool,
-        "CREATE TABLE contract_users (id BIGINT PRIMARY KEY, email TEXT NOT NULL UNIQUE)",
+        "CREATE TABLE contract_users (id BIGINT PRIMARY KEY, email VARCHAR(255) NOT NULL UNIQUE)",
     )
     .await;
 }
@@ -89,6 +102,8 @@ mod postgres {
     }
 
     impl TestBackend for Postgres {
+        const MIGRATIONS: i64 = 1;
+
         async fn open() -> TestDb<Self> {
             let base = base_url();
             let schema = unique("txbus_t");
@@ -189,12 +204,194 @@ mod postgres {
     }
 }
 
+#[cfg(feature = "postgres")]
+impl RowLocks for txbus::Postgres {
+    async fn hold_locks(pool: &Pool<Self>, n: i64) -> txbus::PooledConnection<Self> {
+        let mut conn = pool.get().await.unwrap();
+        conn.batch_execute("BEGIN").await.unwrap();
+        let locked: Vec<Count> = diesel::sql_query(
+            "SELECT event_id AS n FROM txbus_deliveries ORDER BY event_id LIMIT $1 FOR UPDATE",
+        )
+        .bind::<BigInt, _>(n)
+        .load(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(locked.len() as i64, n);
+        conn
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl RowLocks for txbus::Mysql {
+    async fn hold_locks(pool: &Pool<Self>, n: i64) -> txbus::PooledConnection<Self> {
+        let mut conn = pool.get().await.unwrap();
+        conn.batch_execute("BEGIN").await.unwrap();
+        let locked: Vec<Count> = diesel::sql_query(
+            "SELECT event_id AS n FROM txbus_deliveries ORDER BY event_id LIMIT ? FOR UPDATE",
+        )
+        .bind::<BigInt, _>(n)
+        .load(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(locked.len() as i64, n);
+        conn
+    }
+}
+
+#[cfg(feature = "mysql")]
+mod mysql {
+    use super::*;
+    use diesel_async::{AsyncConnection, AsyncMysqlConnection};
+    use txbus::Mysql;
+
+    const DEFAULT_URL: &str = "mysql://root@127.0.0.1:3306/test";
+
+    fn base_url() -> String {
+        std::env::var("TXBUS_TEST_MYSQL_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    }
+
+    fn unreachable(url: &str, error: impl std::fmt::Display) -> ! {
+        panic!(
+            "MySQL/MariaDB is not reachable at {url}: {error}\n\
+             Start the local server with `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`, \
+             or set TXBUS_TEST_MYSQL_URL to a server where this user may create databases."
+        )
+    }
+
+    /// `base` with its database replaced by `database`.
+    fn with_database(base: &str, database: &str) -> String {
+        let (address, query) = match base.split_once('?') {
+            Some((address, query)) => (address, format!("?{query}")),
+            None => (base, String::new()),
+        };
+        let scheme_end = address.find("://").map_or(0, |i| i + 3);
+        let host_end = address[scheme_end..]
+            .find('/')
+            .map_or(address.len(), |i| scheme_end + i);
+        format!("{}/{database}{query}", &address[..host_end])
+    }
+
+    impl TestBackend for Mysql {
+        const MIGRATIONS: i64 = 2;
+
+        async fn open() -> TestDb<Self> {
+            let base = base_url();
+            let database = unique("txbus_t");
+            let mut admin = AsyncMysqlConnection::establish(&base)
+                .await
+                .unwrap_or_else(|e| unreachable(&base, e));
+            admin
+                .batch_execute(&format!("CREATE DATABASE {database}"))
+                .await
+                .unwrap_or_else(|e| unreachable(&base, e));
+            let url = with_database(&base, &database);
+            let pool = Pool::builder(url.clone())
+                .max_size(6)
+                .connect()
+                .await
+                .unwrap();
+            let cleanup = move || {
+                let _ = std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async {
+                        if let Ok(mut conn) = AsyncMysqlConnection::establish(&base).await {
+                            let _ = conn
+                                .batch_execute(&format!("DROP DATABASE {database}"))
+                                .await;
+                        }
+                    });
+                })
+                .join();
+            };
+            TestDb {
+                url,
+                pool,
+                cleanup: Some(Box::new(cleanup)),
+            }
+        }
+
+        async fn deliveries(pool: &Pool<Self>) -> Vec<DeliveryRow> {
+            let mut conn = pool.get().await.unwrap();
+            diesel::sql_query(
+                "SELECT event_id, listener, attempts, dead_reason, last_error FROM txbus_deliveries \
+                 ORDER BY event_id, listener",
+            )
+            .load(&mut *conn)
+            .await
+            .unwrap()
+        }
+
+        async fn count(pool: &Pool<Self>, sql: &'static str) -> i64 {
+            let mut conn = pool.get().await.unwrap();
+            let row: Count = diesel::sql_query(sql).get_result(&mut *conn).await.unwrap();
+            row.n
+        }
+
+        async fn count_bound(pool: &Pool<Self>, sql: &'static str, id: i64) -> i64 {
+            let mut conn = pool.get().await.unwrap();
+            let row: Count = diesel::sql_query(format!("{sql}?"))
+                .bind::<BigInt, _>(id)
+                .get_result(&mut *conn)
+                .await
+                .unwrap();
+            row.n
+        }
+
+        async fn insert_backlog(
+            pool: &Pool<Self>,
+            name: &'static str,
+            payloads: Vec<String>,
+            listener: String,
+            expires_in: std::time::Duration,
+        ) -> Vec<i64> {
+            #[derive(diesel::QueryableByName)]
+            struct Id {
+                #[diesel(sql_type = BigInt)]
+                id: i64,
+            }
+            let mut conn = pool.get().await.unwrap();
+            conn.transaction(async |conn| {
+                let mut ids = Vec::new();
+                for payload in &payloads {
+                    diesel::sql_query(
+                        "INSERT INTO txbus_events (name, payload, emitted_at, lease_ms) \
+                         VALUES (?, ?, UTC_TIMESTAMP(6), 5000)",
+                    )
+                    .bind::<Text, _>(name)
+                    .bind::<Text, _>(payload)
+                    .execute(conn)
+                    .await?;
+                    let id: Id = diesel::sql_query("SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id").get_result(conn).await?;
+                    diesel::sql_query(
+                        "INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at) \
+                         VALUES (?, ?, 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)",
+                    )
+                    .bind::<BigInt, _>(id.id)
+                    .bind::<Text, _>(&listener)
+                    .bind::<BigInt, _>(expires_in.as_micros() as i64)
+                    .execute(conn)
+                    .await?;
+                    ids.push(id.id);
+                }
+                diesel::QueryResult::Ok(ids)
+            })
+            .await
+            .unwrap()
+        }
+    }
+}
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use super::*;
     use txbus::Sqlite;
 
     impl TestBackend for Sqlite {
+        const MIGRATIONS: i64 = 1;
+
         async fn open() -> TestDb<Self> {
             let dir = std::env::temp_dir().join("txbus-tests");
             std::fs::create_dir_all(&dir).unwrap();

@@ -193,6 +193,13 @@ where
     }
 }
 
+/// Waits until `bus` is idle; fails the test after [`PATIENCE`].
+pub async fn idle<B: Backend>(bus: &txbus::EventBus<B>) {
+    tokio::time::timeout(PATIENCE, bus.wait_idle())
+        .await
+        .expect("the bus did not become idle in time");
+}
+
 /// Short time limits, so that retries and expiry happen within a test.
 pub fn fast_settings() -> txbus::EventSettings {
     txbus::EventSettings::default()

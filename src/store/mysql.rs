@@ -1,0 +1,575 @@
+//! MySQL 8 and MariaDB ≥ 10.6: `AsyncMysqlConnection`, claims in one short transaction
+//! (`SELECT ... FOR UPDATE SKIP LOCKED`, then `UPDATE`), lists passed as one JSON parameter
+//! and opened with `JSON_TABLE`, times as `DATETIME(6)` in UTC.
+
+use std::time::Duration;
+
+use diesel::QueryResult;
+use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::{
+    AnsiTransactionManager, AsyncConnection, AsyncMysqlConnection, RunQueryDsl,
+    SimpleAsyncConnection, TransactionManager,
+};
+use serde_json::json;
+
+use super::{
+    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
+    attempt_i32, attempt_u32, micros, split_done, system_time_from_micros,
+};
+use crate::migrate;
+use crate::{Error, EventId};
+
+/// The MySQL / MariaDB backend (feature `mysql`), on diesel-async's `AsyncMysqlConnection`.
+///
+/// Connect with a URL such as `mysql://user:password@host:3306/database`. Needs MySQL 8.0.4+ or
+/// MariaDB 10.6+ (`SKIP LOCKED`, `JSON_TABLE`); no system library.
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mysql;
+
+impl Sealed for Mysql {}
+
+/// Opens a JSON array of strings as a table `j (listener)`.
+macro_rules! listeners_table {
+    ($param:literal) => {
+        concat!(
+            "JSON_TABLE(",
+            $param,
+            ", '$[*]' COLUMNS (listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) j"
+        )
+    };
+}
+
+/// Opens a JSON array of `[event_id, listener]` pairs as a table `k`.
+macro_rules! keys_table {
+    () => {
+        "JSON_TABLE(?, '$[*]' COLUMNS (
+            event_id BIGINT PATH '$[0]',
+            listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]')) k"
+    };
+}
+
+/// Claims, sweeps and completions read and lock only the rows they change: no gap locks that
+/// would hold up concurrent emits. Applies to the next transaction only.
+const READ_COMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED";
+
+const INSERT_EVENT: &str = "\
+INSERT INTO txbus_events (name, payload, emitted_at, lease_ms) VALUES (?, ?, UTC_TIMESTAMP(6), ?)";
+
+const LOAD_INSERTED: &str = "\
+SELECT id, TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', emitted_at) AS emitted_at_us
+FROM txbus_events WHERE id = LAST_INSERT_ID()";
+
+const INSERT_DELIVERIES: &str = concat!(
+    "INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
+    SELECT e.id, j.listener, 1, e.emitted_at + INTERVAL e.lease_ms * 1000 MICROSECOND,
+           e.emitted_at + INTERVAL ? MICROSECOND
+    FROM txbus_events e CROSS JOIN ",
+    listeners_table!("?"),
+    " WHERE e.id = ?"
+);
+
+const CLAIM_SELECT: &str = concat!(
+    "SELECT event_id, listener FROM txbus_deliveries
+    WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6) AND expires_at > UTC_TIMESTAMP(6)
+      AND listener IN (SELECT listener FROM ",
+    listeners_table!("?"),
+    ")
+    ORDER BY available_at
+    LIMIT ?
+    FOR UPDATE SKIP LOCKED"
+);
+
+const CLAIM_UPDATE: &str = concat!(
+    "UPDATE txbus_deliveries d
+    JOIN ",
+    keys_table!(),
+    " ON d.event_id = k.event_id AND d.listener = k.listener
+    JOIN txbus_events e ON e.id = d.event_id
+    SET d.attempts = d.attempts + 1,
+        d.available_at = UTC_TIMESTAMP(6) + INTERVAL e.lease_ms * 1000 MICROSECOND"
+);
+
+const CLAIM_LOAD: &str = concat!(
+    "SELECT d.event_id, d.listener, d.attempts, e.payload,
+           TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', e.emitted_at) AS emitted_at_us, e.lease_ms
+    FROM txbus_deliveries d
+    JOIN ",
+    keys_table!(),
+    " ON d.event_id = k.event_id AND d.listener = k.listener
+    JOIN txbus_events e ON e.id = d.event_id"
+);
+
+const DELETE_DONE: &str = "\
+DELETE d FROM txbus_deliveries d
+JOIN JSON_TABLE(?, '$[*]' COLUMNS (
+    event_id BIGINT PATH '$[0]',
+    listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
+    attempts INT PATH '$[2]')) k
+  ON d.event_id = k.event_id AND d.listener = k.listener AND d.attempts = k.attempts";
+
+const UPDATE_FAILED: &str = "\
+UPDATE txbus_deliveries t
+JOIN JSON_TABLE(?, '$[*]' COLUMNS (
+    event_id BIGINT PATH '$.e',
+    listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$.l',
+    attempts INT PATH '$.a',
+    delay_us BIGINT PATH '$.d',
+    reason VARCHAR(32) PATH '$.r',
+    error LONGTEXT CHARACTER SET utf8mb4 PATH '$.m',
+    undo_attempt INT PATH '$.u')) x
+  ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+SET t.last_error = COALESCE(x.error, t.last_error),
+    t.dead_reason = CASE WHEN x.reason IS NOT NULL THEN x.reason
+                         WHEN UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND >= t.expires_at
+                         THEN 'expired' END,
+    t.dead_at = CASE WHEN x.reason IS NOT NULL
+                       OR UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND >= t.expires_at
+                     THEN UTC_TIMESTAMP(6) END,
+    t.available_at = UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND,
+    t.attempts = t.attempts - x.undo_attempt";
+
+const LOAD_DEAD: &str = concat!(
+    "SELECT d.event_id, d.listener, d.dead_reason FROM txbus_deliveries d
+    JOIN ",
+    keys_table!(),
+    " ON d.event_id = k.event_id AND d.listener = k.listener
+    WHERE d.dead_at IS NOT NULL"
+);
+
+const EXPIRE_SELECT: &str = "\
+SELECT event_id, listener FROM txbus_deliveries
+WHERE dead_at IS NULL AND expires_at <= UTC_TIMESTAMP(6) AND available_at <= UTC_TIMESTAMP(6)
+ORDER BY expires_at
+LIMIT ?
+FOR UPDATE SKIP LOCKED";
+
+const EXPIRE_UPDATE: &str = "\
+UPDATE txbus_deliveries d
+JOIN JSON_TABLE(?, '$[*]' COLUMNS (
+    event_id BIGINT PATH '$[0]',
+    listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
+    reason VARCHAR(32) PATH '$[2]')) k
+  ON d.event_id = k.event_id AND d.listener = k.listener
+SET d.dead_at = UTC_TIMESTAMP(6),
+    d.dead_reason = k.reason,
+    d.last_error = CASE WHEN k.reason = 'no_listener'
+                        THEN COALESCE(d.last_error, CONCAT('no running instance has listener ', d.listener))
+                        ELSE d.last_error END";
+
+const ORPHANS: &str = concat!(
+    "SELECT listener, count(*) AS n FROM (
+        SELECT listener FROM txbus_deliveries
+        WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
+          AND listener NOT IN (SELECT listener FROM ",
+    listeners_table!("?"),
+    ")
+        LIMIT ?) due
+    GROUP BY listener ORDER BY listener"
+);
+
+// GET_LOCK names are at most 64 characters: hash the database name.
+const LOCK_MIGRATIONS: &str =
+    "SELECT GET_LOCK(CONCAT('txbus.migrate.', MD5(COALESCE(DATABASE(), ''))), 600) AS n";
+const UNLOCK_MIGRATIONS: &str =
+    "SELECT RELEASE_LOCK(CONCAT('txbus.migrate.', MD5(COALESCE(DATABASE(), '')))) AS n";
+const CREATE_MIGRATIONS_TABLE: &str = "\
+CREATE TABLE IF NOT EXISTS txbus_migrations (
+    version VARCHAR(32) NOT NULL PRIMARY KEY,
+    name VARCHAR(255) NOT NULL,
+    applied_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin";
+
+#[derive(diesel::QueryableByName)]
+struct InsertedRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = BigInt)]
+    emitted_at_us: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct KeyRow {
+    #[diesel(sql_type = BigInt)]
+    event_id: i64,
+    #[diesel(sql_type = Text)]
+    listener: String,
+}
+
+#[derive(diesel::QueryableByName)]
+struct ClaimedRow {
+    #[diesel(sql_type = BigInt)]
+    event_id: i64,
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Text)]
+    payload: String,
+    #[diesel(sql_type = BigInt)]
+    emitted_at_us: i64,
+    #[diesel(sql_type = BigInt)]
+    lease_ms: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct DiedRow {
+    #[diesel(sql_type = BigInt)]
+    event_id: i64,
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    dead_reason: Option<String>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct ListenerCountRow {
+    #[diesel(sql_type = Text)]
+    listener: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct LockRow {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    n: Option<i64>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = Text)]
+    version: String,
+}
+
+impl Backend for Mysql {
+    type Connection = AsyncMysqlConnection;
+
+    type Manager = AsyncDieselConnectionManager<AsyncMysqlConnection>;
+
+    const NAME: &'static str = "mysql";
+
+    fn manager(url: &str) -> Result<Self::Manager, Error> {
+        let mut config = ManagerConfig::default();
+        config.recycling_method = RecyclingMethod::Fast;
+        Ok(AsyncDieselConnectionManager::new_with_config(url, config))
+    }
+
+    async fn begin(conn: &mut AsyncMysqlConnection) -> QueryResult<()> {
+        AnsiTransactionManager::begin_transaction(conn).await
+    }
+
+    async fn insert_event(
+        conn: &mut AsyncMysqlConnection,
+        event: &NewEvent,
+    ) -> QueryResult<Inserted> {
+        diesel::sql_query(INSERT_EVENT)
+            .bind::<Text, _>(event.name)
+            .bind::<Text, _>(&*event.payload)
+            .bind::<BigInt, _>(lease_ms(event.lease))
+            .execute(conn)
+            .await?;
+        let row: InsertedRow = diesel::sql_query(LOAD_INSERTED).get_result(conn).await?;
+        if event.listeners.is_empty() {
+            // AUTO_INCREMENT does not hand this id out again.
+            diesel::sql_query("DELETE FROM txbus_events WHERE id = ?")
+                .bind::<BigInt, _>(row.id)
+                .execute(conn)
+                .await?;
+        } else {
+            diesel::sql_query(INSERT_DELIVERIES)
+                .bind::<BigInt, _>(micros(event.expires_after))
+                .bind::<Text, _>(json!(&*event.listeners).to_string())
+                .bind::<BigInt, _>(row.id)
+                .execute(conn)
+                .await?;
+        }
+        Ok(Inserted {
+            id: EventId::new(row.id),
+            emitted_at: system_time_from_micros(row.emitted_at_us),
+        })
+    }
+
+    async fn claim(
+        conn: &mut AsyncMysqlConnection,
+        listeners: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<Claimed>> {
+        let listeners = json!(listeners).to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        conn.batch_execute(READ_COMMITTED).await?;
+        let rows: Vec<ClaimedRow> = conn
+            .transaction(async |conn| {
+                let keys: Vec<KeyRow> = diesel::sql_query(CLAIM_SELECT)
+                    .bind::<Text, _>(&listeners)
+                    .bind::<BigInt, _>(limit)
+                    .load(conn)
+                    .await?;
+                if keys.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let keys = json!(
+                    keys.iter()
+                        .map(|k| json!([k.event_id, k.listener]))
+                        .collect::<Vec<_>>()
+                )
+                .to_string();
+                diesel::sql_query(CLAIM_UPDATE)
+                    .bind::<Text, _>(&keys)
+                    .execute(conn)
+                    .await?;
+                diesel::sql_query(CLAIM_LOAD)
+                    .bind::<Text, _>(&keys)
+                    .load(conn)
+                    .await
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Claimed {
+                event_id: EventId::new(row.event_id),
+                listener: row.listener,
+                attempt: attempt_u32(row.attempts),
+                payload: row.payload.into(),
+                emitted_at: system_time_from_micros(row.emitted_at_us),
+                lease: Duration::from_millis(u64::try_from(row.lease_ms).unwrap_or(0)),
+            })
+            .collect())
+    }
+
+    async fn record(
+        conn: &mut AsyncMysqlConnection,
+        outcomes: &[Outcome],
+    ) -> QueryResult<Recorded> {
+        let (done, other) = split_done(outcomes);
+        let mut recorded = Recorded::default();
+        if !done.is_empty() {
+            recorded.applied += delete_done(conn, &done).await?;
+        }
+        if !other.is_empty() {
+            let rows: Vec<serde_json::Value> = other
+                .iter()
+                .map(|o| {
+                    let row = UpdateRow::new(&o.resolution);
+                    json!({
+                        "e": o.key.event_id.get(),
+                        "l": o.key.listener,
+                        "a": attempt_i32(o.key.attempt),
+                        "d": row.delay_us,
+                        "r": row.dead_reason,
+                        "m": row.error,
+                        "u": i32::from(row.undo_attempt),
+                    })
+                })
+                .collect();
+            let keys = key_json(other.iter().map(|o| &o.key));
+            conn.batch_execute(READ_COMMITTED).await?;
+            let (applied, died) = conn
+                .transaction(async |conn| {
+                    let applied = diesel::sql_query(UPDATE_FAILED)
+                        .bind::<Text, _>(json!(rows).to_string())
+                        .execute(conn)
+                        .await?;
+                    let died: Vec<DiedRow> = diesel::sql_query(LOAD_DEAD)
+                        .bind::<Text, _>(&keys)
+                        .load(conn)
+                        .await?;
+                    QueryResult::Ok((applied, died))
+                })
+                .await?;
+            recorded.applied += applied;
+            recorded
+                .died
+                .extend(died.into_iter().filter_map(died_from_row));
+        }
+        Ok(recorded)
+    }
+
+    async fn expire(
+        conn: &mut AsyncMysqlConnection,
+        known: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<Died>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        conn.batch_execute(READ_COMMITTED).await?;
+        conn.transaction(async |conn| {
+            let keys: Vec<KeyRow> = diesel::sql_query(EXPIRE_SELECT)
+                .bind::<BigInt, _>(limit)
+                .load(conn)
+                .await?;
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let died: Vec<Died> = keys
+                .into_iter()
+                .map(|k| {
+                    let reason = if known.contains(&k.listener.as_str()) {
+                        "expired"
+                    } else {
+                        "no_listener"
+                    };
+                    Died {
+                        event_id: EventId::new(k.event_id),
+                        listener: k.listener,
+                        reason: reason.to_owned(),
+                    }
+                })
+                .collect();
+            let rows = json!(
+                died.iter()
+                    .map(|d| json!([d.event_id.get(), d.listener, d.reason]))
+                    .collect::<Vec<_>>()
+            );
+            diesel::sql_query(EXPIRE_UPDATE)
+                .bind::<Text, _>(rows.to_string())
+                .execute(conn)
+                .await?;
+            Ok(died)
+        })
+        .await
+    }
+
+    async fn orphans(
+        conn: &mut AsyncMysqlConnection,
+        known: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<(String, i64)>> {
+        let rows: Vec<ListenerCountRow> = diesel::sql_query(ORPHANS)
+            .bind::<Text, _>(json!(known).to_string())
+            .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+            .load(conn)
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.listener, r.n)).collect())
+    }
+
+    async fn migrate(conn: &mut AsyncMysqlConnection) -> Result<Vec<String>, Error> {
+        let locked: LockRow = diesel::sql_query(LOCK_MIGRATIONS).get_result(conn).await?;
+        if locked.n != Some(1) {
+            return Err(Error::Config(
+                "could not take the txbus migration lock (GET_LOCK) within 10 minutes; another \
+                 process may be stuck migrating this database"
+                    .to_owned(),
+            ));
+        }
+        let result = apply_migrations(conn).await;
+        // On a broken connection the session ends, and the lock with it.
+        let unlocked = diesel::sql_query(UNLOCK_MIGRATIONS)
+            .get_result::<LockRow>(conn)
+            .await;
+        let applied = result?;
+        unlocked?;
+        Ok(applied)
+    }
+}
+
+/// MySQL commits each DDL statement by itself, so every migration is a single statement and is
+/// recorded right after it.
+async fn apply_migrations(conn: &mut AsyncMysqlConnection) -> Result<Vec<String>, Error> {
+    conn.batch_execute(CREATE_MIGRATIONS_TABLE).await?;
+    let done: Vec<VersionRow> = diesel::sql_query("SELECT version FROM txbus_migrations")
+        .load(conn)
+        .await?;
+    let done: Vec<String> = done.into_iter().map(|row| row.version).collect();
+    let mut applied = Vec::new();
+    for migration in migrate::pending(migrate::MYSQL, &done) {
+        let result = async {
+            conn.batch_execute(migration.up).await?;
+            diesel::sql_query("INSERT INTO txbus_migrations (version, name) VALUES (?, ?)")
+                .bind::<Text, _>(migration.version)
+                .bind::<Text, _>(migration.name)
+                .execute(conn)
+                .await
+        }
+        .await;
+        result.map_err(|source| Error::Migration {
+            version: migration.version.to_owned(),
+            source,
+        })?;
+        applied.push(migration.version.to_owned());
+    }
+    Ok(applied)
+}
+
+/// Deletes the succeeded deliveries, then the events left without any. Completers of the same
+/// event serialize on its row, and the check for remaining deliveries is a locking read (the
+/// latest committed rows, whatever the isolation level), so the last completer removes the event.
+async fn delete_done(conn: &mut AsyncMysqlConnection, done: &[DeliveryKey]) -> QueryResult<usize> {
+    let mut ids: Vec<i64> = done.iter().map(|k| k.event_id.get()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let keys = json!(
+        done.iter()
+            .map(|k| json!([k.event_id.get(), k.listener, attempt_i32(k.attempt)]))
+            .collect::<Vec<_>>()
+    )
+    .to_string();
+    conn.batch_execute(READ_COMMITTED).await?;
+    conn.transaction(async |conn| {
+        // Integers only: written into the statement, so that these are primary-key lookups.
+        diesel::sql_query(format!(
+            "SELECT id FROM txbus_events WHERE id IN ({}) ORDER BY id FOR UPDATE",
+            id_list(&ids)
+        ))
+        .load::<IdRow>(conn)
+        .await?;
+        let deleted = diesel::sql_query(DELETE_DONE)
+            .bind::<Text, _>(&keys)
+            .execute(conn)
+            .await?;
+        let busy: Vec<IdRow> = diesel::sql_query(format!(
+            "SELECT DISTINCT event_id AS id FROM txbus_deliveries WHERE event_id IN ({}) FOR UPDATE",
+            id_list(&ids)
+        ))
+        .load(conn)
+        .await?;
+        let finished: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !busy.iter().any(|b| b.id == *id))
+            .collect();
+        if !finished.is_empty() {
+            diesel::sql_query(format!(
+                "DELETE FROM txbus_events WHERE id IN ({})",
+                id_list(&finished)
+            ))
+            .execute(conn)
+            .await?;
+        }
+        Ok(deleted)
+    })
+    .await
+}
+
+/// `1,2,3`: integers are safe to write into a statement.
+fn id_list(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn key_json<'a>(keys: impl Iterator<Item = &'a DeliveryKey>) -> String {
+    json!(
+        keys.map(|k| json!([k.event_id.get(), k.listener]))
+            .collect::<Vec<_>>()
+    )
+    .to_string()
+}
+
+fn died_from_row(row: DiedRow) -> Option<Died> {
+    Some(Died {
+        event_id: EventId::new(row.event_id),
+        listener: row.listener,
+        reason: row.dead_reason?,
+    })
+}
+
+fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1)
+}
