@@ -132,9 +132,9 @@ impl<B: Backend> EventBusBuilder<B> {
         self
     }
 
-    /// The most listeners running at once in this process. Default: 64. As many more
-    /// deliveries may wait in the queue; beyond that, freshly emitted deliveries are handed back
-    /// to the database for the poller instead of piling up in memory.
+    /// The most listeners running at once in this process. Default: 64. Sixteen times as many
+    /// deliveries (at least 1024) may wait in the queue; beyond that, freshly emitted deliveries
+    /// are handed back to the database for the poller instead of piling up in memory.
     pub fn max_concurrent_listeners(mut self, max: usize) -> Self {
         self.max_concurrent_listeners = max;
         self

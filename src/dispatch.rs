@@ -21,6 +21,10 @@ use crate::{BoxFuture, EventSettings, ListenerError};
 /// before another instance may claim the delivery.
 const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(1);
 
+/// Queue slots per concurrent listener, and at least this many.
+const QUEUE_PER_LISTENER: usize = 16;
+const MIN_QUEUE: usize = 1024;
+
 /// Where the bus is in its life. Ordered: each phase follows the one before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Phase {
@@ -46,6 +50,8 @@ pub(crate) struct Job {
     pub(crate) payload: Arc<str>,
     pub(crate) emitted_at: SystemTime,
     pub(crate) deadline: Instant,
+    /// When it became runnable here: its emit committed, or its claim returned.
+    pub(crate) ready: Instant,
     pub(crate) settings: EventSettings,
     pub(crate) in_flight: InFlight,
 }
@@ -114,7 +120,11 @@ impl Runner {
         max_concurrent: usize,
         state: State,
     ) -> (Arc<Self>, mpsc::Receiver<Job>, mpsc::Receiver<Report>) {
-        let queue_capacity = max_concurrent.max(1);
+        // Room for bursts (a transaction that emits a hundred events) without handing them back
+        // to the database; what a sustained overload would pile up beyond it goes to the poller.
+        let queue_capacity = max_concurrent
+            .saturating_mul(QUEUE_PER_LISTENER)
+            .max(MIN_QUEUE);
         let (queue, jobs) = mpsc::channel(queue_capacity);
         let (reports, report_rx) = mpsc::channel(max_concurrent.max(64) * 4);
         let runner = Arc::new(Self {
@@ -295,6 +305,7 @@ async fn execute(job: &Job, runner: &Runner) -> Verdict {
         listener: job.def.id,
         attempt: job.key.attempt,
         emitted_at: job.emitted_at,
+        waited: job.ready.elapsed(),
         state: runner.state.clone(),
     };
     let started =

@@ -82,6 +82,7 @@ pub struct Context {
     pub(crate) listener: &'static str,
     pub(crate) attempt: u32,
     pub(crate) emitted_at: SystemTime,
+    pub(crate) waited: Duration,
     pub(crate) state: Arc<State>,
 }
 
@@ -106,6 +107,13 @@ impl Context {
         self.emitted_at
     }
 
+    /// How long this run waited in this process before it started: from the commit of the
+    /// emit (for a delivery dispatched right away) or from its claim by the poller, through
+    /// the queue and the wait for a concurrency permit.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
     /// The value of type `T` registered with
     /// [`EventBusBuilder::state`](crate::EventBusBuilder::state).
     pub fn state<T: Send + Sync + 'static>(&self) -> Result<&T, StateError> {
@@ -122,6 +130,7 @@ impl fmt::Debug for Context {
             .field("listener", &self.listener)
             .field("attempt", &self.attempt)
             .field("emitted_at", &self.emitted_at)
+            .field("waited", &self.waited)
             .finish_non_exhaustive()
     }
 }
@@ -260,6 +269,7 @@ mod tests {
             listener: "l",
             attempt: 1,
             emitted_at: SystemTime::UNIX_EPOCH,
+            waited: Duration::ZERO,
             state: Arc::new(state),
         };
         assert_eq!(ctx.state::<u32>(), Ok(&7));

@@ -16,7 +16,12 @@ use crate::{Backend, Error};
 /// How many expired deliveries one sweep handles at most.
 const EXPIRE_BATCH: usize = 1000;
 
-/// How often the poller reports due deliveries whose listener this process does not have.
+/// Every how many polls the expiry sweep for listeners this process lacks runs: it scans the due
+/// deliveries, so not at every poll. (Expired deliveries of known listeners die when claimed.)
+const SWEEP_EVERY_POLLS: u64 = 10;
+
+/// How often the poller reports due deliveries whose listener this process does not have, and
+/// does its backend's housekeeping.
 const ORPHAN_REPORT_EVERY: Duration = Duration::from_secs(60);
 
 /// How many due deliveries one orphan report looks at, at most.
@@ -29,6 +34,7 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
     let mut tick = tokio::time::interval(shared.retry_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut more = false;
+    let mut polls: u64 = 0;
     let mut next_report = Instant::now();
     loop {
         if more {
@@ -44,13 +50,16 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
                 _ = tick.tick() => {}
                 _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
             }
-            if let Err(error) = expire(&shared, &known).await {
-                tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying at the next poll");
+            polls += 1;
+            if polls % SWEEP_EVERY_POLLS == 1
+                && let Err(error) = expire(&shared, &known).await
+            {
+                tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying later");
             }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + ORPHAN_REPORT_EVERY;
-                if let Err(error) = report_orphans(&shared, &known).await {
-                    tracing::debug!(error = %Chain(&error), "could not look for deliveries of unknown listeners");
+                if let Err(error) = housekeeping(&shared, &known).await {
+                    tracing::debug!(error = %Chain(&error), "housekeeping failed; retrying later");
                 }
             }
         }
@@ -74,13 +83,11 @@ async fn expire<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Resul
     Ok(())
 }
 
-/// Warns about due deliveries that wait for a listener this process does not have (a rolling
+/// Runs the backend's housekeeping, and warns about due deliveries that wait for a listener this process does not have (a rolling
 /// deploy, a rename, a listener in a crate that is not linked).
-async fn report_orphans<B: Backend>(
-    shared: &Shared<B>,
-    known: &[&'static str],
-) -> Result<(), Error> {
+async fn housekeeping<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<(), Error> {
     let mut conn = shared.pool.get().await?;
+    B::maintain(&mut conn).await?;
     for (listener, due) in B::orphans(&mut conn, known, ORPHAN_SAMPLE).await? {
         tracing::warn!(%listener, due, "deliveries are due for a listener this process does not have; \
             they wait for an instance that has it, and expire as no_listener otherwise");
@@ -105,13 +112,19 @@ async fn claim<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result
     if !claimed.is_empty() {
         tracing::debug!(count = claimed.len(), "claimed due deliveries");
     }
+    let ready = Instant::now();
     for delivery in claimed {
-        submit(shared, delivery, leased);
+        submit(shared, delivery, leased, ready);
     }
     Ok(full)
 }
 
-fn submit<B: Backend>(shared: &Shared<B>, delivery: Claimed, leased: Instant) {
+fn submit<B: Backend>(shared: &Shared<B>, delivery: Claimed, leased: Instant, ready: Instant) {
+    if delivery.expired {
+        tracing::error!(event_id = %delivery.event_id, listener = %delivery.listener, reason = "expired",
+            "delivery expired; it stays in txbus_deliveries as a dead letter");
+        return;
+    }
     let Some(def) = shared.registry.get(&delivery.listener) else {
         // Claims name only listeners of this process.
         tracing::warn!(listener = %delivery.listener, "claimed a delivery of an unknown listener; it will be retried after its lease");
@@ -127,6 +140,7 @@ fn submit<B: Backend>(shared: &Shared<B>, delivery: Claimed, leased: Instant) {
         payload: delivery.payload,
         emitted_at: delivery.emitted_at,
         deadline: dispatch::deadline(leased, delivery.lease),
+        ready,
         settings: shared.settings_for(def.event),
         in_flight: shared.runner.tracker.enter(),
     });

@@ -118,7 +118,11 @@ impl<B: Backend> EventBus<B> {
             let written = tx.written;
             match result {
                 Ok(value) => {
-                    guard.commit().await?;
+                    let committed = guard.commit().await;
+                    if committed.is_err() {
+                        guard.settle();
+                    }
+                    committed?;
                     drop(guard);
                     shared.dispatch(written);
                     Ok(value)
@@ -132,53 +136,72 @@ impl<B: Backend> EventBus<B> {
     }
 }
 
-/// A pooled connection with an open transaction. If it is dropped before the transaction ends
-/// (the caller's future was cancelled, or a rollback failed), the connection is closed instead of
-/// going back to the pool, so no pooled connection ever sits in an open transaction.
+/// A pooled connection that may be in a transaction. While its transaction is not known to be
+/// over (the caller's future was cancelled, a rollback failed), dropping it closes the connection
+/// instead of returning it to the pool, so no pooled connection ever sits in an open transaction.
 pub(crate) struct TxConn<B: Backend> {
     conn: Option<PooledConnection<B>>,
+    in_doubt: bool,
 }
 
 impl<B: Backend> TxConn<B> {
+    /// A connection from `pool`, not yet in a transaction.
+    pub(crate) async fn checkout(pool: &Pool<B>) -> Result<Self, Error> {
+        Ok(Self {
+            conn: Some(pool.get().await?),
+            in_doubt: false,
+        })
+    }
+
+    /// A connection from `pool` in a transaction opened by [`Backend::begin`].
     pub(crate) async fn begin(pool: &Pool<B>) -> Result<Self, Error> {
-        let mut conn = pool.get().await?;
-        B::begin(&mut conn).await?;
-        Ok(Self { conn: Some(conn) })
+        let mut guard = Self::checkout(pool).await?;
+        guard.in_doubt = true;
+        B::begin(guard.conn()?).await?;
+        Ok(guard)
     }
 
     pub(crate) fn conn(&mut self) -> Result<&mut B::Connection, Error> {
         self.conn.as_deref_mut().ok_or(Error::Shutdown)
     }
 
+    /// Marks the start of work that opens and ends a transaction by itself.
+    pub(crate) fn enter(&mut self) {
+        self.in_doubt = true;
+    }
+
+    /// After such work returned: the connection is reusable if no transaction is left open.
+    pub(crate) fn settle(&mut self) {
+        if let Some(conn) = self.conn.as_deref_mut() {
+            let status =
+                <B::Connection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(conn);
+            self.in_doubt = !matches!(status.transaction_depth(), Ok(None));
+        }
+    }
+
     pub(crate) async fn commit(&mut self) -> Result<(), Error> {
-        let Some(conn) = self.conn.as_deref_mut() else {
-            return Err(Error::Shutdown);
-        };
+        let conn = self.conn()?;
         <B::Connection as AsyncConnection>::TransactionManager::commit_transaction(conn).await?;
-        self.conn.take();
+        self.in_doubt = false;
         Ok(())
     }
 
     pub(crate) async fn rollback(&mut self) {
-        let Some(conn) = self.conn.as_deref_mut() else {
-            return;
-        };
+        let Ok(conn) = self.conn() else { return };
         match <B::Connection as AsyncConnection>::TransactionManager::rollback_transaction(conn)
             .await
         {
-            Ok(()) => {
-                self.conn.take();
-            }
-            Err(error) => {
-                tracing::warn!(%error, "rollback failed; closing the connection");
-            }
+            Ok(()) => self.in_doubt = false,
+            Err(error) => tracing::warn!(%error, "rollback failed; closing the connection"),
         }
     }
 }
 
 impl<B: Backend> Drop for TxConn<B> {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if self.in_doubt
+            && let Some(conn) = self.conn.take()
+        {
             drop(Object::take(conn));
         }
     }

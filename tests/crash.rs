@@ -186,7 +186,7 @@ async fn crash_recovery<B: TestBackend>() {
     let recovered_at = crashed_at.elapsed();
     support::idle(&bus).await;
     eventually("the tables to empty", || async {
-        (runs(pool, "SELECT count(*) AS n FROM txbus_events").await == 0).then_some(())
+        (runs(pool, "SELECT count(*) AS n FROM txbus_deliveries").await == 0).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -80,15 +80,31 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
     let gate = format_ident!("__txbus_if_{}", backend);
     let marker: Ident = format_ident!("{}", marker);
     let upsert = if backend == "mysql" {
-        // `ON DUPLICATE KEY UPDATE` would also fire on any other unique key: update by primary
-        // key, and insert when no row matched (diesel-async counts matched rows on MySQL).
+        // `ON DUPLICATE KEY UPDATE` would also fire on any other unique key, and an update before
+        // the insert takes gap locks that deadlock concurrent inserts under REPEATABLE READ.
+        // So: insert; on a duplicate, update by primary key; if no row has that key, the clash
+        // was on another unique key and the insert's error stands. MySQL undoes only the failed
+        // statement, not the transaction.
         quote! {
-            let update = ::txbus::__private::diesel::update(self).set(self);
-            let matched = ::txbus::__private::diesel_async::RunQueryDsl::execute(update, conn).await?;
-            if matched == 0 {
-                let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
-                let insert = ::txbus::__private::diesel::insert_into(table).values(self);
-                ::txbus::__private::diesel_async::RunQueryDsl::execute(insert, conn).await?;
+            let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
+            let insert = ::txbus::__private::diesel::insert_into(table).values(self);
+            match ::txbus::__private::diesel_async::RunQueryDsl::execute(insert, conn).await {
+                ::core::result::Result::Err(::txbus::__private::diesel::result::Error::DatabaseError(
+                    ::txbus::__private::diesel::result::DatabaseErrorKind::UniqueViolation,
+                    info,
+                )) => {
+                    let update = ::txbus::__private::diesel::update(self).set(self);
+                    let matched = ::txbus::__private::diesel_async::RunQueryDsl::execute(update, conn).await?;
+                    if matched == 0 {
+                        return ::core::result::Result::Err(::txbus::__private::diesel::result::Error::DatabaseError(
+                            ::txbus::__private::diesel::result::DatabaseErrorKind::UniqueViolation,
+                            info,
+                        ));
+                    }
+                }
+                other => {
+                    other?;
+                }
             }
         }
     } else {

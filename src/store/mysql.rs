@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use diesel::QueryResult;
-use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
@@ -25,7 +25,8 @@ use crate::{Error, EventId};
 /// The MySQL / MariaDB backend (feature `mysql`), on diesel-async's `AsyncMysqlConnection`.
 ///
 /// Connect with a URL such as `mysql://user:password@host:3306/database`. Needs MySQL 8.0.4+ or
-/// MariaDB 10.6+ (`SKIP LOCKED`, `JSON_TABLE`); no system library.
+/// MariaDB 10.6+ (`SKIP LOCKED`, `JSON_TABLE`) with `binlog_format` ROW or MIXED (the default);
+/// no system library.
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mysql;
@@ -34,12 +35,9 @@ impl Sealed for Mysql {}
 
 /// Opens a JSON array of strings as a table `j (listener)`.
 macro_rules! listeners_table {
-    ($param:literal) => {
-        concat!(
-            "JSON_TABLE(",
-            $param,
-            ", '$[*]' COLUMNS (listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) j"
-        )
+    () => {
+        "JSON_TABLE(?, '$[*]' COLUMNS (
+            listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) j"
     };
 }
 
@@ -52,55 +50,58 @@ macro_rules! keys_table {
     };
 }
 
-/// Claims, sweeps and completions read and lock only the rows they change: no gap locks that
-/// would hold up concurrent emits. Applies to the next transaction only.
+/// Claims, sweeps and result writes read and lock only the rows they change: no gap locks that
+/// would hold up concurrent emits. Applies to the next transaction (or statement) only.
 const READ_COMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED";
 
-const INSERT_EVENT: &str = "\
-INSERT INTO txbus_events (name, payload, emitted_at, lease_ms) VALUES (?, ?, UTC_TIMESTAMP(6), ?)";
+const NEXT_EVENT_ID: &str = "INSERT INTO txbus_event_ids () VALUES ()";
 
-const LOAD_INSERTED: &str = "\
-SELECT id, TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', emitted_at) AS emitted_at_us
-FROM txbus_events WHERE id = LAST_INSERT_ID()";
+const LOAD_EVENT_ID: &str = "\
+SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id,
+       TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
 
-const INSERT_DELIVERIES: &str = concat!(
-    "INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
-    SELECT e.id, j.listener, 1, e.emitted_at + INTERVAL e.lease_ms * 1000 MICROSECOND,
-           e.emitted_at + INTERVAL ? MICROSECOND
-    FROM txbus_events e CROSS JOIN ",
-    listeners_table!("?"),
-    " WHERE e.id = ?"
+const INSERT_EVENT: &str = concat!(
+    "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                                   attempts, available_at, expires_at)
+    SELECT ?, j.listener, ?, ?, e.t, ?, 1, e.t + INTERVAL ? MICROSECOND, e.t + INTERVAL ? MICROSECOND
+    FROM (SELECT TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AS t) e CROSS JOIN ",
+    listeners_table!()
 );
 
 const CLAIM_SELECT: &str = concat!(
     "SELECT event_id, listener FROM txbus_deliveries
-    WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6) AND expires_at > UTC_TIMESTAMP(6)
+    WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
       AND listener IN (SELECT listener FROM ",
-    listeners_table!("?"),
+    listeners_table!(),
     ")
     ORDER BY available_at
     LIMIT ?
     FOR UPDATE SKIP LOCKED"
 );
 
+// Expired deliveries are made dead instead of leased. Every CASE tests `expires_at`, which no
+// assignment changes, so the (unspecified) order of multi-table assignments does not matter.
 const CLAIM_UPDATE: &str = concat!(
     "UPDATE txbus_deliveries d
     JOIN ",
     keys_table!(),
     " ON d.event_id = k.event_id AND d.listener = k.listener
-    JOIN txbus_events e ON e.id = d.event_id
-    SET d.attempts = d.attempts + 1,
-        d.available_at = UTC_TIMESTAMP(6) + INTERVAL e.lease_ms * 1000 MICROSECOND"
+    SET d.dead_reason = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN 'expired' END,
+        d.dead_at = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN UTC_TIMESTAMP(6) END,
+        d.attempts = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN d.attempts
+                          ELSE d.attempts + 1 END,
+        d.available_at = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN d.available_at
+                              ELSE UTC_TIMESTAMP(6) + INTERVAL d.lease_ms * 1000 MICROSECOND END"
 );
 
 const CLAIM_LOAD: &str = concat!(
-    "SELECT d.event_id, d.listener, d.attempts, e.payload,
-           TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', e.emitted_at) AS emitted_at_us, e.lease_ms
+    "SELECT d.event_id, d.listener, d.attempts, d.payload,
+           TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', d.emitted_at) AS emitted_at_us,
+           d.lease_ms, d.dead_at IS NOT NULL AS expired
     FROM txbus_deliveries d
     JOIN ",
     keys_table!(),
-    " ON d.event_id = k.event_id AND d.listener = k.listener
-    JOIN txbus_events e ON e.id = d.event_id"
+    " ON d.event_id = k.event_id AND d.listener = k.listener"
 );
 
 const DELETE_DONE: &str = "\
@@ -140,32 +141,32 @@ const LOAD_DEAD: &str = concat!(
     WHERE d.dead_at IS NOT NULL"
 );
 
-const EXPIRE_SELECT: &str = "\
-SELECT event_id, listener FROM txbus_deliveries
-WHERE dead_at IS NULL AND expires_at <= UTC_TIMESTAMP(6) AND available_at <= UTC_TIMESTAMP(6)
-ORDER BY expires_at
-LIMIT ?
-FOR UPDATE SKIP LOCKED";
+const EXPIRE_SELECT: &str = concat!(
+    "SELECT event_id, listener FROM txbus_deliveries
+    WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6) AND expires_at <= UTC_TIMESTAMP(6)
+      AND listener NOT IN (SELECT listener FROM ",
+    listeners_table!(),
+    ")
+    LIMIT ?
+    FOR UPDATE SKIP LOCKED"
+);
 
-const EXPIRE_UPDATE: &str = "\
-UPDATE txbus_deliveries d
-JOIN JSON_TABLE(?, '$[*]' COLUMNS (
-    event_id BIGINT PATH '$[0]',
-    listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
-    reason VARCHAR(32) PATH '$[2]')) k
-  ON d.event_id = k.event_id AND d.listener = k.listener
-SET d.dead_at = UTC_TIMESTAMP(6),
-    d.dead_reason = k.reason,
-    d.last_error = CASE WHEN k.reason = 'no_listener'
-                        THEN COALESCE(d.last_error, CONCAT('no running instance has listener ', d.listener))
-                        ELSE d.last_error END";
+const EXPIRE_UPDATE: &str = concat!(
+    "UPDATE txbus_deliveries d
+    JOIN ",
+    keys_table!(),
+    " ON d.event_id = k.event_id AND d.listener = k.listener
+    SET d.dead_at = UTC_TIMESTAMP(6),
+        d.dead_reason = 'no_listener',
+        d.last_error = COALESCE(d.last_error, CONCAT('no running instance has listener ', d.listener))"
+);
 
 const ORPHANS: &str = concat!(
     "SELECT listener, count(*) AS n FROM (
         SELECT listener FROM txbus_deliveries
         WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
           AND listener NOT IN (SELECT listener FROM ",
-    listeners_table!("?"),
+    listeners_table!(),
     ")
         LIMIT ?) due
     GROUP BY listener ORDER BY listener"
@@ -213,6 +214,8 @@ struct ClaimedRow {
     emitted_at_us: i64,
     #[diesel(sql_type = BigInt)]
     lease_ms: i64,
+    #[diesel(sql_type = Bool)]
+    expired: bool,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -272,24 +275,19 @@ impl Backend for Mysql {
         conn: &mut AsyncMysqlConnection,
         event: &NewEvent,
     ) -> QueryResult<Inserted> {
-        diesel::sql_query(INSERT_EVENT)
-            .bind::<Text, _>(event.name)
-            .bind::<Text, _>(&*event.payload)
-            .bind::<BigInt, _>(lease_ms(event.lease))
-            .execute(conn)
-            .await?;
-        let row: InsertedRow = diesel::sql_query(LOAD_INSERTED).get_result(conn).await?;
-        if event.listeners.is_empty() {
-            // AUTO_INCREMENT does not hand this id out again.
-            diesel::sql_query("DELETE FROM txbus_events WHERE id = ?")
+        diesel::sql_query(NEXT_EVENT_ID).execute(conn).await?;
+        let row: InsertedRow = diesel::sql_query(LOAD_EVENT_ID).get_result(conn).await?;
+        if !event.listeners.is_empty() {
+            let lease = lease_ms(event.lease);
+            diesel::sql_query(INSERT_EVENT)
                 .bind::<BigInt, _>(row.id)
-                .execute(conn)
-                .await?;
-        } else {
-            diesel::sql_query(INSERT_DELIVERIES)
+                .bind::<Text, _>(event.name)
+                .bind::<Text, _>(&*event.payload)
+                .bind::<BigInt, _>(lease)
+                .bind::<BigInt, _>(lease.saturating_mul(1000))
                 .bind::<BigInt, _>(micros(event.expires_after))
+                .bind::<BigInt, _>(row.emitted_at_us)
                 .bind::<Text, _>(json!(&*event.listeners).to_string())
-                .bind::<BigInt, _>(row.id)
                 .execute(conn)
                 .await?;
         }
@@ -297,6 +295,15 @@ impl Backend for Mysql {
             id: EventId::new(row.id),
             emitted_at: system_time_from_micros(row.emitted_at_us),
         })
+    }
+
+    // The deliveries go in one statement, atomic by itself; an id row without deliveries (a
+    // failure between the two statements) is harmless and trimmed by `maintain`.
+    async fn emit_alone(
+        conn: &mut AsyncMysqlConnection,
+        event: &NewEvent,
+    ) -> QueryResult<Inserted> {
+        Self::insert_event(conn, event).await
     }
 
     async fn claim(
@@ -317,12 +324,7 @@ impl Backend for Mysql {
                 if keys.is_empty() {
                     return Ok(Vec::new());
                 }
-                let keys = json!(
-                    keys.iter()
-                        .map(|k| json!([k.event_id, k.listener]))
-                        .collect::<Vec<_>>()
-                )
-                .to_string();
+                let keys = key_json(keys.iter().map(|k| (k.event_id, k.listener.as_str())));
                 diesel::sql_query(CLAIM_UPDATE)
                     .bind::<Text, _>(&keys)
                     .execute(conn)
@@ -342,6 +344,7 @@ impl Backend for Mysql {
                 payload: row.payload.into(),
                 emitted_at: system_time_from_micros(row.emitted_at_us),
                 lease: Duration::from_millis(u64::try_from(row.lease_ms).unwrap_or(0)),
+                expired: row.expired,
             })
             .collect())
     }
@@ -371,7 +374,7 @@ impl Backend for Mysql {
                     })
                 })
                 .collect();
-            let keys = key_json(other.iter().map(|o| &o.key));
+            let keys = key_json(other.iter().map(|o| (o.key.event_id.get(), o.key.listener)));
             conn.batch_execute(READ_COMMITTED).await?;
             let (applied, died) = conn
                 .transaction(async |conn| {
@@ -399,41 +402,32 @@ impl Backend for Mysql {
         known: &[&'static str],
         limit: usize,
     ) -> QueryResult<Vec<Died>> {
+        let known = json!(known).to_string();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         conn.batch_execute(READ_COMMITTED).await?;
         conn.transaction(async |conn| {
             let keys: Vec<KeyRow> = diesel::sql_query(EXPIRE_SELECT)
+                .bind::<Text, _>(&known)
                 .bind::<BigInt, _>(limit)
                 .load(conn)
                 .await?;
             if keys.is_empty() {
                 return Ok(Vec::new());
             }
-            let died: Vec<Died> = keys
-                .into_iter()
-                .map(|k| {
-                    let reason = if known.contains(&k.listener.as_str()) {
-                        "expired"
-                    } else {
-                        "no_listener"
-                    };
-                    Died {
-                        event_id: EventId::new(k.event_id),
-                        listener: k.listener,
-                        reason: reason.to_owned(),
-                    }
-                })
-                .collect();
-            let rows = json!(
-                died.iter()
-                    .map(|d| json!([d.event_id.get(), d.listener, d.reason]))
-                    .collect::<Vec<_>>()
-            );
             diesel::sql_query(EXPIRE_UPDATE)
-                .bind::<Text, _>(rows.to_string())
+                .bind::<Text, _>(key_json(
+                    keys.iter().map(|k| (k.event_id, k.listener.as_str())),
+                ))
                 .execute(conn)
                 .await?;
-            Ok(died)
+            Ok(keys
+                .into_iter()
+                .map(|k| Died {
+                    event_id: EventId::new(k.event_id),
+                    listener: k.listener,
+                    reason: "no_listener".to_owned(),
+                })
+                .collect())
         })
         .await
     }
@@ -449,6 +443,20 @@ impl Backend for Mysql {
             .load(conn)
             .await?;
         Ok(rows.into_iter().map(|r| (r.listener, r.n)).collect())
+    }
+
+    async fn maintain(conn: &mut AsyncMysqlConnection) -> QueryResult<()> {
+        // Event ids come from AUTO_INCREMENT rows that are only needed for their counter; the
+        // newest stays, so the counter survives even a server without a persistent one.
+        let newest: IdRow =
+            diesel::sql_query("SELECT COALESCE(MAX(id), 0) AS id FROM txbus_event_ids")
+                .get_result(conn)
+                .await?;
+        diesel::sql_query("DELETE FROM txbus_event_ids WHERE id < ? LIMIT 10000")
+            .bind::<BigInt, _>(newest.id)
+            .execute(conn)
+            .await?;
+        Ok(())
     }
 
     async fn migrate(conn: &mut AsyncMysqlConnection) -> Result<Vec<String>, Error> {
@@ -499,13 +507,7 @@ async fn apply_migrations(conn: &mut AsyncMysqlConnection) -> Result<Vec<String>
     Ok(applied)
 }
 
-/// Deletes the succeeded deliveries, then the events left without any. Completers of the same
-/// event serialize on its row, and the check for remaining deliveries is a locking read (the
-/// latest committed rows, whatever the isolation level), so the last completer removes the event.
 async fn delete_done(conn: &mut AsyncMysqlConnection, done: &[DeliveryKey]) -> QueryResult<usize> {
-    let mut ids: Vec<i64> = done.iter().map(|k| k.event_id.get()).collect();
-    ids.sort_unstable();
-    ids.dedup();
     let keys = json!(
         done.iter()
             .map(|k| json!([k.event_id.get(), k.listener, attempt_i32(k.attempt)]))
@@ -513,50 +515,16 @@ async fn delete_done(conn: &mut AsyncMysqlConnection, done: &[DeliveryKey]) -> Q
     )
     .to_string();
     conn.batch_execute(READ_COMMITTED).await?;
-    conn.transaction(async |conn| {
-        // Integers only: written into the statement, so that these are primary-key lookups.
-        diesel::sql_query(format!(
-            "SELECT id FROM txbus_events WHERE id IN ({}) ORDER BY id FOR UPDATE",
-            id_list(&ids)
-        ))
-        .load::<IdRow>(conn)
-        .await?;
-        let deleted = diesel::sql_query(DELETE_DONE)
-            .bind::<Text, _>(&keys)
-            .execute(conn)
-            .await?;
-        let busy: Vec<IdRow> = diesel::sql_query(format!(
-            "SELECT DISTINCT event_id AS id FROM txbus_deliveries WHERE event_id IN ({}) FOR UPDATE",
-            id_list(&ids)
-        ))
-        .load(conn)
-        .await?;
-        let finished: Vec<i64> = ids
-            .iter()
-            .copied()
-            .filter(|id| !busy.iter().any(|b| b.id == *id))
-            .collect();
-        if !finished.is_empty() {
-            diesel::sql_query(format!(
-                "DELETE FROM txbus_events WHERE id IN ({})",
-                id_list(&finished)
-            ))
-            .execute(conn)
-            .await?;
-        }
-        Ok(deleted)
-    })
-    .await
+    diesel::sql_query(DELETE_DONE)
+        .bind::<Text, _>(&keys)
+        .execute(conn)
+        .await
 }
 
-/// `1,2,3`: integers are safe to write into a statement.
-fn id_list(ids: &[i64]) -> String {
-    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
-}
-
-fn key_json<'a>(keys: impl Iterator<Item = &'a DeliveryKey>) -> String {
+/// A JSON array of `[event_id, listener]` pairs, for `keys_table!`.
+fn key_json<'a>(keys: impl Iterator<Item = (i64, &'a str)>) -> String {
     json!(
-        keys.map(|k| json!([k.event_id.get(), k.listener]))
+        keys.map(|(id, listener)| json!([id, listener]))
             .collect::<Vec<_>>()
     )
     .to_string()

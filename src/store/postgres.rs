@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use diesel::QueryResult;
+use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
@@ -30,59 +31,44 @@ pub struct Postgres;
 impl Sealed for Postgres {}
 
 const INSERT_EVENT: &str = "\
-WITH e AS (
-    INSERT INTO txbus_events (name, payload, emitted_at, lease_ms)
-    VALUES ($1, $2::jsonb, statement_timestamp(), $3)
-    RETURNING id, emitted_at),
-d AS (
-    INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
-    SELECT e.id, l.listener, 1,
-           e.emitted_at + $3 * interval '1 millisecond',
-           e.emitted_at + $4 * interval '1 microsecond'
-    FROM e CROSS JOIN unnest($5::text[]) AS l (listener))
-SELECT id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us FROM e";
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, available_at, expires_at)
+SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 1,
+       statement_timestamp() + $3 * interval '1 millisecond',
+       statement_timestamp() + $4 * interval '1 microsecond'
+FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
 
 const RESERVE_ID: &str = "\
-SELECT nextval(pg_get_serial_sequence('txbus_events', 'id')) AS id,
+SELECT nextval('txbus_event_ids') AS id,
        (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us";
 
 // The MATERIALIZED CTE is evaluated exactly once: a plain `IN (SELECT ... LIMIT n FOR UPDATE SKIP
-// LOCKED)` can be rescanned by some plans and then claim more than n rows.
+// LOCKED)` can be rescanned by some plans and then claim more than n rows. Deliveries found
+// expired are made dead instead of leased (all SET expressions see the row as it was).
 const CLAIM: &str = "\
 WITH c AS MATERIALIZED (
     SELECT event_id, listener FROM txbus_deliveries
-    WHERE dead_at IS NULL AND available_at <= now() AND expires_at > now() AND listener = ANY($1)
+    WHERE dead_at IS NULL AND available_at <= now() AND listener = ANY($1)
     ORDER BY available_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED)
 UPDATE txbus_deliveries d
-SET attempts = d.attempts + 1,
-    available_at = now() + e.lease_ms * interval '1 millisecond'
-FROM c, txbus_events e
-WHERE d.event_id = c.event_id AND d.listener = c.listener AND e.id = d.event_id
-RETURNING d.event_id, d.listener, d.attempts, e.payload::text AS payload,
-          (extract(epoch FROM e.emitted_at) * 1000000)::int8 AS emitted_at_us, e.lease_ms";
-
-// Completers of the same event serialize on the event row, so the last one to finish sees the
-// others' deletes and removes the event.
-const LOCK_EVENTS: &str = "SELECT id FROM txbus_events WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+SET attempts = CASE WHEN d.expires_at <= now() THEN d.attempts ELSE d.attempts + 1 END,
+    available_at = CASE WHEN d.expires_at <= now() THEN d.available_at
+                        ELSE now() + d.lease_ms * interval '1 millisecond' END,
+    dead_at = CASE WHEN d.expires_at <= now() THEN now() END,
+    dead_reason = CASE WHEN d.expires_at <= now() THEN 'expired' END
+FROM c
+WHERE d.event_id = c.event_id AND d.listener = c.listener
+RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
+          (extract(epoch FROM d.emitted_at) * 1000000)::int8 AS emitted_at_us, d.lease_ms,
+          d.dead_at IS NOT NULL AS expired";
 
 const DELETE_DONE: &str = "\
-WITH x AS (
-    SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[]) AS x (event_id, listener, attempts)),
-gone AS (
-    DELETE FROM txbus_deliveries t USING x
-    WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
-    RETURNING t.event_id, t.listener),
-ev AS (
-    DELETE FROM txbus_events e
-    WHERE e.id IN (SELECT event_id FROM gone)
-      AND NOT EXISTS (
-          SELECT 1 FROM txbus_deliveries o
-          WHERE o.event_id = e.id
-            AND NOT EXISTS (SELECT 1 FROM gone g WHERE g.event_id = o.event_id AND g.listener = o.listener))
-    RETURNING 1)
-SELECT (SELECT count(*) FROM gone) AS n";
+DELETE FROM txbus_deliveries t
+USING unnest($1::int8[], $2::text[], $3::int4[]) AS x (event_id, listener, attempts)
+WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts";
 
 const UPDATE_FAILED: &str = "\
 UPDATE txbus_deliveries t
@@ -103,15 +89,14 @@ RETURNING t.event_id, t.listener, t.dead_reason";
 const EXPIRE: &str = "\
 WITH c AS MATERIALIZED (
     SELECT event_id, listener FROM txbus_deliveries
-    WHERE dead_at IS NULL AND expires_at <= now() AND available_at <= now()
-    ORDER BY expires_at
+    WHERE dead_at IS NULL AND available_at <= now() AND expires_at <= now()
+      AND NOT (listener = ANY($1))
     LIMIT $2
     FOR UPDATE SKIP LOCKED)
 UPDATE txbus_deliveries d
 SET dead_at = now(),
-    dead_reason = CASE WHEN d.listener = ANY($1) THEN 'expired' ELSE 'no_listener' END,
-    last_error = CASE WHEN d.listener = ANY($1) THEN d.last_error
-                      ELSE COALESCE(d.last_error, 'no running instance has listener ' || d.listener) END
+    dead_reason = 'no_listener',
+    last_error = COALESCE(d.last_error, 'no running instance has listener ' || d.listener)
 FROM c
 WHERE d.event_id = c.event_id AND d.listener = c.listener
 RETURNING d.event_id, d.listener, d.dead_reason";
@@ -156,6 +141,8 @@ struct ClaimedRow {
     emitted_at_us: i64,
     #[diesel(sql_type = BigInt)]
     lease_ms: i64,
+    #[diesel(sql_type = Bool)]
+    expired: bool,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -177,15 +164,21 @@ struct ListenerCountRow {
 }
 
 #[derive(diesel::QueryableByName)]
-struct CountRow {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(diesel::QueryableByName)]
 struct VersionRow {
     #[diesel(sql_type = Text)]
     version: String,
+}
+
+/// The insert of an event's deliveries, bound.
+macro_rules! insert_query {
+    ($event:expr) => {
+        diesel::sql_query(INSERT_EVENT)
+            .bind::<Text, _>($event.name)
+            .bind::<Text, _>(&*$event.payload)
+            .bind::<BigInt, _>(lease_ms($event.lease))
+            .bind::<BigInt, _>(micros($event.expires_after))
+            .bind::<Array<Text>, _>(&*$event.listeners)
+    };
 }
 
 impl Backend for Postgres {
@@ -208,22 +201,51 @@ impl Backend for Postgres {
     }
 
     async fn insert_event(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
-        let row: InsertedRow = if event.listeners.is_empty() {
-            diesel::sql_query(RESERVE_ID).get_result(conn).await?
+        let rows: Vec<InsertedRow> = if event.listeners.is_empty() {
+            diesel::sql_query(RESERVE_ID).load(conn).await?
         } else {
-            diesel::sql_query(INSERT_EVENT)
-                .bind::<Text, _>(event.name)
-                .bind::<Text, _>(&*event.payload)
-                .bind::<BigInt, _>(lease_ms(event.lease))
-                .bind::<BigInt, _>(micros(event.expires_after))
-                .bind::<Array<Text>, _>(&*event.listeners)
-                .get_result(conn)
-                .await?
+            insert_query!(event).load(conn).await?
         };
-        Ok(Inserted {
-            id: EventId::new(row.id),
-            emitted_at: system_time_from_micros(row.emitted_at_us),
-        })
+        inserted(rows)
+    }
+
+    // The insert and COMMIT travel together, in one round trip. Both go through diesel-async's
+    // prepared-statement path, whose statement-cache lock keeps them in order on the wire even
+    // when one of them still has to be prepared. A failure of the insert in the server aborts the
+    // transaction, so the COMMIT behind it rolls back; the insert cannot fail in the client before
+    // it is sent (its binds are text, integers and a text array).
+    async fn commit_with_event(
+        conn: &mut AsyncPgConnection,
+        event: &NewEvent,
+    ) -> QueryResult<Inserted> {
+        let result = {
+            let shared: &AsyncPgConnection = conn;
+            let (rows, committed) = if event.listeners.is_empty() {
+                tokio::join!(
+                    diesel::sql_query(RESERVE_ID).load::<InsertedRow>(&mut &*shared),
+                    diesel::sql_query("COMMIT").execute(&mut &*shared),
+                )
+            } else {
+                tokio::join!(
+                    insert_query!(event).load::<InsertedRow>(&mut &*shared),
+                    diesel::sql_query("COMMIT").execute(&mut &*shared),
+                )
+            };
+            rows.and_then(|rows| committed.and_then(|_| inserted(rows)))
+        };
+        // The COMMIT went out: the transaction is over, whatever happened. Tell the transaction
+        // manager that opened it.
+        if let TransactionManagerStatus::Valid(status) =
+            AnsiTransactionManager::transaction_manager_status_mut(conn)
+        {
+            status.change_transaction_depth(TransactionDepthChange::DecreaseDepth)?;
+        }
+        result
+    }
+
+    // One statement writes every delivery of the event: atomic by itself, so no transaction.
+    async fn emit_alone(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
+        Self::insert_event(conn, event).await
     }
 
     async fn claim(
@@ -245,6 +267,7 @@ impl Backend for Postgres {
                 payload: row.payload.into(),
                 emitted_at: system_time_from_micros(row.emitted_at_us),
                 lease: Duration::from_millis(u64::try_from(row.lease_ms).unwrap_or(0)),
+                expired: row.expired,
             })
             .collect())
     }
@@ -352,23 +375,24 @@ async fn apply_migrations(
 
 async fn delete_done(conn: &mut AsyncPgConnection, done: &[DeliveryKey]) -> QueryResult<usize> {
     let (event_ids, listeners, attempts) = key_columns(done);
-    let mut locked: Vec<i64> = event_ids.clone();
-    locked.sort_unstable();
-    locked.dedup();
-    conn.transaction(async |conn| {
-        diesel::sql_query(LOCK_EVENTS)
-            .bind::<Array<BigInt>, _>(&locked)
-            .execute(conn)
-            .await?;
-        let count: CountRow = diesel::sql_query(DELETE_DONE)
-            .bind::<Array<BigInt>, _>(&event_ids)
-            .bind::<Array<Text>, _>(&listeners)
-            .bind::<Array<Integer>, _>(&attempts)
-            .get_result(conn)
-            .await?;
-        Ok(usize::try_from(count.n).unwrap_or(0))
+    diesel::sql_query(DELETE_DONE)
+        .bind::<Array<BigInt>, _>(&event_ids)
+        .bind::<Array<Text>, _>(&listeners)
+        .bind::<Array<Integer>, _>(&attempts)
+        .execute(conn)
+        .await
+}
+
+/// The id and emit time of the first row an insert returned.
+fn inserted(rows: Vec<InsertedRow>) -> QueryResult<Inserted> {
+    let row = rows
+        .into_iter()
+        .next()
+        .ok_or(diesel::result::Error::NotFound)?;
+    Ok(Inserted {
+        id: EventId::new(row.id),
+        emitted_at: system_time_from_micros(row.emitted_at_us),
     })
-    .await
 }
 
 fn key_columns(keys: &[DeliveryKey]) -> (Vec<i64>, Vec<&'static str>, Vec<i32>) {

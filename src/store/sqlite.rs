@@ -1,10 +1,11 @@
 //! SQLite: one writer at a time, so every write is a short `BEGIN IMMEDIATE` transaction run on
 //! the blocking pool; times are milliseconds since the Unix epoch.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection};
-use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
 use diesel::sqlite::SqliteConnection;
 use diesel::{QueryResult, RunQueryDsl};
 use diesel_async::pooled_connection::{
@@ -47,42 +48,49 @@ macro_rules! now_ms {
 const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
                        PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
 
-const INSERT_EVENT: &str = concat!(
-    "INSERT INTO txbus_events (name, payload, emitted_at, lease_ms) VALUES (?, ?, ",
+const NEXT_EVENT_ID: &str = concat!(
+    "UPDATE txbus_sequence SET value = value + 1 WHERE name = 'event_id' RETURNING value AS id, ",
     now_ms!(),
-    ", ?) RETURNING id, emitted_at"
+    " AS now"
 );
 
-const INSERT_DELIVERIES: &str = "\
-INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
-SELECT ?1, value, 1, ?2 + ?3, ?2 + ?4 FROM json_each(?5)";
+const INSERT_EVENT: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, available_at, expires_at)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4 + ?5, ?4 + ?6 FROM json_each(?7)";
 
+// Expired deliveries are made dead instead of leased (all SET expressions see the old row).
 const CLAIM: &str = concat!(
-    "UPDATE txbus_deliveries SET attempts = attempts + 1, available_at = ",
+    "UPDATE txbus_deliveries SET
+        attempts = CASE WHEN expires_at <= ",
     now_ms!(),
-    " + (SELECT lease_ms FROM txbus_events e WHERE e.id = txbus_deliveries.event_id)
+    " THEN attempts ELSE attempts + 1 END,
+        available_at = CASE WHEN expires_at <= ",
+    now_ms!(),
+    " THEN available_at ELSE ",
+    now_ms!(),
+    " + lease_ms END,
+        dead_at = CASE WHEN expires_at <= ",
+    now_ms!(),
+    " THEN ",
+    now_ms!(),
+    " END,
+        dead_reason = CASE WHEN expires_at <= ",
+    now_ms!(),
+    " THEN 'expired' END
     WHERE (event_id, listener) IN (
         SELECT event_id, listener FROM txbus_deliveries
         WHERE dead_at IS NULL AND available_at <= ",
     now_ms!(),
-    " AND expires_at > ",
-    now_ms!(),
     " AND listener IN (SELECT value FROM json_each(?1))
         ORDER BY available_at
         LIMIT ?2)
-    RETURNING event_id, listener, attempts"
+    RETURNING event_id, listener, attempts, payload, emitted_at, lease_ms,
+              dead_at IS NOT NULL AS expired"
 );
-
-const LOAD_EVENTS: &str = "\
-SELECT id, payload, emitted_at, lease_ms FROM txbus_events
-WHERE id IN (SELECT value FROM json_each(?))";
 
 const DELETE_DONE: &str =
     "DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?";
-
-const DELETE_FINISHED_EVENTS: &str = "\
-DELETE FROM txbus_events WHERE id IN (SELECT value FROM json_each(?))
-AND NOT EXISTS (SELECT 1 FROM txbus_deliveries d WHERE d.event_id = txbus_events.id)";
 
 const UPDATE_FAILED: &str = concat!(
     "UPDATE txbus_deliveries SET
@@ -107,16 +115,16 @@ const EXPIRE: &str = concat!(
     "UPDATE txbus_deliveries SET dead_at = ",
     now_ms!(),
     ",
-    dead_reason = CASE WHEN listener IN (SELECT value FROM json_each(?1)) THEN 'expired' ELSE 'no_listener' END,
-    last_error = CASE WHEN listener IN (SELECT value FROM json_each(?1)) THEN last_error
-                      ELSE COALESCE(last_error, 'no running instance has listener ' || listener) END
+    dead_reason = 'no_listener',
+    last_error = COALESCE(last_error, 'no running instance has listener ' || listener)
     WHERE (event_id, listener) IN (
         SELECT event_id, listener FROM txbus_deliveries
-        WHERE dead_at IS NULL AND expires_at <= ",
+        WHERE dead_at IS NULL AND available_at <= ",
     now_ms!(),
-    " AND available_at <= ",
+    " AND expires_at <= ",
     now_ms!(),
-    " ORDER BY expires_at LIMIT ?2)
+    " AND listener NOT IN (SELECT value FROM json_each(?1))
+        LIMIT ?2)
     RETURNING event_id, listener, dead_reason"
 );
 
@@ -140,11 +148,11 @@ const CREATE_MIGRATIONS_TABLE: &str = concat!(
 );
 
 #[derive(diesel::QueryableByName)]
-struct InsertedRow {
+struct IdRow {
     #[diesel(sql_type = BigInt)]
     id: i64,
     #[diesel(sql_type = BigInt)]
-    emitted_at: i64,
+    now: i64,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -155,18 +163,14 @@ struct ClaimedRow {
     listener: String,
     #[diesel(sql_type = Integer)]
     attempts: i32,
-}
-
-#[derive(diesel::QueryableByName)]
-struct EventRow {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
     #[diesel(sql_type = Text)]
     payload: String,
     #[diesel(sql_type = BigInt)]
     emitted_at: i64,
     #[diesel(sql_type = BigInt)]
     lease_ms: i64,
+    #[diesel(sql_type = Bool)]
+    expired: bool,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -200,7 +204,7 @@ impl Backend for Sqlite {
 
     const NAME: &'static str = "sqlite";
 
-    fn manager(url: &str) -> Result<AsyncDieselConnectionManager<Conn>, Error> {
+    fn manager(url: &str) -> Result<Self::Manager, Error> {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);
         if path.is_empty() || path.contains(":memory:") || path.contains("mode=memory") {
             return Err(Error::Config(format!(
@@ -230,38 +234,14 @@ impl Backend for Sqlite {
     }
 
     async fn insert_event(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
-        let name = event.name;
-        let payload = event.payload.clone();
-        let lease = lease_ms(event.lease);
-        let expires = millis(event.expires_after);
-        let listeners = json_list(&event.listeners);
-        let has_listeners = !event.listeners.is_empty();
-        conn.spawn_blocking(move |c| {
-            let row: InsertedRow = diesel::sql_query(INSERT_EVENT)
-                .bind::<Text, _>(name)
-                .bind::<Text, _>(&*payload)
-                .bind::<BigInt, _>(lease)
-                .get_result(c)?;
-            if has_listeners {
-                diesel::sql_query(INSERT_DELIVERIES)
-                    .bind::<BigInt, _>(row.id)
-                    .bind::<BigInt, _>(row.emitted_at)
-                    .bind::<BigInt, _>(lease)
-                    .bind::<BigInt, _>(expires)
-                    .bind::<Text, _>(listeners)
-                    .execute(c)?;
-            } else {
-                // AUTOINCREMENT never hands this id out again.
-                diesel::sql_query("DELETE FROM txbus_events WHERE id = ?")
-                    .bind::<BigInt, _>(row.id)
-                    .execute(c)?;
-            }
-            Ok(Inserted {
-                id: EventId::new(row.id),
-                emitted_at: system_time_from_micros(row.emitted_at.saturating_mul(1000)),
-            })
-        })
-        .await
+        let row = EventRow::new(event);
+        conn.spawn_blocking(move |c| row.insert(c)).await
+    }
+
+    async fn emit_alone(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
+        let row = EventRow::new(event);
+        conn.spawn_blocking(move |c| c.immediate_transaction(|c| row.insert(c)))
+            .await
     }
 
     async fn claim(
@@ -271,42 +251,26 @@ impl Backend for Sqlite {
     ) -> QueryResult<Vec<Claimed>> {
         let listeners = json_list(listeners);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        conn.spawn_blocking(move |c| {
-            c.immediate_transaction(|c| {
-                let claimed: Vec<ClaimedRow> = diesel::sql_query(CLAIM)
+        let rows: Vec<ClaimedRow> = conn
+            .spawn_blocking(move |c| {
+                diesel::sql_query(CLAIM)
                     .bind::<Text, _>(&listeners)
                     .bind::<BigInt, _>(limit)
-                    .load(c)?;
-                if claimed.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let ids: Vec<i64> = claimed.iter().map(|row| row.event_id).collect();
-                let events: Vec<EventRow> = diesel::sql_query(LOAD_EVENTS)
-                    .bind::<Text, _>(json_ids(ids))
-                    .load(c)?;
-                let events: std::collections::HashMap<i64, EventRow> =
-                    events.into_iter().map(|e| (e.id, e)).collect();
-                Ok(claimed
-                    .into_iter()
-                    .filter_map(|row| {
-                        let event = events.get(&row.event_id)?;
-                        Some(Claimed {
-                            event_id: EventId::new(row.event_id),
-                            listener: row.listener,
-                            attempt: attempt_u32(row.attempts),
-                            payload: event.payload.as_str().into(),
-                            emitted_at: system_time_from_micros(
-                                event.emitted_at.saturating_mul(1000),
-                            ),
-                            lease: Duration::from_millis(
-                                u64::try_from(event.lease_ms).unwrap_or(0),
-                            ),
-                        })
-                    })
-                    .collect())
+                    .load(c)
             })
-        })
-        .await
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Claimed {
+                event_id: EventId::new(row.event_id),
+                listener: row.listener,
+                attempt: attempt_u32(row.attempts),
+                payload: row.payload.into(),
+                emitted_at: system_time_from_micros(row.emitted_at.saturating_mul(1000)),
+                lease: Duration::from_millis(u64::try_from(row.lease_ms).unwrap_or(0)),
+                expired: row.expired,
+            })
+            .collect())
     }
 
     async fn record(conn: &mut Conn, outcomes: &[Outcome]) -> QueryResult<Recorded> {
@@ -323,12 +287,6 @@ impl Backend for Sqlite {
                         .bind::<BigInt, _>(key.event_id.get())
                         .bind::<Text, _>(key.listener)
                         .bind::<Integer, _>(attempt_i32(key.attempt))
-                        .execute(c)?;
-                }
-                if !done.is_empty() {
-                    let ids = done.iter().map(|k| k.event_id.get()).collect();
-                    diesel::sql_query(DELETE_FINISHED_EVENTS)
-                        .bind::<Text, _>(json_ids(ids))
                         .execute(c)?;
                 }
                 for (key, row) in &other {
@@ -420,6 +378,47 @@ impl Backend for Sqlite {
     }
 }
 
+/// An event's deliveries, ready to be written on the blocking pool.
+struct EventRow {
+    name: &'static str,
+    payload: Arc<str>,
+    lease: i64,
+    expires: i64,
+    listeners: Option<String>,
+}
+
+impl EventRow {
+    fn new(event: &NewEvent) -> Self {
+        Self {
+            name: event.name,
+            payload: event.payload.clone(),
+            lease: lease_ms(event.lease),
+            expires: millis(event.expires_after),
+            listeners: (!event.listeners.is_empty()).then(|| json_list(&event.listeners)),
+        }
+    }
+
+    /// Takes the next event id and writes one delivery per listener, in the open transaction.
+    fn insert(self, c: &mut SqliteConnection) -> QueryResult<Inserted> {
+        let id: IdRow = diesel::sql_query(NEXT_EVENT_ID).get_result(c)?;
+        if let Some(listeners) = &self.listeners {
+            diesel::sql_query(INSERT_EVENT)
+                .bind::<BigInt, _>(id.id)
+                .bind::<Text, _>(self.name)
+                .bind::<Text, _>(&*self.payload)
+                .bind::<BigInt, _>(id.now)
+                .bind::<BigInt, _>(self.lease)
+                .bind::<BigInt, _>(self.expires)
+                .bind::<Text, _>(listeners)
+                .execute(c)?;
+        }
+        Ok(Inserted {
+            id: EventId::new(id.id),
+            emitted_at: system_time_from_micros(id.now.saturating_mul(1000)),
+        })
+    }
+}
+
 fn not_found_as_none<T>(error: diesel::result::Error) -> QueryResult<Option<T>> {
     match error {
         diesel::result::Error::NotFound => Ok(None),
@@ -438,11 +437,6 @@ fn died_from_row(row: DiedRow) -> Option<Died> {
 /// A JSON array of strings, for `json_each`.
 fn json_list(items: &[&str]) -> String {
     serde_json::Value::from(items.to_vec()).to_string()
-}
-
-/// A JSON array of ids, for `json_each`.
-fn json_ids(ids: Vec<i64>) -> String {
-    serde_json::Value::from(ids).to_string()
 }
 
 fn millis(d: Duration) -> i64 {

@@ -172,7 +172,7 @@ where
         "the first operation was rolled back"
     );
     assert_eq!(
-        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await,
+        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
         0
     );
     assert_eq!(
@@ -233,7 +233,7 @@ where
     assert!(matches!(result, Err(TestError::Refused)), "{result:?}");
     assert!(!B::user_exists(&db.pool, 7).await);
     assert_eq!(
-        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await,
+        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
         0
     );
     assert_eq!(
@@ -312,7 +312,7 @@ pub async fn event_without_listeners_writes_nothing<B: TestBackend>() {
     let b = bus.emit(NobodyListens { n: 2 }, []).await.unwrap();
     assert_ne!(a, b, "ids are never reused");
     assert_eq!(
-        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await,
+        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
         0
     );
     assert_eq!(
@@ -365,7 +365,7 @@ pub async fn concurrent_emits_are_each_delivered_once<B: TestBackend>() {
     assert_eq!(notes.len(), 320, "each event exactly once");
     assert_eq!(probe.calls().len(), 320, "no event twice: {}", calls.len());
     crate::support::eventually("the tables to empty", || async {
-        (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await == 0).then_some(())
+        (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await == 0).then_some(())
     })
     .await;
     bus.shutdown().await;

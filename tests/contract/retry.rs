@@ -53,7 +53,7 @@ pub async fn failures_are_retried_with_backoff<B: TestBackend>() {
         .await;
     crate::support::idle(&bus).await;
     crate::support::eventually("the event to be deleted", || async {
-        (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_events").await == 0).then_some(())
+        (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await == 0).then_some(())
     })
     .await;
 

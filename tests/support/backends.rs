@@ -185,21 +185,25 @@ mod postgres {
                 event_id: i64,
             }
             let mut conn = pool.get().await.unwrap();
-            let ids: Vec<Id> = diesel::sql_query(
-                "WITH e AS (
-                    INSERT INTO txbus_events (name, payload, emitted_at, lease_ms)
-                    SELECT $1, p::jsonb, now(), 5000 FROM unnest($2::text[]) AS p RETURNING id)
-                 INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at)
-                 SELECT id, $3, 0, now(), now() + $4 * interval '1 millisecond' FROM e RETURNING event_id",
-            )
-            .bind::<Text, _>(name)
-            .bind::<diesel::sql_types::Array<Text>, _>(&payloads)
-            .bind::<Text, _>(&listener)
-            .bind::<BigInt, _>(expires_in.as_millis() as i64)
-            .load(&mut *conn)
-            .await
-            .unwrap();
-            ids.into_iter().map(|id| id.event_id).collect()
+            let mut ids = Vec::new();
+            for payload in &payloads {
+                let id: Id = diesel::sql_query(
+                    "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at,
+                                                   lease_ms, attempts, available_at, expires_at)
+                     VALUES (nextval('txbus_event_ids'), $3, $1, $2::jsonb, now(), 5000, 0, now(),
+                             now() + $4 * interval '1 millisecond')
+                     RETURNING event_id",
+                )
+                .bind::<Text, _>(name)
+                .bind::<Text, _>(payload)
+                .bind::<Text, _>(&listener)
+                .bind::<BigInt, _>(expires_in.as_millis() as i64)
+                .get_result(&mut *conn)
+                .await
+                .unwrap();
+                ids.push(id.event_id);
+            }
+            ids
         }
     }
 }
@@ -356,21 +360,20 @@ mod mysql {
             conn.transaction(async |conn| {
                 let mut ids = Vec::new();
                 for payload in &payloads {
+                    diesel::sql_query("INSERT INTO txbus_event_ids () VALUES ()").execute(conn).await?;
+                    let id: Id = diesel::sql_query("SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id")
+                        .get_result(conn)
+                        .await?;
                     diesel::sql_query(
-                        "INSERT INTO txbus_events (name, payload, emitted_at, lease_ms) \
-                         VALUES (?, ?, UTC_TIMESTAMP(6), 5000)",
-                    )
-                    .bind::<Text, _>(name)
-                    .bind::<Text, _>(payload)
-                    .execute(conn)
-                    .await?;
-                    let id: Id = diesel::sql_query("SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id").get_result(conn).await?;
-                    diesel::sql_query(
-                        "INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at) \
-                         VALUES (?, ?, 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)",
+                        "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, \
+                         lease_ms, attempts, available_at, expires_at) \
+                         VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6), 5000, 0, UTC_TIMESTAMP(6), \
+                                 UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)",
                     )
                     .bind::<BigInt, _>(id.id)
                     .bind::<Text, _>(&listener)
+                    .bind::<Text, _>(name)
+                    .bind::<Text, _>(payload)
                     .bind::<BigInt, _>(expires_in.as_micros() as i64)
                     .execute(conn)
                     .await?;
@@ -481,19 +484,20 @@ mod sqlite {
                 let mut ids = Vec::new();
                 for payload in payloads {
                     let id: Id = diesel::sql_query(
-                        "INSERT INTO txbus_events (name, payload, emitted_at, lease_ms) \
-                         VALUES (?, ?, CAST(unixepoch('subsec') * 1000 AS INTEGER), 5000) RETURNING id",
+                        "UPDATE txbus_sequence SET value = value + 1 WHERE name = 'event_id' RETURNING value AS id",
                     )
-                    .bind::<Text, _>(name)
-                    .bind::<Text, _>(payload)
                     .get_result(c)?;
                     diesel::sql_query(
-                        "INSERT INTO txbus_deliveries (event_id, listener, attempts, available_at, expires_at) \
-                         VALUES (?, ?, 0, CAST(unixepoch('subsec') * 1000 AS INTEGER), \
+                        "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, \
+                         lease_ms, attempts, available_at, expires_at) \
+                         VALUES (?, ?, ?, ?, CAST(unixepoch('subsec') * 1000 AS INTEGER), 5000, 0, \
+                                 CAST(unixepoch('subsec') * 1000 AS INTEGER), \
                                  CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?)",
                     )
                     .bind::<BigInt, _>(id.id)
                     .bind::<Text, _>(listener)
+                    .bind::<Text, _>(name)
+                    .bind::<Text, _>(payload)
                     .bind::<BigInt, _>(expires_ms)
                     .execute(c)?;
                     ids.push(id.id);

@@ -1,2 +1,2 @@
 DROP TABLE txbus_deliveries;
-DROP TABLE txbus_events;
+DROP SEQUENCE txbus_event_ids;

@@ -1,2 +1,2 @@
 DROP TABLE txbus_deliveries;
-DROP TABLE txbus_events;
+DROP TABLE txbus_sequence;

@@ -1,18 +1,21 @@
--- One row per emitted event; deleted when every delivery of it has succeeded.
--- Times are milliseconds since the Unix epoch. AUTOINCREMENT: an id is never handed out twice.
-CREATE TABLE txbus_events (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    name       TEXT NOT NULL,
-    payload    TEXT NOT NULL,
-    emitted_at INTEGER NOT NULL,
-    -- How long a run may hold a delivery (the event's max_execution_time).
-    lease_ms   INTEGER NOT NULL
+-- Event ids: the last one handed out. SQLite has one writer, so the emitting transaction owns it.
+CREATE TABLE txbus_sequence (
+    name  TEXT PRIMARY KEY NOT NULL,
+    value INTEGER NOT NULL
 );
+INSERT INTO txbus_sequence (name, value) VALUES ('event_id', 0);
 
--- One row per (event, listener); deleted when the listener has succeeded.
+-- One row per (event, listener), carrying the event: written in the emitting transaction,
+-- deleted when the listener has succeeded, kept as a dead letter when it gave up.
+-- Times are milliseconds since the Unix epoch.
 CREATE TABLE txbus_deliveries (
-    event_id     INTEGER NOT NULL REFERENCES txbus_events (id) ON DELETE CASCADE,
+    event_id     INTEGER NOT NULL,
     listener     TEXT NOT NULL,
+    event_name   TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    emitted_at   INTEGER NOT NULL,
+    -- How long a run may hold the delivery (the event's max_execution_time).
+    lease_ms     INTEGER NOT NULL,
     -- Runs started so far; also the fence that completes only the run holding the lease.
     attempts     INTEGER NOT NULL DEFAULT 0,
     -- When the delivery may be claimed next: a retry time, or the end of a lease.
@@ -25,8 +28,5 @@ CREATE TABLE txbus_deliveries (
     PRIMARY KEY (event_id, listener)
 ) WITHOUT ROWID;
 
--- Serves the poller's claim: live deliveries, soonest available first.
+-- Serves the poller's claim (live deliveries, soonest available first) and the expiry sweep.
 CREATE INDEX txbus_deliveries_due ON txbus_deliveries (available_at) WHERE dead_at IS NULL;
-
--- Serves the expiry sweep.
-CREATE INDEX txbus_deliveries_expiry ON txbus_deliveries (expires_at) WHERE dead_at IS NULL;

@@ -1,0 +1,244 @@
+//! The statements the benchmarks need that differ between backends: a bulk backlog, and the
+//! plain-SQL drain that is the poller's baseline.
+
+use std::future::Future;
+
+use diesel::sql_types::BigInt;
+use diesel_async::RunQueryDsl;
+use txbus::{Entity, Pool};
+
+use super::BenchUser;
+use crate::support::TestBackend;
+use crate::support::backends::exec;
+
+/// The listener id the backlog is written for.
+pub const DRAIN_LISTENER: &str = "bench.drain";
+
+/// A backend the benchmarks run on.
+pub trait BenchBackend: TestBackend
+where
+    BenchUser: Entity<Self>,
+{
+    /// SQL that yields the numbers 1..=n as rows of a column `n`, for `INSERT ... SELECT`.
+    fn series(n: usize) -> String;
+
+    /// The database clock plus `seconds`, as the backend's delivery time columns want it.
+    fn now_plus(seconds: u32) -> String;
+
+    /// Takes `n` consecutive event ids; returns the first.
+    fn reserve_ids(pool: &Pool<Self>, n: usize) -> impl Future<Output = i64> + Send;
+
+    /// Statements to run first, on the connection that writes the backlog.
+    fn backlog_setup() -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Deletes up to `batch` due deliveries and their events with plain SQL, as a queue that
+    /// only removes work would; returns how many it removed.
+    fn raw_drain(pool: &Pool<Self>, batch: i64) -> impl Future<Output = usize> + Send;
+}
+
+/// Writes `n` events, each with one delivery for [`DRAIN_LISTENER`] that is due now, in chunks,
+/// as a crash would leave them.
+pub async fn bulk_backlog<B: BenchBackend>(pool: &Pool<B>, n: usize, payload: &str)
+where
+    BenchUser: Entity<B>,
+{
+    assert!(
+        !payload.contains('\''),
+        "the payload is written into the statement"
+    );
+    let mut conn = pool.get().await.unwrap();
+    for setup in B::backlog_setup() {
+        // A variable one of MySQL and MariaDB does not know is fine.
+        let _ = diesel_async::SimpleAsyncConnection::batch_execute(&mut *conn, setup).await;
+    }
+    drop(conn);
+    const CHUNK: usize = 50_000;
+    let mut written = 0;
+    while written < n {
+        let chunk = CHUNK.min(n - written);
+        let first = B::reserve_ids(pool, chunk).await;
+        exec(
+            pool,
+            &format!(
+                "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, \
+                 lease_ms, attempts, available_at, expires_at) \
+                 SELECT {first} + s.n - 1, '{DRAIN_LISTENER}', 'bench.drained', '{payload}', {now}, \
+                 30000, 0, {now}, {later} FROM ({series}) s",
+                now = B::now_plus(0),
+                later = B::now_plus(24 * 3600),
+                series = B::series(chunk),
+            ),
+        )
+        .await;
+        written += chunk;
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[cfg(feature = "postgres")]
+impl BenchBackend for txbus::Postgres {
+    fn series(n: usize) -> String {
+        format!("SELECT generate_series(1, {n}) AS n")
+    }
+
+    fn now_plus(seconds: u32) -> String {
+        format!("(now() + interval '{seconds} seconds')")
+    }
+
+    async fn reserve_ids(pool: &Pool<Self>, n: usize) -> i64 {
+        // The sequence hands out ids one by one; move it past the block and use the block.
+        let mut conn = pool.get().await.unwrap();
+        let first: Id = diesel::sql_query(
+            "SELECT setval('txbus_event_ids', nextval('txbus_event_ids') + $1 - 1) - $1 + 1 AS id",
+        )
+        .bind::<BigInt, _>(n as i64)
+        .get_result(&mut *conn)
+        .await
+        .unwrap();
+        first.id
+    }
+
+    async fn raw_drain(pool: &Pool<Self>, batch: i64) -> usize {
+        let mut conn = pool.get().await.unwrap();
+        let gone: Vec<Id> = diesel::sql_query(
+            "WITH c AS MATERIALIZED (
+                SELECT event_id, listener FROM txbus_deliveries
+                WHERE dead_at IS NULL AND available_at <= now()
+                ORDER BY available_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+             DELETE FROM txbus_deliveries t USING c
+             WHERE t.event_id = c.event_id AND t.listener = c.listener RETURNING t.event_id AS id",
+        )
+        .bind::<BigInt, _>(batch)
+        .load(&mut *conn)
+        .await
+        .unwrap();
+        gone.len()
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl BenchBackend for txbus::Mysql {
+    fn series(n: usize) -> String {
+        format!(
+            "WITH RECURSIVE s (n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < {n}) SELECT n FROM s"
+        )
+    }
+
+    fn now_plus(seconds: u32) -> String {
+        format!("(UTC_TIMESTAMP(6) + INTERVAL {seconds} SECOND)")
+    }
+
+    fn backlog_setup() -> &'static [&'static str] {
+        &[
+            "SET SESSION max_recursive_iterations = 100000000",
+            "SET SESSION cte_max_recursion_depth = 100000000",
+        ]
+    }
+
+    async fn reserve_ids(pool: &Pool<Self>, n: usize) -> i64 {
+        // One AUTO_INCREMENT row per id, in one statement: the ids of a multi-row insert are
+        // consecutive while no other session inserts into the table, as here.
+        let mut conn = pool.get().await.unwrap();
+        let newest: Id =
+            diesel::sql_query("SELECT COALESCE(MAX(id), 0) AS id FROM txbus_event_ids")
+                .get_result(&mut *conn)
+                .await
+                .unwrap();
+        diesel::sql_query(format!(
+            "INSERT INTO txbus_event_ids (id) SELECT {} + n FROM ({}) s",
+            newest.id,
+            Self::series(n)
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        newest.id + 1
+    }
+
+    async fn raw_drain(pool: &Pool<Self>, batch: i64) -> usize {
+        use diesel_async::AsyncConnection;
+        let mut conn = pool.get().await.unwrap();
+        diesel_async::SimpleAsyncConnection::batch_execute(
+            &mut *conn,
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        )
+        .await
+        .unwrap();
+        conn.transaction(async |conn| {
+            let ids: Vec<Id> = diesel::sql_query(
+                "SELECT event_id AS id FROM txbus_deliveries
+                 WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
+                 ORDER BY available_at LIMIT ? FOR UPDATE SKIP LOCKED",
+            )
+            .bind::<BigInt, _>(batch)
+            .load(conn)
+            .await?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let list = ids
+                .iter()
+                .map(|i| i.id.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            diesel::sql_query(format!(
+                "DELETE FROM txbus_deliveries WHERE event_id IN ({list})"
+            ))
+            .execute(conn)
+            .await?;
+            diesel::QueryResult::Ok(ids.len())
+        })
+        .await
+        .unwrap()
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl BenchBackend for txbus::Sqlite {
+    fn series(n: usize) -> String {
+        format!(
+            "WITH RECURSIVE s (n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < {n}) SELECT n FROM s"
+        )
+    }
+
+    fn now_plus(seconds: u32) -> String {
+        format!(
+            "(CAST(unixepoch('subsec') * 1000 AS INTEGER) + {})",
+            u64::from(seconds) * 1000
+        )
+    }
+
+    async fn reserve_ids(pool: &Pool<Self>, n: usize) -> i64 {
+        let mut conn = pool.get().await.unwrap();
+        let last: Id = diesel::sql_query(
+            "UPDATE txbus_sequence SET value = value + ? WHERE name = 'event_id' RETURNING value AS id",
+        )
+        .bind::<BigInt, _>(n as i64)
+        .get_result(&mut *conn)
+        .await
+        .unwrap();
+        last.id - n as i64 + 1
+    }
+
+    async fn raw_drain(pool: &Pool<Self>, batch: i64) -> usize {
+        let mut conn = pool.get().await.unwrap();
+        let gone: Vec<Id> = diesel::sql_query(
+            "DELETE FROM txbus_deliveries WHERE (event_id, listener) IN (
+                SELECT event_id, listener FROM txbus_deliveries
+                WHERE dead_at IS NULL AND available_at <= CAST(unixepoch('subsec') * 1000 AS INTEGER)
+                ORDER BY available_at LIMIT ?) RETURNING event_id AS id",
+        )
+        .bind::<BigInt, _>(batch)
+        .load(&mut *conn)
+        .await
+        .unwrap();
+        gone.len()
+    }
+}

@@ -1,0 +1,293 @@
+//! The benchmark harness: scenarios E1, E2, L1, D1, M1 on each backend, each measured beside a
+//! baseline in the same run, rounds alternating, reported as medians with min–max.
+//!
+//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] [--scenarios E1,E2,L1,D1,M1]
+//! [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] [--backlog N]
+//! [--memory-backlog N] [--overload N] [--smoke]`
+
+#![allow(dead_code)]
+
+mod backends;
+mod scenarios;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use txbus::{Context, ListenerError};
+
+diesel::table! {
+    /// The application's table in the benchmarks.
+    bench_users (id) {
+        /// The primary key.
+        id -> BigInt,
+        /// Some text.
+        email -> Text,
+    }
+}
+
+/// The entity each emit writes.
+#[derive(
+    Debug, Clone, diesel::Insertable, diesel::AsChangeset, diesel::Identifiable, txbus::Entity,
+)]
+#[diesel(table_name = bench_users)]
+pub struct BenchUser {
+    pub id: i64,
+    pub email: String,
+}
+
+/// The event of every scenario; `padding` sets the payload size.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "bench.user_created")]
+pub struct UserCreated {
+    pub id: i64,
+    pub email: String,
+    pub padding: String,
+}
+
+/// The event of backlogs written with SQL.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "bench.drained")]
+pub struct Drained {
+    pub padding: String,
+}
+
+/// What the no-op listeners record.
+#[derive(Default)]
+pub struct Recorder {
+    pub runs: AtomicU64,
+    pub waits: Mutex<Vec<Duration>>,
+    pub seen: Mutex<Vec<i64>>,
+    /// How long the listener takes (M1 overload).
+    pub work: Mutex<Duration>,
+}
+
+#[txbus::listener(name = "bench.noop")]
+async fn noop(_event: UserCreated, ctx: Context) -> Result<(), ListenerError> {
+    let recorder = ctx.state::<Arc<Recorder>>()?;
+    recorder.waits.lock().unwrap().push(ctx.waited());
+    let work = *recorder.work.lock().unwrap();
+    if !work.is_zero() {
+        tokio::time::sleep(work).await;
+    }
+    recorder.runs.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+#[txbus::listener(name = "bench.drain")]
+async fn drain(_event: Drained, ctx: Context) -> Result<(), ListenerError> {
+    let recorder = ctx.state::<Arc<Recorder>>()?;
+    recorder.seen.lock().unwrap().push(ctx.event_id().get());
+    recorder.runs.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The sizes of a run.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub backends: Vec<String>,
+    pub scenarios: Vec<String>,
+    pub concurrency: Vec<usize>,
+    pub events: usize,
+    pub batch_transactions: usize,
+    pub rounds: usize,
+    pub payload: usize,
+    pub backlog: usize,
+    pub memory_backlog: usize,
+    pub overload: usize,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Self {
+            backends: compiled_backends(),
+            scenarios: ["E1", "E2", "L1", "D1", "M1"].map(String::from).to_vec(),
+            concurrency: vec![1, 4, 16],
+            events: 3000,
+            batch_transactions: 20,
+            rounds: 3,
+            payload: 256,
+            backlog: 100_000,
+            memory_backlog: 1_000_000,
+            overload: 50_000,
+        }
+    }
+}
+
+impl Args {
+    fn smoke() -> Self {
+        Self {
+            concurrency: vec![1, 4],
+            events: 40,
+            batch_transactions: 2,
+            rounds: 1,
+            backlog: 300,
+            memory_backlog: 500,
+            overload: 200,
+            ..Self::default()
+        }
+    }
+
+    fn parse(raw: Vec<String>) -> Result<Self, String> {
+        let mut args = if raw.iter().any(|a| a == "--smoke") {
+            Self::smoke()
+        } else {
+            Self::default()
+        };
+        let mut it = raw.into_iter().filter(|a| a != "--smoke" && a != "--bench");
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+            let list = |v: String| v.split(',').map(str::to_owned).collect::<Vec<_>>();
+            let number = |v: String| v.parse::<usize>().map_err(|e| format!("{v}: {e}"));
+            match flag.as_str() {
+                "--backends" => args.backends = list(value()?),
+                "--scenarios" => args.scenarios = list(value()?.to_uppercase()),
+                "--concurrency" => {
+                    args.concurrency = list(value()?)
+                        .into_iter()
+                        .map(number)
+                        .collect::<Result<_, _>>()?
+                }
+                "--events" => args.events = number(value()?)?,
+                "--rounds" => args.rounds = number(value()?)?.max(1),
+                "--payload" => args.payload = number(value()?)?,
+                "--backlog" => args.backlog = number(value()?)?,
+                "--memory-backlog" => args.memory_backlog = number(value()?)?,
+                "--overload" => args.overload = number(value()?)?,
+                "--help" | "-h" => return Err(HELP.to_owned()),
+                other => return Err(format!("unknown argument {other}\n{HELP}")),
+            }
+        }
+        Ok(args)
+    }
+}
+
+const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
+[--scenarios E1,E2,L1,D1,M1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
+[--backlog N] [--memory-backlog N] [--overload N] [--smoke]";
+
+fn compiled_backends() -> Vec<String> {
+    let mut all = Vec::new();
+    if cfg!(feature = "postgres") {
+        all.push("postgres".to_owned());
+    }
+    if cfg!(feature = "mysql") {
+        all.push("mysql".to_owned());
+    }
+    if cfg!(feature = "sqlite") {
+        all.push("sqlite".to_owned());
+    }
+    all
+}
+
+/// One line of a result table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub backend: &'static str,
+    pub scenario: &'static str,
+    pub case: String,
+    pub unit: &'static str,
+    pub txbus: Vec<f64>,
+    pub baseline: Vec<f64>,
+    pub baseline_name: &'static str,
+    /// Set for rows where smaller is better (latencies, memory).
+    pub lower_is_better: bool,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn spread(values: &[f64]) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if values.len() < 2 {
+        format_number(median(values))
+    } else {
+        format!(
+            "{} [{}–{}]",
+            format_number(median(values)),
+            format_number(min),
+            format_number(max)
+        )
+    }
+}
+
+fn format_number(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n| backend | scenario | case | unit | txbus: median [min–max] | baseline | baseline: median [min–max] | txbus ÷ baseline |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let ratio = median(&row.txbus) / median(&row.baseline);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.backend,
+            row.scenario,
+            row.case,
+            row.unit,
+            spread(&row.txbus),
+            row.baseline_name,
+            spread(&row.baseline),
+            if ratio.is_finite() {
+                format!("{ratio:.2}")
+            } else {
+                "–".to_owned()
+            },
+        );
+    }
+}
+
+pub fn main(raw: Vec<String>) -> ExitCode {
+    if raw.first().is_some_and(|a| a == "--child") {
+        return scenarios::child(&raw[1..]);
+    }
+    let args = match Args::parse(raw) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("txbus benchmarks: {args:?}");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for backend in &args.backends {
+        let result = match backend.as_str() {
+            #[cfg(feature = "postgres")]
+            "postgres" => runtime.block_on(scenarios::run::<txbus::Postgres>(&args)),
+            #[cfg(feature = "mysql")]
+            "mysql" => runtime.block_on(scenarios::run::<txbus::Mysql>(&args)),
+            #[cfg(feature = "sqlite")]
+            "sqlite" => runtime.block_on(scenarios::run::<txbus::Sqlite>(&args)),
+            other => {
+                eprintln!("unknown or not compiled backend {other}; build with its feature");
+                return ExitCode::FAILURE;
+            }
+        };
+        rows.extend(result);
+        print_table(&rows);
+    }
+    ExitCode::SUCCESS
+}

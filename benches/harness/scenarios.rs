@@ -1,0 +1,643 @@
+//! The scenarios. Each returns result rows; each checks its own invariants (every event
+//! delivered, nothing run twice) and panics when they do not hold.
+
+use std::collections::HashSet;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use diesel_async::AsyncConnection;
+use txbus::{Entity, EventBus, Pool, persist};
+
+use super::backends::{BenchBackend, bulk_backlog};
+use super::{Args, BenchUser, Recorder, Row, UserCreated};
+use crate::support::TestBackend;
+use crate::support::backends::exec;
+
+static NEXT_ID: AtomicI64 = AtomicI64::new(1);
+
+fn next_user(payload: usize) -> (BenchUser, UserCreated) {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let email = format!("user-{id}@example.com");
+    let event = UserCreated {
+        id,
+        email: email.clone(),
+        padding: "x".repeat(payload.saturating_sub(60)),
+    };
+    (BenchUser { id, email }, event)
+}
+
+async fn pool_for<B: TestBackend>(url: &str, size: usize) -> Pool<B> {
+    Pool::builder(url).max_size(size).connect().await.unwrap()
+}
+
+async fn create_users<B: TestBackend>(pool: &Pool<B>) {
+    exec(
+        pool,
+        "CREATE TABLE bench_users (id BIGINT PRIMARY KEY, email VARCHAR(255) NOT NULL)",
+    )
+    .await;
+}
+
+/// Waits until `recorder` counted `target` runs and the bus wrote every result.
+async fn settle<B: TestBackend>(bus: &EventBus<B>, recorder: &Recorder, target: u64) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while recorder.runs.load(Ordering::Relaxed) < target {
+        assert!(Instant::now() < deadline, "deliveries did not all run");
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    bus.wait_idle().await;
+    assert_eq!(
+        recorder.runs.load(Ordering::Relaxed),
+        target,
+        "a delivery ran twice"
+    );
+}
+
+pub async fn run<B: BenchBackend>(args: &Args) -> Vec<Row>
+where
+    BenchUser: Entity<B>,
+{
+    let mut rows = Vec::new();
+    for scenario in &args.scenarios {
+        eprintln!("[{}] {scenario}", B::NAME);
+        match scenario.as_str() {
+            "E1" => rows.extend(e1::<B>(args).await),
+            "E2" => rows.extend(e2::<B>(args).await),
+            "L1" => rows.extend(l1::<B>(args).await),
+            "D1" => rows.extend(d1::<B>(args).await),
+            "M1" => rows.extend(m1::<B>(args).await),
+            other => panic!("unknown scenario {other}"),
+        }
+    }
+    rows
+}
+
+/// E1: emit with one `persist` and one no-op listener, until the listener ran and its result is
+/// written; baseline: the same `persist` in a plain diesel-async transaction.
+async fn e1<B: BenchBackend>(args: &Args) -> Vec<Row>
+where
+    BenchUser: Entity<B>,
+{
+    let db = B::open().await;
+    let most = args.concurrency.iter().copied().max().unwrap_or(1);
+    let pool = pool_for::<B>(&db.url, most + 8).await;
+    create_users(&pool).await;
+    let recorder = Arc::new(Recorder::default());
+    let bus = EventBus::builder(pool.clone())
+        .state(recorder.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut rows = Vec::new();
+    for &clients in &args.concurrency {
+        let mut row = Row {
+            backend: B::NAME,
+            scenario: "E1 emit end-to-end",
+            case: format!("{clients} emitters"),
+            unit: "events/s",
+            txbus: Vec::new(),
+            baseline: Vec::new(),
+            baseline_name: "plain insert tx",
+            lower_is_better: false,
+        };
+        for round in 0..args.rounds {
+            for bus_first in [round % 2 == 1, round % 2 == 0] {
+                let n = args.events;
+                let started = Instant::now();
+                if bus_first {
+                    let target = recorder.runs.load(Ordering::Relaxed) + n as u64;
+                    fan_out(clients, n, |count| {
+                        let bus = bus.clone();
+                        let payload = args.payload;
+                        async move {
+                            for _ in 0..count {
+                                let (user, event) = next_user(payload);
+                                bus.emit(event, [persist(&user)]).await.unwrap();
+                            }
+                        }
+                    })
+                    .await;
+                    settle(&bus, &recorder, target).await;
+                    row.txbus.push(n as f64 / started.elapsed().as_secs_f64());
+                } else {
+                    fan_out(clients, n, |count| {
+                        let pool = pool.clone();
+                        let payload = args.payload;
+                        async move {
+                            for _ in 0..count {
+                                let (user, _) = next_user(payload);
+                                let mut conn = pool.get().await.unwrap();
+                                conn.transaction(async |c| {
+                                    <BenchUser as Entity<B>>::persist(&user, c).await
+                                })
+                                .await
+                                .unwrap();
+                            }
+                        }
+                    })
+                    .await;
+                    row.baseline
+                        .push(n as f64 / started.elapsed().as_secs_f64());
+                }
+            }
+        }
+        rows.push(row);
+    }
+    bus.shutdown().await;
+    rows
+}
+
+/// Runs `work(count)` on `clients` tasks that share `n` items, and waits for all of them.
+async fn fan_out<F, Fut>(clients: usize, n: usize, work: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let count = n / clients + usize::from(i < n % clients);
+            tokio::spawn(work(count))
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// E2: 100 events in one transaction, each with its entity written beside it; baseline: the
+/// same entity writes in one plain transaction.
+async fn e2<B: BenchBackend>(args: &Args) -> Vec<Row>
+where
+    BenchUser: Entity<B>,
+{
+    const PER_TRANSACTION: usize = 100;
+    let db = B::open().await;
+    let pool = pool_for::<B>(&db.url, 8).await;
+    create_users(&pool).await;
+    let recorder = Arc::new(Recorder::default());
+    let bus = EventBus::builder(pool.clone())
+        .state(recorder.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut row = Row {
+        backend: B::NAME,
+        scenario: "E2 batch emit",
+        case: format!("{PER_TRANSACTION} events per transaction"),
+        unit: "events/s",
+        txbus: Vec::new(),
+        baseline: Vec::new(),
+        baseline_name: "plain inserts in 1 tx",
+        lower_is_better: false,
+    };
+    let transactions = args.batch_transactions;
+    let n = transactions * PER_TRANSACTION;
+    for round in 0..args.rounds {
+        for bus_first in [round % 2 == 1, round % 2 == 0] {
+            let started = Instant::now();
+            if bus_first {
+                let target = recorder.runs.load(Ordering::Relaxed) + n as u64;
+                for _ in 0..transactions {
+                    let batch: Vec<_> = (0..PER_TRANSACTION)
+                        .map(|_| next_user(args.payload))
+                        .collect();
+                    bus.transaction(async |tx| {
+                        for (user, event) in &batch {
+                            <BenchUser as Entity<B>>::persist(user, tx.conn()).await?;
+                            tx.emit(event).await?;
+                        }
+                        Ok::<_, txbus::Error>(())
+                    })
+                    .await
+                    .unwrap();
+                }
+                settle(&bus, &recorder, target).await;
+                row.txbus.push(n as f64 / started.elapsed().as_secs_f64());
+            } else {
+                for _ in 0..transactions {
+                    let batch: Vec<_> = (0..PER_TRANSACTION)
+                        .map(|_| next_user(args.payload).0)
+                        .collect();
+                    let mut conn = pool.get().await.unwrap();
+                    conn.transaction(async |c| {
+                        for user in &batch {
+                            <BenchUser as Entity<B>>::persist(user, c).await?;
+                        }
+                        diesel::QueryResult::Ok(())
+                    })
+                    .await
+                    .unwrap();
+                }
+                row.baseline
+                    .push(n as f64 / started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    bus.shutdown().await;
+    vec![row]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index].as_secs_f64() * 1e6
+}
+
+/// L1: from the commit to the start of the listener, in this process; baseline: a tokio channel
+/// hand-off between tasks, the floor of any in-process dispatch.
+async fn l1<B: BenchBackend>(args: &Args) -> Vec<Row>
+where
+    BenchUser: Entity<B>,
+{
+    let db = B::open().await;
+    let levels: Vec<usize> = [1, 16]
+        .into_iter()
+        .filter(|c| args.concurrency.iter().any(|x| x >= c))
+        .collect();
+    let pool = pool_for::<B>(&db.url, 24).await;
+    let recorder = Arc::new(Recorder::default());
+    let bus = EventBus::builder(pool.clone())
+        .state(recorder.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut rows = Vec::new();
+    for clients in levels {
+        let mut by_stat: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+            ("p50", Vec::new(), Vec::new()),
+            ("p99", Vec::new(), Vec::new()),
+            ("max", Vec::new(), Vec::new()),
+        ];
+        for _ in 0..args.rounds {
+            recorder.waits.lock().unwrap().clear();
+            let n = args.events;
+            let target = recorder.runs.load(Ordering::Relaxed) + n as u64;
+            fan_out(clients, n, |count| {
+                let bus = bus.clone();
+                let payload = args.payload;
+                async move {
+                    for _ in 0..count {
+                        bus.emit(next_user(payload).1, []).await.unwrap();
+                    }
+                }
+            })
+            .await;
+            settle(&bus, &recorder, target).await;
+            let mut waits = std::mem::take(&mut *recorder.waits.lock().unwrap());
+            waits.sort();
+            let mut floor = handoff_latencies(clients, n).await;
+            floor.sort();
+            for (stat, txbus, baseline) in &mut by_stat {
+                let p = match *stat {
+                    "p50" => 0.5,
+                    "p99" => 0.99,
+                    _ => 1.0,
+                };
+                txbus.push(percentile(&waits, p));
+                baseline.push(percentile(&floor, p));
+            }
+        }
+        for (stat, txbus, baseline) in by_stat {
+            rows.push(Row {
+                backend: B::NAME,
+                scenario: "L1 commit → listener start",
+                case: format!("{clients} emitters, {stat}"),
+                unit: "µs",
+                txbus,
+                baseline,
+                baseline_name: "tokio channel hand-off",
+                lower_is_better: true,
+            });
+        }
+    }
+    bus.shutdown().await;
+    rows
+}
+
+/// Latencies of `n` hand-offs of an `Instant` from `clients` sending tasks to one receiver.
+async fn handoff_latencies(clients: usize, n: usize) -> Vec<Duration> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Instant>(1024);
+    let receiver = tokio::spawn(async move {
+        let mut waits = Vec::with_capacity(n);
+        while let Some(sent) = rx.recv().await {
+            waits.push(sent.elapsed());
+        }
+        waits
+    });
+    fan_out(clients, n, |count| {
+        let tx = tx.clone();
+        async move {
+            for _ in 0..count {
+                tx.send(Instant::now()).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        }
+    })
+    .await;
+    drop(tx);
+    receiver.await.unwrap()
+}
+
+fn drain_bus<B: TestBackend>(pool: Pool<B>, recorder: Arc<Recorder>) -> txbus::EventBusBuilder<B> {
+    EventBus::builder(pool)
+        .state(recorder)
+        .retry_every(Duration::from_millis(50))
+        .max_events_per_retry(1000)
+        .max_concurrent_listeners(1000)
+}
+
+async fn deliveries_left<B: TestBackend>(pool: &Pool<B>) -> i64 {
+    B::count(pool, "SELECT count(*) AS n FROM txbus_deliveries").await
+}
+
+/// D1: the poller drains a backlog left as after a crash, in one process and in two; baseline:
+/// the same rows claimed and deleted with plain SQL in batches of 1000.
+async fn d1<B: BenchBackend>(args: &Args) -> Vec<Row>
+where
+    BenchUser: Entity<B>,
+{
+    let n = args.backlog;
+    let payload = format!(
+        r#"{{"padding":"{}"}}"#,
+        "x".repeat(args.payload.saturating_sub(14))
+    );
+    let mut one = Row {
+        backend: B::NAME,
+        scenario: "D1 poller drain",
+        case: format!("{n} backlog, 1 process"),
+        unit: "deliveries/s",
+        txbus: Vec::new(),
+        baseline: Vec::new(),
+        baseline_name: "plain SKIP LOCKED delete",
+        lower_is_better: false,
+    };
+    let mut two = Row {
+        case: format!("{n} backlog, 2 processes"),
+        ..one.clone()
+    };
+    for _ in 0..args.rounds {
+        // Baseline.
+        let db = B::open().await;
+        txbus::migrate(&db.pool).await.unwrap();
+        bulk_backlog::<B>(&db.pool, n, &payload).await;
+        let started = Instant::now();
+        while B::raw_drain(&db.pool, 1000).await > 0 {}
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        one.baseline.push(rate);
+        two.baseline.push(rate);
+        drop(db);
+
+        // One process.
+        let db = B::open().await;
+        txbus::migrate(&db.pool).await.unwrap();
+        bulk_backlog::<B>(&db.pool, n, &payload).await;
+        let pool = pool_for::<B>(&db.url, 8).await;
+        let recorder = Arc::new(Recorder::default());
+        let started = Instant::now();
+        let bus = drain_bus(pool.clone(), recorder.clone())
+            .build()
+            .await
+            .unwrap();
+        settle(&bus, &recorder, n as u64).await;
+        one.txbus.push(n as f64 / started.elapsed().as_secs_f64());
+        assert_eq!(deliveries_left(&pool).await, 0);
+        let seen: HashSet<i64> = recorder.seen.lock().unwrap().iter().copied().collect();
+        assert_eq!(seen.len(), n, "every delivery ran once");
+        bus.shutdown().await;
+        drop(db);
+
+        // Two processes.
+        let db = B::open().await;
+        txbus::migrate(&db.pool).await.unwrap();
+        bulk_backlog::<B>(&db.pool, n, &payload).await;
+        let dir = std::env::temp_dir();
+        let outs: Vec<_> = (0..2)
+            .map(|i| dir.join(format!("txbus-bench-{}-{i}.ids", std::process::id())))
+            .collect();
+        let started = Instant::now();
+        let children: Vec<_> = outs
+            .iter()
+            .map(|out| {
+                Command::new(std::env::current_exe().unwrap())
+                    .args([
+                        "--child",
+                        "drain",
+                        B::NAME,
+                        &db.url,
+                        &n.to_string(),
+                        out.to_str().unwrap(),
+                    ])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut child in children {
+            assert!(child.wait().unwrap().success(), "a draining child failed");
+        }
+        two.txbus.push(n as f64 / started.elapsed().as_secs_f64());
+        let mut all = Vec::new();
+        let mut shares = Vec::new();
+        for out in &outs {
+            let ids: Vec<i64> = std::fs::read_to_string(out)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| l.parse().unwrap())
+                .collect();
+            shares.push(ids.len());
+            all.extend(ids);
+            let _ = std::fs::remove_file(out);
+        }
+        let distinct: HashSet<i64> = all.iter().copied().collect();
+        assert_eq!(
+            all.len(),
+            n,
+            "no delivery ran twice across the two processes: {shares:?}"
+        );
+        assert_eq!(distinct.len(), n, "every delivery ran");
+        eprintln!(
+            "[{}] D1 two processes shared the backlog {shares:?}",
+            B::NAME
+        );
+        drop(db);
+    }
+    vec![one, two]
+}
+
+/// M1: peak memory of a process draining a large backlog, and of one under an emit overload;
+/// baseline: the same process idle, right after its bus started.
+async fn m1<B: BenchBackend>(args: &Args) -> Vec<Row>
+where
+    BenchUser: Entity<B>,
+{
+    let payload = format!(
+        r#"{{"padding":"{}"}}"#,
+        "x".repeat(args.payload.saturating_sub(14))
+    );
+    let mut rows = Vec::new();
+    for backlog in [args.memory_backlog / 10, args.memory_backlog] {
+        let db = B::open().await;
+        txbus::migrate(&db.pool).await.unwrap();
+        bulk_backlog::<B>(&db.pool, backlog, &payload).await;
+        let (idle, peak) = measure_child::<B>("memory-drain", &db.url, backlog);
+        rows.push(memory_row(
+            B::NAME,
+            format!("drain {backlog} backlog"),
+            idle,
+            peak,
+        ));
+    }
+    let db = B::open().await;
+    create_users(&db.pool).await;
+    let (idle, peak) = measure_child::<B>("memory-overload", &db.url, args.overload);
+    rows.push(memory_row(
+        B::NAME,
+        format!("{} emits, slow listener", args.overload),
+        idle,
+        peak,
+    ));
+    rows
+}
+
+fn memory_row(backend: &'static str, case: String, idle_kib: f64, peak_kib: f64) -> Row {
+    Row {
+        backend,
+        scenario: "M1 peak RSS",
+        case,
+        unit: "MiB",
+        txbus: vec![peak_kib / 1024.0],
+        baseline: vec![idle_kib / 1024.0],
+        baseline_name: "same process idle",
+        lower_is_better: true,
+    }
+}
+
+/// Runs a memory child and returns its (idle, peak) RSS in KiB.
+fn measure_child<B: TestBackend>(mode: &str, url: &str, n: usize) -> (f64, f64) {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--child", mode, B::NAME, url, &n.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "the {mode} child failed");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let numbers: Vec<f64> = text
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// A field of /proc/self/status, in KiB.
+fn status_kib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The child processes of D1 and M1: `--child <mode> <backend> <url> <n> [out]`.
+pub fn child(args: &[String]) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mode, backend, url, n) = (
+        &args[0],
+        &args[1],
+        args[2].clone(),
+        args[3].parse::<usize>().unwrap(),
+    );
+    let out = args.get(4).cloned();
+    match backend.as_str() {
+        #[cfg(feature = "postgres")]
+        "postgres" => runtime.block_on(child_run::<txbus::Postgres>(mode, url, n, out)),
+        #[cfg(feature = "mysql")]
+        "mysql" => runtime.block_on(child_run::<txbus::Mysql>(mode, url, n, out)),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => runtime.block_on(child_run::<txbus::Sqlite>(mode, url, n, out)),
+        other => panic!("unknown backend {other}"),
+    }
+    ExitCode::SUCCESS
+}
+
+async fn child_run<B: BenchBackend>(mode: &str, url: String, n: usize, out: Option<String>)
+where
+    BenchUser: Entity<B>,
+{
+    let pool = pool_for::<B>(&url, 24).await;
+    let recorder = Arc::new(Recorder::default());
+    match mode {
+        "drain" => {
+            let bus = drain_bus(pool.clone(), recorder.clone())
+                .run_migrations(false)
+                .build()
+                .await
+                .unwrap();
+            // Run until the shared backlog is gone, then report what ran here.
+            while deliveries_left(&pool).await > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            bus.wait_idle().await;
+            bus.shutdown().await;
+            let ids: Vec<String> = recorder
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|id| format!("{id}\n"))
+                .collect();
+            std::fs::write(out.unwrap(), ids.concat()).unwrap();
+        }
+        "memory-drain" => {
+            let bus = drain_bus(pool.clone(), recorder.clone()).run_migrations(false);
+            let idle = status_kib("VmRSS:");
+            reset_peak();
+            let bus = bus.build().await.unwrap();
+            settle(&bus, &recorder, n as u64).await;
+            assert_eq!(deliveries_left(&pool).await, 0);
+            println!("{idle} {}", status_kib("VmHWM:"));
+            bus.shutdown().await;
+        }
+        "memory-overload" => {
+            *recorder.work.lock().unwrap() = Duration::from_millis(2);
+            let bus = EventBus::builder(pool.clone())
+                .state(recorder.clone())
+                .build()
+                .await
+                .unwrap();
+            let idle = status_kib("VmRSS:");
+            reset_peak();
+            fan_out(16, n, |count| {
+                let bus = bus.clone();
+                async move {
+                    for _ in 0..count {
+                        let (user, event) = next_user(256);
+                        bus.emit(event, [persist(&user)]).await.unwrap();
+                    }
+                }
+            })
+            .await;
+            settle(&bus, &recorder, n as u64).await;
+            println!("{idle} {}", status_kib("VmHWM:"));
+            bus.shutdown().await;
+        }
+        other => panic!("unknown child mode {other}"),
+    }
+}
+
+/// Resets the peak RSS of this process (`VmHWM`) to its current RSS.
+fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+}
