@@ -302,23 +302,22 @@ impl<B: Backend> EventBus<B> {
             let mut guard = TxConn::<B>::checkout(&shared.pool).await?;
             guard.enter();
             let leased = Instant::now();
+            let conn = guard.conn()?;
             let written = if ops.is_empty() {
-                B::emit_alone(guard.conn()?, &prepared.new).await
+                B::emit_alone(conn, &prepared.new).await
             } else {
-                B::begin(guard.conn()?).await?;
-                let mut failed = None;
-                for op in &ops {
-                    if let Err(error) = op.run(guard.conn()?).await {
-                        failed = Some(error);
-                        break;
+                async {
+                    let first_ran = B::begin_with(conn, &ops[0]).await?;
+                    for op in ops.iter().skip(usize::from(first_ran)) {
+                        op.run(conn).await?;
                     }
+                    B::commit_with_event(conn, &prepared.new).await
                 }
-                if let Some(error) = failed {
-                    guard.rollback().await;
-                    return Err(error.into());
-                }
-                B::commit_with_event(guard.conn()?, &prepared.new).await
+                .await
             };
+            if written.is_err() {
+                guard.rollback_if_open().await;
+            }
             guard.settle();
             let inserted = written?;
             drop(guard);

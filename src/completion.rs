@@ -13,6 +13,10 @@ use crate::{Backend, Error, Pool};
 /// The most results written in one batch.
 const MAX_BATCH: usize = 512;
 
+/// How long the first result of a batch waits for others to join it. It delays the record of a
+/// success by as much, which is the window in which a crash makes a listener run again.
+const LINGER: Duration = Duration::from_millis(2);
+
 /// How often a batch is tried when the database is reachable but the write fails.
 const MAX_STATEMENT_FAILURES: u32 = 5;
 
@@ -24,14 +28,19 @@ pub(crate) async fn complete_loop<B: Backend>(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while reports.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Let a burst gather: one write for many results is one commit instead of many.
+        let deadline = tokio::time::sleep(LINGER);
+        tokio::pin!(deadline);
+        while batch.len() < MAX_BATCH {
+            let room = MAX_BATCH - batch.len();
+            tokio::select! {
+                n = reports.recv_many(&mut batch, room) => if n == 0 { break },
+                _ = &mut deadline => break,
+            }
+        }
         let (outcomes, in_flight): (Vec<Outcome>, Vec<_>) =
             batch.drain(..).map(|r| (r.outcome, r._in_flight)).unzip();
-        if std::env::var("TXBUS_SKIP_COMPLETION").is_err() {
-            write(&pool, &outcomes, &phase).await;
-        }
-        if std::env::var("TXBUS_BATCH_LOG").is_ok() {
-            eprintln!("batch {}", outcomes.len());
-        }
+        write(&pool, &outcomes, &phase).await;
         // Only now is the bus idle for these deliveries.
         drop(in_flight);
     }

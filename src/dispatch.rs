@@ -156,9 +156,17 @@ impl Runner {
 
     /// Queues a delivery; when the queue is full or closed, hands it back to the database at once
     /// so that any instance's poller runs it.
-    pub(crate) fn submit(&self, job: Job) {
+    pub(crate) fn submit(self: &Arc<Self>, job: Job) {
         if self.phase() >= Phase::Draining {
             self.release(job);
+            return;
+        }
+        // Nothing waits ahead of it and a permit is free: start it right here, one hop sooner.
+        if self.queue.capacity() == self.queue_capacity
+            && let Ok(permit) = self.permits.clone().try_acquire_owned()
+            && let Some(reports) = self.reports_sender()
+        {
+            tokio::spawn(run(job, permit, self.clone(), reports));
             return;
         }
         if let Err(error) = self.queue.try_send(job) {

@@ -37,6 +37,20 @@ pub trait Entity<B: Backend>: Sync {
 
     /// Deletes the row with its primary key (nothing when there is none).
     fn remove<'c>(&'c self, conn: &'c mut B::Connection) -> BoxFuture<'c, QueryResult<()>>;
+
+    /// The same write through a shared connection, for backends that pipeline statements
+    /// (PostgreSQL), or `None`. The derive provides it; the statement must not open or end a
+    /// transaction, and must not need a type lookup that could delay it behind later statements
+    /// (the derive's statements need none: diesel looks up only custom SQL types, once per
+    /// connection, and the bus sends nothing after it until it completes).
+    #[doc(hidden)]
+    fn __pipelined<'c>(
+        &'c self,
+        _conn: &'c B::Connection,
+        _remove: bool,
+    ) -> Option<BoxFuture<'c, QueryResult<()>>> {
+        None
+    }
 }
 
 /// A write to run with an event, in its transaction: made by [`persist`] or [`remove`] and given
@@ -58,6 +72,15 @@ impl<B: Backend> Operation<'_, B> {
             Kind::Persist => self.entity.persist(conn),
             Kind::Remove => self.entity.remove(conn),
         }
+    }
+
+    /// The write through a shared connection, when the entity offers one.
+    pub(crate) fn pipelined<'c>(
+        &'c self,
+        conn: &'c B::Connection,
+    ) -> Option<BoxFuture<'c, QueryResult<()>>> {
+        self.entity
+            .__pipelined(conn, matches!(self.kind, Kind::Remove))
     }
 }
 

@@ -186,6 +186,19 @@ impl<B: Backend> TxConn<B> {
         Ok(())
     }
 
+    /// After a failure: rolls back if a transaction is still open, then settles.
+    pub(crate) async fn rollback_if_open(&mut self) {
+        let open = self.conn().is_ok_and(|conn| {
+            let status =
+                <B::Connection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(conn);
+            !matches!(status.transaction_depth(), Ok(None))
+        });
+        if open {
+            self.rollback().await;
+        }
+        self.settle();
+    }
+
     pub(crate) async fn rollback(&mut self) {
         let Ok(conn) = self.conn() else { return };
         match <B::Connection as AsyncConnection>::TransactionManager::rollback_transaction(conn)

@@ -119,6 +119,37 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
             ::txbus::__private::diesel_async::RunQueryDsl::execute(upsert, conn).await?;
         }
     };
+    let pipelined = if backend == "postgres" {
+        // Through a shared connection, so that the bus can send it in one round trip with the
+        // transaction's BEGIN.
+        quote! {
+            fn __pipelined<'__c>(
+                &'__c self,
+                conn: &'__c <::txbus::#marker as ::txbus::Backend>::Connection,
+                remove: bool,
+            ) -> ::core::option::Option<::txbus::BoxFuture<'__c, ::txbus::__private::diesel::QueryResult<()>>> {
+                ::core::option::Option::Some(::std::boxed::Box::pin(async move {
+                    let mut conn = conn;
+                    if remove {
+                        let delete = ::txbus::__private::diesel::delete(self);
+                        ::txbus::__private::diesel_async::RunQueryDsl::execute(delete, &mut conn).await?;
+                    } else {
+                        use ::txbus::__private::diesel::Table as _;
+                        let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
+                        let upsert = ::txbus::__private::diesel::insert_into(table)
+                            .values(self)
+                            .on_conflict(table.primary_key())
+                            .do_update()
+                            .set(self);
+                        ::txbus::__private::diesel_async::RunQueryDsl::execute(upsert, &mut conn).await?;
+                    }
+                    ::core::result::Result::Ok(())
+                }))
+            }
+        }
+    } else {
+        TokenStream::new()
+    };
     quote! {
         ::txbus::#gate! {
             impl #impl_generics ::txbus::Entity<::txbus::#marker> for #ident #ty_generics #where_clause {
@@ -143,6 +174,8 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
                             .map(|_| ())
                     })
                 }
+
+                #pipelined
             }
         }
     }

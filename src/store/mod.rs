@@ -23,12 +23,13 @@ use std::time::{Duration, SystemTime};
 use diesel::QueryResult;
 use diesel_async::AsyncConnection;
 
-use crate::{Error, EventId};
+use crate::{Error, EventId, Operation};
 
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+mod sql;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
 
@@ -63,6 +64,19 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
     /// Opens a transaction for [`EventBus::transaction`](crate::EventBus::transaction).
     #[doc(hidden)]
     fn begin(conn: &mut Self::Connection) -> impl Future<Output = QueryResult<()>> + Send;
+
+    /// Opens a transaction for an emit, and may run its first operation in the same round trip.
+    /// Returns whether it ran that operation.
+    #[doc(hidden)]
+    fn begin_with(
+        conn: &mut Self::Connection,
+        _first: &Operation<'_, Self>,
+    ) -> impl Future<Output = QueryResult<bool>> + Send {
+        async move {
+            Self::begin(conn).await?;
+            Ok(false)
+        }
+    }
 
     /// Inserts one delivery per listener of the event, leased to the emitter for `event.lease`.
     /// With no listener, writes nothing and only reserves an id.

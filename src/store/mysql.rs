@@ -15,12 +15,18 @@ use diesel_async::{
 };
 use serde_json::json;
 
+use super::sql::{Sql, sql};
 use super::{
     Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
     attempt_i32, attempt_u32, micros, split_done, system_time_from_micros,
 };
 use crate::migrate;
 use crate::{Error, EventId};
+
+/// A statement of this backend that diesel caches as a prepared statement.
+fn query<'a>(text: &'static str) -> Sql<'a, diesel::mysql::Mysql> {
+    sql(text)
+}
 
 /// The MySQL / MariaDB backend (feature `mysql`), on diesel-async's `AsyncMysqlConnection`.
 ///
@@ -275,11 +281,11 @@ impl Backend for Mysql {
         conn: &mut AsyncMysqlConnection,
         event: &NewEvent,
     ) -> QueryResult<Inserted> {
-        diesel::sql_query(NEXT_EVENT_ID).execute(conn).await?;
-        let row: InsertedRow = diesel::sql_query(LOAD_EVENT_ID).get_result(conn).await?;
+        query(NEXT_EVENT_ID).execute(conn).await?;
+        let row: InsertedRow = query(LOAD_EVENT_ID).get_result(conn).await?;
         if !event.listeners.is_empty() {
             let lease = lease_ms(event.lease);
-            diesel::sql_query(INSERT_EVENT)
+            query(INSERT_EVENT)
                 .bind::<BigInt, _>(row.id)
                 .bind::<Text, _>(event.name)
                 .bind::<Text, _>(&*event.payload)
@@ -316,7 +322,7 @@ impl Backend for Mysql {
         conn.batch_execute(READ_COMMITTED).await?;
         let rows: Vec<ClaimedRow> = conn
             .transaction(async |conn| {
-                let keys: Vec<KeyRow> = diesel::sql_query(CLAIM_SELECT)
+                let keys: Vec<KeyRow> = query(CLAIM_SELECT)
                     .bind::<Text, _>(&listeners)
                     .bind::<BigInt, _>(limit)
                     .load(conn)
@@ -325,14 +331,11 @@ impl Backend for Mysql {
                     return Ok(Vec::new());
                 }
                 let keys = key_json(keys.iter().map(|k| (k.event_id, k.listener.as_str())));
-                diesel::sql_query(CLAIM_UPDATE)
+                query(CLAIM_UPDATE)
                     .bind::<Text, _>(&keys)
                     .execute(conn)
                     .await?;
-                diesel::sql_query(CLAIM_LOAD)
-                    .bind::<Text, _>(&keys)
-                    .load(conn)
-                    .await
+                query(CLAIM_LOAD).bind::<Text, _>(&keys).load(conn).await
             })
             .await?;
         Ok(rows
@@ -378,14 +381,12 @@ impl Backend for Mysql {
             conn.batch_execute(READ_COMMITTED).await?;
             let (applied, died) = conn
                 .transaction(async |conn| {
-                    let applied = diesel::sql_query(UPDATE_FAILED)
+                    let applied = query(UPDATE_FAILED)
                         .bind::<Text, _>(json!(rows).to_string())
                         .execute(conn)
                         .await?;
-                    let died: Vec<DiedRow> = diesel::sql_query(LOAD_DEAD)
-                        .bind::<Text, _>(&keys)
-                        .load(conn)
-                        .await?;
+                    let died: Vec<DiedRow> =
+                        query(LOAD_DEAD).bind::<Text, _>(&keys).load(conn).await?;
                     QueryResult::Ok((applied, died))
                 })
                 .await?;
@@ -406,7 +407,7 @@ impl Backend for Mysql {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         conn.batch_execute(READ_COMMITTED).await?;
         conn.transaction(async |conn| {
-            let keys: Vec<KeyRow> = diesel::sql_query(EXPIRE_SELECT)
+            let keys: Vec<KeyRow> = query(EXPIRE_SELECT)
                 .bind::<Text, _>(&known)
                 .bind::<BigInt, _>(limit)
                 .load(conn)
@@ -414,7 +415,7 @@ impl Backend for Mysql {
             if keys.is_empty() {
                 return Ok(Vec::new());
             }
-            diesel::sql_query(EXPIRE_UPDATE)
+            query(EXPIRE_UPDATE)
                 .bind::<Text, _>(key_json(
                     keys.iter().map(|k| (k.event_id, k.listener.as_str())),
                 ))
@@ -437,7 +438,7 @@ impl Backend for Mysql {
         known: &[&'static str],
         limit: usize,
     ) -> QueryResult<Vec<(String, i64)>> {
-        let rows: Vec<ListenerCountRow> = diesel::sql_query(ORPHANS)
+        let rows: Vec<ListenerCountRow> = query(ORPHANS)
             .bind::<Text, _>(json!(known).to_string())
             .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
             .load(conn)
@@ -448,11 +449,10 @@ impl Backend for Mysql {
     async fn maintain(conn: &mut AsyncMysqlConnection) -> QueryResult<()> {
         // Event ids come from AUTO_INCREMENT rows that are only needed for their counter; the
         // newest stays, so the counter survives even a server without a persistent one.
-        let newest: IdRow =
-            diesel::sql_query("SELECT COALESCE(MAX(id), 0) AS id FROM txbus_event_ids")
-                .get_result(conn)
-                .await?;
-        diesel::sql_query("DELETE FROM txbus_event_ids WHERE id < ? LIMIT 10000")
+        let newest: IdRow = query("SELECT COALESCE(MAX(id), 0) AS id FROM txbus_event_ids")
+            .get_result(conn)
+            .await?;
+        query("DELETE FROM txbus_event_ids WHERE id < ? LIMIT 10000")
             .bind::<BigInt, _>(newest.id)
             .execute(conn)
             .await?;
@@ -460,7 +460,7 @@ impl Backend for Mysql {
     }
 
     async fn migrate(conn: &mut AsyncMysqlConnection) -> Result<Vec<String>, Error> {
-        let locked: LockRow = diesel::sql_query(LOCK_MIGRATIONS).get_result(conn).await?;
+        let locked: LockRow = query(LOCK_MIGRATIONS).get_result(conn).await?;
         if locked.n != Some(1) {
             return Err(Error::Config(
                 "could not take the txbus migration lock (GET_LOCK) within 10 minutes; another \
@@ -470,9 +470,7 @@ impl Backend for Mysql {
         }
         let result = apply_migrations(conn).await;
         // On a broken connection the session ends, and the lock with it.
-        let unlocked = diesel::sql_query(UNLOCK_MIGRATIONS)
-            .get_result::<LockRow>(conn)
-            .await;
+        let unlocked = query(UNLOCK_MIGRATIONS).get_result::<LockRow>(conn).await;
         let applied = result?;
         unlocked?;
         Ok(applied)
@@ -483,7 +481,7 @@ impl Backend for Mysql {
 /// recorded right after it.
 async fn apply_migrations(conn: &mut AsyncMysqlConnection) -> Result<Vec<String>, Error> {
     conn.batch_execute(CREATE_MIGRATIONS_TABLE).await?;
-    let done: Vec<VersionRow> = diesel::sql_query("SELECT version FROM txbus_migrations")
+    let done: Vec<VersionRow> = query("SELECT version FROM txbus_migrations")
         .load(conn)
         .await?;
     let done: Vec<String> = done.into_iter().map(|row| row.version).collect();
@@ -491,7 +489,7 @@ async fn apply_migrations(conn: &mut AsyncMysqlConnection) -> Result<Vec<String>
     for migration in migrate::pending(migrate::MYSQL, &done) {
         let result = async {
             conn.batch_execute(migration.up).await?;
-            diesel::sql_query("INSERT INTO txbus_migrations (version, name) VALUES (?, ?)")
+            query("INSERT INTO txbus_migrations (version, name) VALUES (?, ?)")
                 .bind::<Text, _>(migration.version)
                 .bind::<Text, _>(migration.name)
                 .execute(conn)
@@ -515,7 +513,7 @@ async fn delete_done(conn: &mut AsyncMysqlConnection, done: &[DeliveryKey]) -> Q
     )
     .to_string();
     conn.batch_execute(READ_COMMITTED).await?;
-    diesel::sql_query(DELETE_DONE)
+    query(DELETE_DONE)
         .bind::<Text, _>(&keys)
         .execute(conn)
         .await

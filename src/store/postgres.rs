@@ -13,12 +13,18 @@ use diesel_async::{
     TransactionManager,
 };
 
+use super::sql::{Sql, sql};
 use super::{
     Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
     attempt_i32, attempt_u32, micros, split_done, system_time_from_micros,
 };
 use crate::migrate::{self, Migration};
-use crate::{Error, EventId};
+use crate::{Error, EventId, Operation};
+
+/// A statement of this backend that diesel caches as a prepared statement.
+fn query<'a>(text: &'static str) -> Sql<'a, diesel::pg::Pg> {
+    sql(text)
+}
 
 /// The PostgreSQL backend (feature `postgres`), on diesel-async's `AsyncPgConnection`.
 ///
@@ -172,7 +178,7 @@ struct VersionRow {
 /// The insert of an event's deliveries, bound.
 macro_rules! insert_query {
     ($event:expr) => {
-        diesel::sql_query(INSERT_EVENT)
+        query(INSERT_EVENT)
             .bind::<Text, _>($event.name)
             .bind::<Text, _>(&*$event.payload)
             .bind::<BigInt, _>(lease_ms($event.lease))
@@ -200,9 +206,44 @@ impl Backend for Postgres {
         AnsiTransactionManager::begin_transaction(conn).await
     }
 
+    // BEGIN and the first operation travel together when the entity can write through a shared
+    // connection: both go through the prepared-statement path, whose statement-cache lock keeps
+    // BEGIN first on the wire. BEGIN cannot fail on a live idle connection (and if the connection
+    // dies, both fail); the transaction manager learns about the transaction afterwards.
+    async fn begin_with(
+        conn: &mut AsyncPgConnection,
+        first: &Operation<'_, Self>,
+    ) -> QueryResult<bool> {
+        let ran = {
+            let shared: &AsyncPgConnection = conn;
+            match first.pipelined(shared) {
+                None => None,
+                Some(write) => {
+                    let (began, written) =
+                        tokio::join!(query("BEGIN").execute(&mut &*shared), write);
+                    Some(began.and(written))
+                }
+            }
+        };
+        match ran {
+            None => {
+                AnsiTransactionManager::begin_transaction(conn).await?;
+                Ok(false)
+            }
+            Some(result) => {
+                if let TransactionManagerStatus::Valid(status) =
+                    AnsiTransactionManager::transaction_manager_status_mut(conn)
+                {
+                    status.change_transaction_depth(TransactionDepthChange::IncreaseDepth)?;
+                }
+                result.map(|()| true)
+            }
+        }
+    }
+
     async fn insert_event(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
         let rows: Vec<InsertedRow> = if event.listeners.is_empty() {
-            diesel::sql_query(RESERVE_ID).load(conn).await?
+            query(RESERVE_ID).load(conn).await?
         } else {
             insert_query!(event).load(conn).await?
         };
@@ -222,13 +263,13 @@ impl Backend for Postgres {
             let shared: &AsyncPgConnection = conn;
             let (rows, committed) = if event.listeners.is_empty() {
                 tokio::join!(
-                    diesel::sql_query(RESERVE_ID).load::<InsertedRow>(&mut &*shared),
-                    diesel::sql_query("COMMIT").execute(&mut &*shared),
+                    query(RESERVE_ID).load::<InsertedRow>(&mut &*shared),
+                    query("COMMIT").execute(&mut &*shared),
                 )
             } else {
                 tokio::join!(
                     insert_query!(event).load::<InsertedRow>(&mut &*shared),
-                    diesel::sql_query("COMMIT").execute(&mut &*shared),
+                    query("COMMIT").execute(&mut &*shared),
                 )
             };
             rows.and_then(|rows| committed.and_then(|_| inserted(rows)))
@@ -253,7 +294,7 @@ impl Backend for Postgres {
         listeners: &[&'static str],
         limit: usize,
     ) -> QueryResult<Vec<Claimed>> {
-        let rows: Vec<ClaimedRow> = diesel::sql_query(CLAIM)
+        let rows: Vec<ClaimedRow> = query(CLAIM)
             .bind::<Array<Text>, _>(listeners)
             .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
             .load(conn)
@@ -285,7 +326,7 @@ impl Backend for Postgres {
                 .iter()
                 .map(|o| UpdateRow::new(&o.resolution))
                 .collect();
-            let died: Vec<DiedRow> = diesel::sql_query(UPDATE_FAILED)
+            let died: Vec<DiedRow> = query(UPDATE_FAILED)
                 .bind::<Array<BigInt>, _>(event_ids)
                 .bind::<Array<Text>, _>(listeners)
                 .bind::<Array<Integer>, _>(attempts)
@@ -312,7 +353,7 @@ impl Backend for Postgres {
         known: &[&'static str],
         limit: usize,
     ) -> QueryResult<Vec<Died>> {
-        let rows: Vec<DiedRow> = diesel::sql_query(EXPIRE)
+        let rows: Vec<DiedRow> = query(EXPIRE)
             .bind::<Array<Text>, _>(known)
             .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
             .load(conn)
@@ -325,7 +366,7 @@ impl Backend for Postgres {
         known: &[&'static str],
         limit: usize,
     ) -> QueryResult<Vec<(String, i64)>> {
-        let rows: Vec<ListenerCountRow> = diesel::sql_query(ORPHANS)
+        let rows: Vec<ListenerCountRow> = query(ORPHANS)
             .bind::<Array<Text>, _>(known)
             .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
             .load(conn)
@@ -349,7 +390,7 @@ async fn apply_migrations(
     migrations: &[Migration],
 ) -> Result<Vec<String>, Error> {
     conn.batch_execute(CREATE_MIGRATIONS_TABLE).await?;
-    let done: Vec<VersionRow> = diesel::sql_query("SELECT version FROM txbus_migrations")
+    let done: Vec<VersionRow> = query("SELECT version FROM txbus_migrations")
         .load(conn)
         .await?;
     let done: Vec<String> = done.into_iter().map(|row| row.version).collect();
@@ -357,7 +398,7 @@ async fn apply_migrations(
     for migration in migrate::pending(migrations, &done) {
         conn.transaction(async |conn| {
             conn.batch_execute(migration.up).await?;
-            diesel::sql_query("INSERT INTO txbus_migrations (version, name) VALUES ($1, $2)")
+            query("INSERT INTO txbus_migrations (version, name) VALUES ($1, $2)")
                 .bind::<Text, _>(migration.version)
                 .bind::<Text, _>(migration.name)
                 .execute(conn)
@@ -375,7 +416,7 @@ async fn apply_migrations(
 
 async fn delete_done(conn: &mut AsyncPgConnection, done: &[DeliveryKey]) -> QueryResult<usize> {
     let (event_ids, listeners, attempts) = key_columns(done);
-    diesel::sql_query(DELETE_DONE)
+    query(DELETE_DONE)
         .bind::<Array<BigInt>, _>(&event_ids)
         .bind::<Array<Text>, _>(&listeners)
         .bind::<Array<Integer>, _>(&attempts)

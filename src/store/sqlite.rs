@@ -14,12 +14,18 @@ use diesel_async::pooled_connection::{
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 
+use super::sql::{Sql, sql};
 use super::{
     Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
     attempt_i32, attempt_u32, split_done, system_time_from_micros,
 };
 use crate::migrate;
 use crate::{Error, EventId};
+
+/// A statement of this backend that diesel caches as a prepared statement.
+fn query<'a>(text: &'static str) -> Sql<'a, diesel::sqlite::Sqlite> {
+    sql(text)
+}
 
 /// The embedded SQLite backend (feature `sqlite`, on by default), on
 /// `SyncConnectionWrapper<SqliteConnection>` with a bundled SQLite: no server, no system library.
@@ -253,7 +259,7 @@ impl Backend for Sqlite {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<ClaimedRow> = conn
             .spawn_blocking(move |c| {
-                diesel::sql_query(CLAIM)
+                query(CLAIM)
                     .bind::<Text, _>(&listeners)
                     .bind::<BigInt, _>(limit)
                     .load(c)
@@ -283,14 +289,14 @@ impl Backend for Sqlite {
             c.immediate_transaction(|c| {
                 let mut recorded = Recorded::default();
                 for key in &done {
-                    recorded.applied += diesel::sql_query(DELETE_DONE)
+                    recorded.applied += query(DELETE_DONE)
                         .bind::<BigInt, _>(key.event_id.get())
                         .bind::<Text, _>(key.listener)
                         .bind::<Integer, _>(attempt_i32(key.attempt))
                         .execute(c)?;
                 }
                 for (key, row) in &other {
-                    let died: Option<DiedRow> = diesel::sql_query(UPDATE_FAILED)
+                    let died: Option<DiedRow> = query(UPDATE_FAILED)
                         .bind::<BigInt, _>(key.event_id.get())
                         .bind::<Text, _>(key.listener)
                         .bind::<Integer, _>(attempt_i32(key.attempt))
@@ -320,7 +326,7 @@ impl Backend for Sqlite {
         let known = json_list(known);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         conn.spawn_blocking(move |c| {
-            let rows: Vec<DiedRow> = diesel::sql_query(EXPIRE)
+            let rows: Vec<DiedRow> = query(EXPIRE)
                 .bind::<Text, _>(&known)
                 .bind::<BigInt, _>(limit)
                 .load(c)?;
@@ -337,7 +343,7 @@ impl Backend for Sqlite {
         let known = json_list(known);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         conn.spawn_blocking(move |c| {
-            let rows: Vec<ListenerCountRow> = diesel::sql_query(ORPHANS)
+            let rows: Vec<ListenerCountRow> = query(ORPHANS)
                 .bind::<Text, _>(&known)
                 .bind::<BigInt, _>(limit)
                 .load(c)?;
@@ -352,18 +358,16 @@ impl Backend for Sqlite {
             Ok(c.immediate_transaction(|c| {
                 c.batch_execute(CREATE_MIGRATIONS_TABLE)?;
                 let done: Vec<VersionRow> =
-                    diesel::sql_query("SELECT version FROM txbus_migrations").load(c)?;
+                    query("SELECT version FROM txbus_migrations").load(c)?;
                 let done: Vec<String> = done.into_iter().map(|row| row.version).collect();
                 let mut applied = Vec::new();
                 for migration in migrate::pending(migrate::SQLITE, &done) {
                     c.batch_execute(migration.up)
                         .and_then(|()| {
-                            diesel::sql_query(
-                                "INSERT INTO txbus_migrations (version, name) VALUES (?, ?)",
-                            )
-                            .bind::<Text, _>(migration.version)
-                            .bind::<Text, _>(migration.name)
-                            .execute(c)
+                            query("INSERT INTO txbus_migrations (version, name) VALUES (?, ?)")
+                                .bind::<Text, _>(migration.version)
+                                .bind::<Text, _>(migration.name)
+                                .execute(c)
                         })
                         .map_err(|source| Error::Migration {
                             version: migration.version.to_owned(),
@@ -400,9 +404,9 @@ impl EventRow {
 
     /// Takes the next event id and writes one delivery per listener, in the open transaction.
     fn insert(self, c: &mut SqliteConnection) -> QueryResult<Inserted> {
-        let id: IdRow = diesel::sql_query(NEXT_EVENT_ID).get_result(c)?;
+        let id: IdRow = query(NEXT_EVENT_ID).get_result(c)?;
         if let Some(listeners) = &self.listeners {
-            diesel::sql_query(INSERT_EVENT)
+            query(INSERT_EVENT)
                 .bind::<BigInt, _>(id.id)
                 .bind::<Text, _>(self.name)
                 .bind::<Text, _>(&*self.payload)

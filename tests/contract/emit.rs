@@ -180,10 +180,43 @@ where
         0
     );
 
-    // A poll cycle later there is still no run for it.
+    // The same when the failing operation is the first (on PostgreSQL it travels with BEGIN),
+    // and the connections stay usable afterwards.
+    for _ in 0..8 {
+        let error = bus
+            .emit(
+                UserSaved {
+                    user_id: 5,
+                    email: "taken".into(),
+                },
+                [persist(&user(5, "taken"))],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::Database(_)), "{error:?}");
+    }
+    assert!(!B::user_exists(&db.pool, 5).await);
+    assert_eq!(
+        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
+        0
+    );
+    bus.emit(
+        UserSaved {
+            user_id: 6,
+            email: "six".into(),
+        },
+        [persist(&user(6, "six"))],
+    )
+    .await
+    .unwrap();
+    probe
+        .wait_until("the delivery after the failures", |c| c.len() == 2)
+        .await;
+
+    // A poll cycle later there is still no run for the failed ones.
     tokio::time::sleep(Duration::from_millis(200)).await;
     crate::support::idle(&bus).await;
-    assert_eq!(probe.calls().len(), 1);
+    assert_eq!(probe.calls().len(), 2);
     bus.shutdown().await;
 }
 
