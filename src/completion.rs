@@ -79,7 +79,7 @@ async fn write<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome], phase: &watch::
 }
 
 async fn record<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome]) -> Result<Recorded, Error> {
-    let mut conn = pool.get().await?;
+    let (_turn, mut conn) = pool.get_for_write().await?;
     Ok(B::record(&mut conn, outcomes).await?)
 }
 

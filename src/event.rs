@@ -31,7 +31,7 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
 pub struct EventId(i64);
 
 impl EventId {
-    /// Wraps a raw id (as found in the `txbus_events` table).
+    /// Wraps a raw id (as found in `txbus_deliveries.event_id`).
     pub const fn new(id: i64) -> Self {
         Self(id)
     }

@@ -74,7 +74,7 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
 }
 
 async fn expire<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<(), Error> {
-    let mut conn = shared.pool.get().await?;
+    let (_turn, mut conn) = shared.pool.get_for_write().await?;
     let died = B::expire(&mut conn, known, EXPIRE_BATCH).await?;
     for died in died {
         tracing::error!(event_id = %died.event_id, listener = %died.listener, reason = %died.reason,
@@ -86,7 +86,7 @@ async fn expire<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Resul
 /// Runs the backend's housekeeping, and warns about due deliveries that wait for a listener this process does not have (a rolling
 /// deploy, a rename, a listener in a crate that is not linked).
 async fn housekeeping<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<(), Error> {
-    let mut conn = shared.pool.get().await?;
+    let (_turn, mut conn) = shared.pool.get_for_write().await?;
     B::maintain(&mut conn).await?;
     for (listener, due) in B::orphans(&mut conn, known, ORPHAN_SAMPLE).await? {
         tracing::warn!(%listener, due, "deliveries are due for a listener this process does not have; \
@@ -104,10 +104,10 @@ async fn claim<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result
     if room == 0 {
         return Ok(true);
     }
-    let mut conn = shared.pool.get().await?;
+    let (turn, mut conn) = shared.pool.get_for_write().await?;
     let leased = Instant::now();
     let claimed = B::claim(&mut conn, known, room).await?;
-    drop(conn);
+    drop((conn, turn));
     let full = claimed.len() >= room;
     if !claimed.is_empty() {
         tracing::debug!(count = claimed.len(), "claimed due deliveries");

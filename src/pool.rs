@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool::Runtime;
@@ -36,15 +37,23 @@ pub type PooledConnection<B> = Object<<B as Backend>::Manager>;
 /// ```
 pub struct Pool<B: Backend> {
     inner: managed::Pool<B::Manager>,
+    /// The turns of the bus's writers, on a single-writer database.
+    writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    acquire_timeout: Duration,
 }
 
 impl<B: Backend> Clone for Pool<B> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            writer: self.writer.clone(),
+            acquire_timeout: self.acquire_timeout,
         }
     }
 }
+
+/// The bus's turn to write, on a single-writer database; nothing elsewhere.
+pub(crate) type WriteTurn = Option<tokio::sync::OwnedMutexGuard<()>>;
 
 impl<B: Backend> fmt::Debug for Pool<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -82,6 +91,32 @@ impl<B: Backend> Pool<B> {
     /// acquire timeout, 30 seconds unless set).
     pub fn get(&self) -> impl Future<Output = Result<PooledConnection<B>, Error>> + Send + '_ {
         async move { self.inner.get().await.map_err(pool_error::<B>) }
+    }
+
+    /// Waits for the bus's turn to write (see `Backend::SINGLE_WRITER`).
+    pub(crate) async fn write_turn(&self) -> Result<WriteTurn, Error> {
+        let Some(writer) = &self.writer else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(self.acquire_timeout, writer.clone().lock_owned()).await {
+            Ok(turn) => Ok(Some(turn)),
+            Err(_) => Err(Error::connection(
+                format!(
+                    "timed out after {:?} waiting to write to {}; a transaction of this process may \
+                     hold the database (inside `EventBus::transaction`, emit with the transaction's \
+                     `emit`, not the bus's)",
+                    self.acquire_timeout,
+                    B::NAME
+                ),
+                "single writer busy",
+            )),
+        }
+    }
+
+    /// A connection for a write of the bus, with its turn.
+    pub(crate) async fn get_for_write(&self) -> Result<(WriteTurn, PooledConnection<B>), Error> {
+        let turn = self.write_turn().await?;
+        Ok((turn, self.get().await?))
     }
 
     /// The underlying deadpool pool, for its status or its settings.
@@ -149,7 +184,11 @@ impl<B: Backend> PoolBuilder<B> {
             let inner = builder.build().map_err(|e| {
                 Error::connection(format!("could not build the {} pool", B::NAME), e)
             })?;
-            let pool = Pool { inner };
+            let pool = Pool {
+                inner,
+                writer: B::SINGLE_WRITER.then(|| Arc::new(tokio::sync::Mutex::new(()))),
+                acquire_timeout: self.acquire_timeout,
+            };
             drop(pool.get().await.map_err(|e| match e {
                 Error::Connection { source, .. } => Error::Connection {
                     context: format!(

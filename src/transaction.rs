@@ -7,7 +7,7 @@ use deadpool::managed::Object;
 use diesel_async::{AsyncConnection, TransactionManager};
 
 use crate::bus::{Shared, Written};
-use crate::pool::PooledConnection;
+use crate::pool::{PooledConnection, WriteTurn};
 use crate::{Backend, Error, Event, EventBus, EventId, Pool};
 
 /// A transaction opened by [`EventBus::transaction`]: run your queries on
@@ -142,14 +142,18 @@ impl<B: Backend> EventBus<B> {
 pub(crate) struct TxConn<B: Backend> {
     conn: Option<PooledConnection<B>>,
     in_doubt: bool,
+    /// Released after the connection (fields drop after `Drop::drop`).
+    _turn: WriteTurn,
 }
 
 impl<B: Backend> TxConn<B> {
     /// A connection from `pool`, not yet in a transaction.
     pub(crate) async fn checkout(pool: &Pool<B>) -> Result<Self, Error> {
+        let (turn, conn) = pool.get_for_write().await?;
         Ok(Self {
-            conn: Some(pool.get().await?),
+            conn: Some(conn),
             in_doubt: false,
+            _turn: turn,
         })
     }
 

@@ -63,12 +63,16 @@ pub struct Recorder {
     pub seen: Mutex<Vec<i64>>,
     /// How long the listener takes (M1 overload).
     pub work: Mutex<Duration>,
+    /// Whether to keep ids and waits (not when measuring memory).
+    pub quiet: std::sync::atomic::AtomicBool,
 }
 
 #[txbus::listener(name = "bench.noop")]
 async fn noop(_event: UserCreated, ctx: Context) -> Result<(), ListenerError> {
     let recorder = ctx.state::<Arc<Recorder>>()?;
-    recorder.waits.lock().unwrap().push(ctx.waited());
+    if !recorder.quiet.load(Ordering::Relaxed) {
+        recorder.waits.lock().unwrap().push(ctx.waited());
+    }
     let work = *recorder.work.lock().unwrap();
     if !work.is_zero() {
         tokio::time::sleep(work).await;
@@ -80,7 +84,9 @@ async fn noop(_event: UserCreated, ctx: Context) -> Result<(), ListenerError> {
 #[txbus::listener(name = "bench.drain")]
 async fn drain(_event: Drained, ctx: Context) -> Result<(), ListenerError> {
     let recorder = ctx.state::<Arc<Recorder>>()?;
-    recorder.seen.lock().unwrap().push(ctx.event_id().get());
+    if !recorder.quiet.load(Ordering::Relaxed) {
+        recorder.seen.lock().unwrap().push(ctx.event_id().get());
+    }
     recorder.runs.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

@@ -578,6 +578,7 @@ where
 {
     let pool = pool_for::<B>(&url, 24).await;
     let recorder = Arc::new(Recorder::default());
+    recorder.quiet.store(mode != "drain", Ordering::Relaxed);
     match mode {
         "drain" => {
             let bus = drain_bus(pool.clone(), recorder.clone())

@@ -49,6 +49,12 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
     /// A short name for messages: `"postgres"`, `"sqlite"`.
     const NAME: &'static str;
 
+    /// Whether the database lets one transaction write at a time (SQLite). The bus's writers
+    /// in a process then take turns on an async lock, rather than on the database's busy
+    /// handler, which sleeps for milliseconds between tries.
+    #[doc(hidden)]
+    const SINGLE_WRITER: bool = false;
+
     /// The pool's connection manager.
     #[doc(hidden)]
     type Manager: deadpool::managed::Manager<

@@ -210,6 +210,8 @@ impl Backend for Sqlite {
 
     const NAME: &'static str = "sqlite";
 
+    const SINGLE_WRITER: bool = true;
+
     fn manager(url: &str) -> Result<Self::Manager, Error> {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);
         if path.is_empty() || path.contains(":memory:") || path.contains("mode=memory") {
@@ -242,6 +244,23 @@ impl Backend for Sqlite {
     async fn insert_event(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
         let row = EventRow::new(event);
         conn.spawn_blocking(move |c| row.insert(c)).await
+    }
+
+    // One trip to the blocking pool for the insert and the COMMIT (or the ROLLBACK).
+    async fn commit_with_event(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
+        use diesel::connection::TransactionManager;
+        let row = EventRow::new(event);
+        conn.spawn_blocking(move |c| match row.insert(c) {
+            Ok(inserted) => {
+                AnsiTransactionManager::commit_transaction(c)?;
+                Ok(inserted)
+            }
+            Err(error) => {
+                let _ = AnsiTransactionManager::rollback_transaction(c);
+                Err(error)
+            }
+        })
+        .await
     }
 
     async fn emit_alone(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
