@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use support::backends::exec;
+use support::process::{backends, run, runtime};
 use support::{PATIENCE, TestBackend, eventually};
 use txbus::{Context, EventBus, EventSettings, ListenerError, Pool};
 
@@ -219,61 +220,27 @@ async fn crash_recovery<B: TestBackend>() {
     );
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn main() -> ExitCode {
     if let Ok(backend) = std::env::var("TXBUS_CRASH_CHILD") {
         let url = std::env::var("TXBUS_CRASH_URL").unwrap();
-        match backend.as_str() {
-            #[cfg(feature = "postgres")]
-            "postgres" => runtime().block_on(child::<txbus::Postgres>(url)),
-            #[cfg(feature = "mysql")]
-            "mysql" => runtime().block_on(child::<txbus::Mysql>(url)),
-            #[cfg(feature = "sqlite")]
-            "sqlite" => runtime().block_on(child::<txbus::Sqlite>(url)),
-            other => panic!("unknown backend {other}"),
-        }
+        with_backend!(backend.as_str(), run_child(url));
         return ExitCode::FAILURE;
     }
-    let mut scenarios: Vec<(&str, fn())> = Vec::new();
-    #[cfg(feature = "postgres")]
-    scenarios.push(("postgres", || {
-        runtime().block_on(crash_recovery::<txbus::Postgres>())
-    }));
-    #[cfg(feature = "mysql")]
-    scenarios.push(("mysql", || {
-        runtime().block_on(crash_recovery::<txbus::Mysql>())
-    }));
-    #[cfg(feature = "sqlite")]
-    scenarios.push(("sqlite", || {
-        runtime().block_on(crash_recovery::<txbus::Sqlite>())
-    }));
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
+    let scenarios = backends()
+        .into_iter()
+        .map(|backend| {
+            let scenario: Box<dyn FnOnce()> =
+                Box::new(move || with_backend!(backend, run_recovery()));
+            (format!("{backend}::crash_recovery"), scenario)
+        })
         .collect();
-    let mut failed = 0;
-    for (backend, scenario) in scenarios {
-        let name = format!("{backend}::crash_recovery");
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let result = std::panic::catch_unwind(scenario);
-        println!(
-            "test {name} ... {}",
-            if result.is_ok() { "ok" } else { "FAILED" }
-        );
-        failed += usize::from(result.is_err());
-    }
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    run(scenarios)
+}
+
+fn run_child<B: TestBackend>(url: String) {
+    runtime().block_on(child::<B>(url));
+}
+
+fn run_recovery<B: TestBackend>() {
+    runtime().block_on(crash_recovery::<B>());
 }

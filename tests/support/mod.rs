@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use txbus::{Backend, Context, EventId, Pool};
 
 pub mod backends;
+pub mod process;
 
 pub use backends::TestBackend;
 

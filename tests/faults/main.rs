@@ -1,0 +1,150 @@
+//! The fault suite: txbus's guarantees while things break for real. Processes killed with
+//! SIGKILL, the database cut off, listeners that hang, an emit overload, shutdown in the middle
+//! of work, application clocks minutes apart. RELIABILITY.md says what each scenario proves.
+//!
+//! This binary has its own `main`: some scenarios start copies of it as child processes
+//! (`TXBUS_FAULT_CHILD` set). Counts scale with `TXBUS_FAULT_SCALE` (default 1) for soak runs.
+#![allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod kill;
+mod outage;
+mod overload;
+mod shutdown;
+mod skew;
+mod stuck;
+
+use std::process::ExitCode;
+
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+use support::process::{backends, run, runtime};
+
+diesel::table! {
+    fault_orders (id) {
+        id -> BigInt,
+        note -> Text,
+    }
+}
+
+/// The entity the scenarios write with their events.
+#[derive(Debug, Clone, Insertable, AsChangeset, Identifiable, txbus::Entity)]
+#[diesel(table_name = fault_orders)]
+pub struct Order {
+    pub id: i64,
+    pub note: String,
+}
+
+/// The event the scenarios emit.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "fault.order_placed")]
+pub struct OrderPlaced {
+    pub id: i64,
+}
+
+/// How many times larger than the defaults the counts are (`TXBUS_FAULT_SCALE`).
+pub fn scale() -> usize {
+    std::env::var("TXBUS_FAULT_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A seed for the random choices of a scenario: `TXBUS_FAULT_SEED`, or the clock. Printed, so
+/// that a failing run can be repeated.
+pub fn seed(scenario: &str) -> u64 {
+    let seed = std::env::var("TXBUS_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("[{scenario}] seed {seed} (TXBUS_FAULT_SEED={seed} repeats it)");
+    seed
+}
+
+/// A small deterministic random number generator (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// A number in `low..high`.
+    pub fn range(&mut self, low: u64, high: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        low + self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % (high - low).max(1)
+    }
+}
+
+fn main() -> ExitCode {
+    if let Ok(role) = std::env::var("TXBUS_FAULT_CHILD") {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        match role.as_str() {
+            "kill-worker" => kill::worker(&args),
+            "skew" => skew::child(&args),
+            other => panic!("unknown child role {other}"),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mut scenarios: Vec<(String, Box<dyn FnOnce()>)> = Vec::new();
+    for backend in backends() {
+        scenarios.push((
+            format!("{backend}::kill_9_at_random_points"),
+            Box::new(move || with_backend!(backend, kill_scenario())),
+        ));
+        scenarios.push((
+            format!("{backend}::stuck_listeners_do_not_block_others"),
+            Box::new(move || with_backend!(backend, stuck_scenario())),
+        ));
+        scenarios.push((
+            format!("{backend}::shutdown_releases_and_finishes"),
+            Box::new(move || with_backend!(backend, shutdown_scenario())),
+        ));
+    }
+    #[cfg(feature = "postgres")]
+    {
+        scenarios.push((
+            "postgres::database_outage".to_owned(),
+            Box::new(|| runtime().block_on(outage::database_outage())),
+        ));
+        scenarios.push((
+            "postgres::overload_stays_bounded".to_owned(),
+            Box::new(|| runtime().block_on(overload::overload::<txbus::Postgres>())),
+        ));
+        scenarios.push((
+            "postgres::clock_skew".to_owned(),
+            Box::new(|| runtime().block_on(skew::clock_skew())),
+        ));
+    }
+    run(scenarios)
+}
+
+fn kill_scenario<B: support::TestBackend>()
+where
+    Order: txbus::Entity<B>,
+{
+    runtime().block_on(kill::kill_9_at_random_points::<B>());
+}
+
+fn stuck_scenario<B: support::TestBackend>() {
+    runtime().block_on(stuck::stuck_listeners_do_not_block_others::<B>());
+}
+
+fn shutdown_scenario<B: support::TestBackend>() {
+    runtime().block_on(shutdown::shutdown_releases_and_finishes::<B>());
+}
