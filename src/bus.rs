@@ -303,17 +303,17 @@ impl<B: Backend> EventBus<B> {
             guard.enter();
             let leased = Instant::now();
             let conn = guard.conn()?;
-            let written = if ops.is_empty() {
-                B::emit_alone(conn, &prepared.new).await
-            } else {
+            let written = if let Some(first) = ops.first() {
                 async {
-                    let first_ran = B::begin_with(conn, &ops[0]).await?;
+                    let first_ran = B::begin_with(conn, first).await?;
                     for op in ops.iter().skip(usize::from(first_ran)) {
                         op.run(conn).await?;
                     }
                     B::commit_with_event(conn, &prepared.new).await
                 }
                 .await
+            } else {
+                B::emit_alone(conn, &prepared.new).await
             };
             if written.is_err() {
                 guard.rollback_if_open().await;

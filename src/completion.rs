@@ -63,7 +63,15 @@ async fn write<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome], phase: &watch::
         failures += 1;
         // Without a connection, waiting is all there is to do; a statement that keeps failing
         // on a live connection will not succeed by being repeated.
-        let unreachable = matches!(error, Error::Connection { .. });
+        let unreachable = matches!(
+            error,
+            Error::Connection { .. }
+                | Error::Database(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::ClosedConnection,
+                    _
+                ))
+                | Error::Database(diesel::result::Error::BrokenTransactionManager)
+        );
         if *phase.borrow() >= Phase::Cancelling
             || (!unreachable && failures >= MAX_STATEMENT_FAILURES)
         {

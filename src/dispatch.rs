@@ -40,6 +40,8 @@ pub(crate) enum Phase {
 
 /// The local deadline of a run leased at `leased` for `lease`: the lease's end less a margin.
 pub(crate) fn deadline(leased: Instant, lease: Duration) -> Instant {
+    // A lease read back from the database is clamped to what settings allow.
+    let lease = lease.min(crate::settings::MAX_DURATION);
     leased + lease - (lease / 10).min(MAX_SAFETY_MARGIN)
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 const JITTER: f64 = 0.1;
 
 /// The longest duration any setting may have; keeps every time computation in range.
-const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Time limits and retry policy for the deliveries of one event type.
 ///
