@@ -6,12 +6,13 @@ use std::future::Future;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use crate::bus::{Shared, Tasks};
+use crate::bus::{BusConfig, Shared, Tasks};
 use crate::completion::complete_loop;
-use crate::dispatch::{Runner, dispatch_loop};
+use crate::dispatch::{Runner, Transactions, dispatch_loop};
 use crate::listener::State;
 use crate::poller::poll_loop;
 use crate::registry::{LISTENERS, Registry};
+use crate::transactional::PoolTransactions;
 use crate::{Backend, BuildError, Event, EventBus, EventSettings, Pool};
 
 /// Configures an [`EventBus`]; made by [`EventBus::builder`], finished by
@@ -58,6 +59,7 @@ pub struct EventBusBuilder<B: Backend> {
     max_events_per_retry: usize,
     max_concurrent_listeners: usize,
     shutdown_grace: Duration,
+    inbox_dedup_window: Duration,
     state: State,
     run_migrations: bool,
     poller: bool,
@@ -73,6 +75,7 @@ impl<B: Backend> fmt::Debug for EventBusBuilder<B> {
             .field("max_events_per_retry", &self.max_events_per_retry)
             .field("max_concurrent_listeners", &self.max_concurrent_listeners)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("inbox_dedup_window", &self.inbox_dedup_window)
             .field("run_migrations", &self.run_migrations)
             .field("poller", &self.poller)
             .finish_non_exhaustive()
@@ -90,6 +93,7 @@ impl<B: Backend> EventBusBuilder<B> {
             max_events_per_retry: 100,
             max_concurrent_listeners: 64,
             shutdown_grace: Duration::from_secs(10),
+            inbox_dedup_window: Duration::from_secs(7 * 24 * 3600),
             state: State::default(),
             run_migrations: true,
             poller: true,
@@ -147,6 +151,14 @@ impl<B: Backend> EventBusBuilder<B> {
         self
     }
 
+    /// How long a received message id is remembered: a message received again within this
+    /// window is a duplicate ([`EventBus::receive`]); older records are purged by the poller, in
+    /// batches. Default: 7 days.
+    pub fn inbox_dedup_window(mut self, window: Duration) -> Self {
+        self.inbox_dedup_window = window;
+        self
+    }
+
     /// Registers a value listeners get with [`Context::state`](crate::Context::state), one per
     /// type (a second value of the same type replaces the first). Default: none.
     pub fn state<T: Send + Sync + 'static>(mut self, value: T) -> Self {
@@ -184,7 +196,12 @@ impl<B: Backend> EventBusBuilder<B> {
                     .await
                     .map_err(BuildError::Database)?;
             }
-            let (runner, jobs, reports) = Runner::new(this.max_concurrent_listeners, this.state);
+            check_connections::<B>(&registry)?;
+            let transactions = registry
+                .has_transactional()
+                .then(|| Arc::new(PoolTransactions(this.pool.clone())) as Arc<dyn Transactions>);
+            let (runner, jobs, reports) =
+                Runner::new(this.max_concurrent_listeners, this.state, transactions);
             let settings = this
                 .events
                 .into_iter()
@@ -196,9 +213,12 @@ impl<B: Backend> EventBusBuilder<B> {
                 settings,
                 this.default_settings,
                 runner.clone(),
-                this.retry_every,
-                this.max_events_per_retry,
-                this.shutdown_grace,
+                BusConfig {
+                    retry_every: this.retry_every,
+                    max_events_per_retry: this.max_events_per_retry,
+                    shutdown_grace: this.shutdown_grace,
+                    inbox_dedup_window: this.inbox_dedup_window,
+                },
             ));
             let tasks = Tasks {
                 dispatcher: Some(tokio::spawn(dispatch_loop(runner.clone(), jobs))),
@@ -232,6 +252,13 @@ impl<B: Backend> EventBusBuilder<B> {
         if self.max_events_per_retry == 0 {
             return Err(bus("max_events_per_retry must be at least 1"));
         }
+        if self.inbox_dedup_window.is_zero()
+            || self.inbox_dedup_window > Duration::from_secs(100 * 365 * 24 * 3600)
+        {
+            return Err(bus(
+                "inbox_dedup_window must be longer than zero and at most 100 years",
+            ));
+        }
         if self.max_concurrent_listeners == 0 {
             return Err(bus("max_concurrent_listeners must be at least 1"));
         }
@@ -256,4 +283,24 @@ impl<B: Backend> EventBusBuilder<B> {
         }
         Ok(())
     }
+}
+
+/// Refuses transactional listeners that take another backend's connection.
+fn check_connections<B: Backend>(registry: &Registry) -> Result<(), BuildError> {
+    let expected = std::any::TypeId::of::<B::Connection>();
+    for id in registry.ids() {
+        let Some(def) = registry.get(id) else {
+            continue;
+        };
+        if let Some(tx) = def.transactional()
+            && (tx.connection)() != expected
+        {
+            return Err(BuildError::ListenerConnection {
+                id: def.id,
+                found: (tx.connection_name)(),
+                expected: std::any::type_name::<B::Connection>(),
+            });
+        }
+    }
+    Ok(())
 }

@@ -94,11 +94,18 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) settings: HashMap<&'static str, EventSettings>,
     pub(crate) default_settings: EventSettings,
     pub(crate) runner: Arc<Runner>,
+    pub(crate) config: BusConfig,
+    pub(crate) tasks: Mutex<Tasks>,
+    stopped: OnceCell<()>,
+}
+
+/// The bus-wide settings of the builder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BusConfig {
     pub(crate) retry_every: Duration,
     pub(crate) max_events_per_retry: usize,
     pub(crate) shutdown_grace: Duration,
-    pub(crate) tasks: Mutex<Tasks>,
-    stopped: OnceCell<()>,
+    pub(crate) inbox_dedup_window: Duration,
 }
 
 /// The background tasks, taken by `shutdown` to wait for them.
@@ -125,16 +132,13 @@ pub(crate) struct Written {
 }
 
 impl<B: Backend> Shared<B> {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         pool: Pool<B>,
         registry: Registry,
         settings: HashMap<&'static str, EventSettings>,
         default_settings: EventSettings,
         runner: Arc<Runner>,
-        retry_every: Duration,
-        max_events_per_retry: usize,
-        shutdown_grace: Duration,
+        config: BusConfig,
     ) -> Self {
         Self {
             pool,
@@ -142,9 +146,7 @@ impl<B: Backend> Shared<B> {
             settings,
             default_settings,
             runner,
-            retry_every,
-            max_events_per_retry,
-            shutdown_grace,
+            config,
             tasks: Mutex::default(),
             stopped: OnceCell::new(),
         }
@@ -222,14 +224,14 @@ impl<B: Backend> Shared<B> {
             }
             running
         });
-        let deadline = Instant::now() + self.shutdown_grace;
+        let deadline = Instant::now() + self.config.shutdown_grace;
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         for task in [tasks.poller, tasks.dispatcher].into_iter().flatten() {
             let _ = task.await;
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if !runner.wait_for_listeners(remaining).await {
-            tracing::warn!(grace = ?self.shutdown_grace, "listeners still running after the grace period; cancelling them");
+            tracing::warn!(grace = ?self.config.shutdown_grace, "listeners still running after the grace period; cancelling them");
             runner.phase.send_replace(Phase::Cancelling);
             runner.wait_for_listeners(Duration::from_secs(1)).await;
         }

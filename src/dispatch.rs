@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
-use crate::listener::{Context, ListenerDef, State};
+use crate::listener::{Context, ListenerCall, ListenerDef, ListenerKind, State, TxListener};
 use crate::store::{DeadReason, DeliveryKey, Outcome, Resolution};
 use crate::{BoxFuture, EventSettings, ListenerError};
 
@@ -113,6 +113,8 @@ pub(crate) struct Runner {
     /// Signalled when a listener finishes, so the poller can claim more.
     pub(crate) freed: Notify,
     state: Arc<State>,
+    /// Runs the transactional listeners, when the binary has any.
+    transactions: Option<Arc<dyn Transactions>>,
 }
 
 impl Runner {
@@ -121,6 +123,7 @@ impl Runner {
     pub(crate) fn new(
         max_concurrent: usize,
         state: State,
+        transactions: Option<Arc<dyn Transactions>>,
     ) -> (Arc<Self>, mpsc::Receiver<Job>, mpsc::Receiver<Report>) {
         // Room for bursts (a transaction that emits a hundred events) without handing them back
         // to the database; what a sustained overload would pile up beyond it goes to the poller.
@@ -139,6 +142,7 @@ impl Runner {
             phase: watch::Sender::new(Phase::Running),
             freed: Notify::new(),
             state: Arc::new(state),
+            transactions,
         });
         (runner, jobs, report_rx)
     }
@@ -261,8 +265,12 @@ pub(crate) async fn dispatch_loop(runner: Arc<Runner>, mut jobs: mpsc::Receiver<
 }
 
 /// How one run ended.
-enum Verdict {
+pub(crate) enum Verdict {
     Succeeded,
+    /// A transactional listener succeeded and its delivery was completed in its transaction.
+    Recorded,
+    /// A transactional listener's run had lost its lease: its transaction was rolled back.
+    LostLease,
     Failed(ListenerError),
     Panicked(String),
     TimedOut(Duration),
@@ -296,15 +304,17 @@ async fn run(
         let _enter = span.enter();
         resolve(verdict, &job, started)
     };
-    let report = Report {
-        outcome: Outcome {
-            key: job.key,
-            resolution,
-        },
-        _in_flight: job.in_flight,
-    };
-    // Holding the permit while the completer is behind slows the poller down with it.
-    let _ = reports.send(report).await;
+    if let Some(resolution) = resolution {
+        let report = Report {
+            outcome: Outcome {
+                key: job.key,
+                resolution,
+            },
+            _in_flight: job.in_flight,
+        };
+        // Holding the permit while the completer is behind slows the poller down with it.
+        let _ = reports.send(report).await;
+    }
     drop(permit);
     runner.freed.notify_one();
 }
@@ -318,50 +328,104 @@ async fn execute(job: &Job, runner: &Runner) -> Verdict {
         waited: job.ready.elapsed(),
         state: runner.state.clone(),
     };
-    let started =
-        match std::panic::catch_unwind(AssertUnwindSafe(|| (job.def.call)(&job.payload, ctx))) {
-            Ok(Ok(future)) => future,
-            Ok(Err(error)) => return Verdict::Failed(error),
-            Err(panic) => return Verdict::Panicked(panic_message(&*panic)),
-        };
     let mut phase = runner.phase.subscribe();
-    let deadline = tokio::time::Instant::from_std(job.deadline);
-    let begun = Instant::now();
+    let run = async {
+        match &job.def.kind {
+            ListenerKind::Plain(call) => plain(job, *call, ctx).await,
+            ListenerKind::Transactional(listener) => match &runner.transactions {
+                Some(transactions) => transactions.run(job, ctx, listener).await,
+                None => Verdict::Failed("no transactional runner".into()),
+            },
+        }
+    };
     tokio::select! {
         biased;
         _ = phase.wait_for(|p| *p >= Phase::Cancelling) => Verdict::Cancelled,
-        result = tokio::time::timeout_at(deadline, CatchUnwind(started)) => match result {
-            Ok(Ok(Ok(()))) => Verdict::Succeeded,
-            Ok(Ok(Err(error))) => Verdict::Failed(error),
-            Ok(Err(message)) => Verdict::Panicked(message),
-            Err(_) => Verdict::TimedOut(begun.elapsed()),
-        },
+        verdict = run => verdict,
     }
 }
 
+async fn plain(job: &Job, call: fn(&str, Context) -> ListenerCall, ctx: Context) -> Verdict {
+    let begun = Instant::now();
+    match run_listener(job.deadline, || call(&job.payload, ctx)).await {
+        Ran::Succeeded => Verdict::Succeeded,
+        Ran::Failed(error) => Verdict::Failed(error),
+        Ran::Panicked(message) => Verdict::Panicked(message),
+        Ran::TimedOut => Verdict::TimedOut(begun.elapsed()),
+    }
+}
+
+/// How a listener's own code ended.
+pub(crate) enum Ran {
+    Succeeded,
+    Failed(ListenerError),
+    Panicked(String),
+    TimedOut,
+}
+
+/// Starts a listener and runs it until `deadline`, catching panics; the future is dropped
+/// (cancelled) when the deadline passes.
+pub(crate) async fn run_listener<'a>(
+    deadline: Instant,
+    start: impl FnOnce() -> Result<BoxFuture<'a, Result<(), ListenerError>>, ListenerError>,
+) -> Ran {
+    let future = match std::panic::catch_unwind(AssertUnwindSafe(start)) {
+        Ok(Ok(future)) => future,
+        Ok(Err(error)) => return Ran::Failed(error),
+        Err(panic) => return Ran::Panicked(panic_message(&*panic)),
+    };
+    let deadline = tokio::time::Instant::from_std(deadline);
+    match tokio::time::timeout_at(deadline, CatchUnwind(future)).await {
+        Ok(Ok(Ok(()))) => Ran::Succeeded,
+        Ok(Ok(Err(error))) => Ran::Failed(error),
+        Ok(Err(message)) => Ran::Panicked(message),
+        Err(_) => Ran::TimedOut,
+    }
+}
+
+/// Runs transactional listeners; built for the bus's backend and pool, and kept erased here.
+pub(crate) trait Transactions: Send + Sync {
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        ctx: Context,
+        listener: &'a TxListener,
+    ) -> BoxFuture<'a, Verdict>;
+}
+
 /// Turns a verdict into what the database should record, logging failures.
-fn resolve(verdict: Verdict, job: &Job, started: Instant) -> Resolution {
+fn resolve(verdict: Verdict, job: &Job, started: Instant) -> Option<Resolution> {
     let attempt = job.key.attempt;
     let settings = &job.settings;
     let (error, requested_delay) = match verdict {
         Verdict::Succeeded => {
             tracing::debug!(elapsed = ?started.elapsed(), "listener succeeded");
-            return Resolution::Done;
+            return Some(Resolution::Done);
+        }
+        Verdict::Recorded => {
+            tracing::debug!(elapsed = ?started.elapsed(), "transactional listener succeeded and committed");
+            return None;
+        }
+        Verdict::LostLease => {
+            tracing::warn!(
+                "transactional listener finished after its lease passed; rolled back, another run holds the delivery"
+            );
+            return None;
         }
         Verdict::Cancelled => {
             tracing::info!("listener cancelled by shutdown; released for a later run");
-            return Resolution::Release {
+            return Some(Resolution::Release {
                 undo_attempt: false,
                 error: Some("cancelled: the bus shut down before the listener finished".to_owned()),
-            };
+            });
         }
         Verdict::Failed(error) if error.is_abort() => {
             let error = error.to_string();
             tracing::warn!(%error, "listener failed and aborted the delivery");
-            return Resolution::Dead {
+            return Some(Resolution::Dead {
                 reason: DeadReason::Aborted,
                 error,
-            };
+            });
         }
         Verdict::Failed(error) => (error.to_string(), error.retry_delay()),
         Verdict::Panicked(message) => (format!("panicked: {message}"), None),
@@ -375,20 +439,20 @@ fn resolve(verdict: Verdict, job: &Job, started: Instant) -> Resolution {
     };
     if settings.attempts_exhausted(attempt) {
         tracing::warn!(%error, "listener failed its last attempt");
-        return Resolution::Dead {
+        return Some(Resolution::Dead {
             reason: DeadReason::MaxAttempts,
             error,
-        };
+        });
     }
     let delay = requested_delay.unwrap_or_else(|| settings.retry_delay(attempt));
     tracing::warn!(%error, retry_in = ?delay, "listener failed");
-    Resolution::Retry { delay, error }
+    Some(Resolution::Retry { delay, error })
 }
 
 /// Polls a listener future, turning a panic into an error message.
-struct CatchUnwind(BoxFuture<'static, Result<(), ListenerError>>);
+struct CatchUnwind<'a>(BoxFuture<'a, Result<(), ListenerError>>);
 
-impl Future for CatchUnwind {
+impl Future for CatchUnwind<'_> {
     type Output = Result<Result<(), ListenerError>, String>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {

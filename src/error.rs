@@ -44,6 +44,10 @@ pub enum Error {
         source: diesel::result::Error,
     },
 
+    /// A value given to a call is not usable (an empty message id, say); nothing was written.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+
     /// A value given to the bus or the pool is not usable.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -81,6 +85,20 @@ pub enum BuildError {
         first: String,
         /// Where the second one is defined (`file:line`).
         second: String,
+    },
+
+    /// A transactional listener takes the connection of another backend than the bus's.
+    #[error(
+        "the transactional listener `{id}` takes `&mut {found}`, but this bus runs on `{expected}`; \
+         change its connection parameter, or build it only with that backend"
+    )]
+    ListenerConnection {
+        /// The listener.
+        id: &'static str,
+        /// The connection type it takes.
+        found: &'static str,
+        /// The connection type of the bus's backend.
+        expected: &'static str,
     },
 
     /// A setting is out of range.

@@ -17,6 +17,10 @@ type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 #[doc(hidden)]
 pub type ListenerCall = Result<BoxFuture<'static, Result<(), ListenerError>>, ListenerError>;
 
+/// The start of a transactional listener, whose future borrows the transaction's connection.
+#[doc(hidden)]
+pub type TxCall<'c> = Result<BoxFuture<'c, Result<(), ListenerError>>, ListenerError>;
+
 /// One `#[listener]` function, as the macro registers it at link time.
 #[doc(hidden)]
 #[derive(Debug)]
@@ -27,12 +31,34 @@ pub struct ListenerDef {
     pub event: &'static str,
     /// The Rust type of that event, for messages.
     pub event_type: fn() -> &'static str,
-    /// Deserializes the payload and starts the listener.
-    pub call: fn(&str, Context) -> ListenerCall,
+    /// How to run it.
+    pub kind: ListenerKind,
     /// Where the function is defined.
     pub file: &'static str,
     /// The line of the function.
     pub line: u32,
+}
+
+/// How a listener runs.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum ListenerKind {
+    /// On its own: deserializes the payload and starts the listener.
+    Plain(fn(&str, Context) -> ListenerCall),
+    /// Inside a transaction that also completes its delivery.
+    Transactional(TxListener),
+}
+
+/// A `#[listener(transactional)]`.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct TxListener {
+    /// The connection type it takes, checked against the bus's backend by `build()`.
+    pub connection: fn() -> TypeId,
+    /// Its name, for messages.
+    pub connection_name: fn() -> &'static str,
+    /// Deserializes the payload and starts the listener on the transaction's connection.
+    pub call: for<'c> fn(&str, Context, &'c mut (dyn Any + Send)) -> TxCall<'c>,
 }
 
 impl ListenerDef {
@@ -84,6 +110,16 @@ pub struct Context {
     pub(crate) emitted_at: SystemTime,
     pub(crate) waited: Duration,
     pub(crate) state: Arc<State>,
+}
+
+impl ListenerDef {
+    /// The connection type a transactional listener takes.
+    pub(crate) fn transactional(&self) -> Option<&TxListener> {
+        match &self.kind {
+            ListenerKind::Plain(_) => None,
+            ListenerKind::Transactional(tx) => Some(tx),
+        }
+    }
 }
 
 impl Context {

@@ -31,7 +31,7 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
     let runner = shared.runner.clone();
     let mut phase = runner.phase.subscribe();
     let known = shared.registry.ids();
-    let mut tick = tokio::time::interval(shared.retry_every);
+    let mut tick = tokio::time::interval(shared.config.retry_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut more = false;
     let mut polls: u64 = 0;
@@ -52,7 +52,7 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
             }
             polls += 1;
             if polls % SWEEP_EVERY_POLLS == 1
-                && let Err(error) = expire(&shared, &known).await
+                && let Err(error) = sweep(&shared, &known).await
             {
                 tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying later");
             }
@@ -73,8 +73,11 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
     }
 }
 
-async fn expire<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<(), Error> {
+/// Makes expired deliveries of listeners nobody here has dead, and forgets received message ids
+/// older than the dedup window.
+async fn sweep<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<(), Error> {
     let (_turn, mut conn) = shared.pool.get_for_write().await?;
+    B::purge_inbox(&mut conn, shared.config.inbox_dedup_window, EXPIRE_BATCH).await?;
     let died = B::expire(&mut conn, known, EXPIRE_BATCH).await?;
     for died in died {
         tracing::error!(event_id = %died.event_id, listener = %died.listener, reason = %died.reason,
@@ -100,7 +103,7 @@ async fn claim<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result
     if known.is_empty() {
         return Ok(false);
     }
-    let room = shared.runner.room(shared.max_events_per_retry);
+    let room = shared.runner.room(shared.config.max_events_per_retry);
     if room == 0 {
         return Ok(true);
     }

@@ -7,7 +7,7 @@ pub use diesel;
 pub use diesel_async;
 pub use linkme;
 
-pub use crate::listener::{ListenerCall, ListenerDef};
+pub use crate::listener::{ListenerCall, ListenerDef, ListenerKind, TxCall, TxListener};
 pub use crate::registry::LISTENERS;
 use crate::{Context, Event, ListenerError};
 
@@ -27,6 +27,38 @@ where
         ))
     })?;
     let future = listener(event, ctx);
+    Ok(Box::pin(async move { future.await.map_err(Into::into) }))
+}
+
+/// Deserializes `payload`, finds the transaction's connection, and starts a transactional
+/// listener on it.
+pub fn call_tx<'c, E, C, F, Fut, Err>(
+    payload: &str,
+    ctx: Context,
+    conn: &'c mut (dyn std::any::Any + Send),
+    listener: F,
+) -> TxCall<'c>
+where
+    E: Event,
+    C: Send + 'static,
+    F: FnOnce(E, Context, &'c mut C) -> Fut,
+    Fut: Future<Output = Result<(), Err>> + Send + 'c,
+    Err: Into<ListenerError>,
+{
+    let conn = conn.downcast_mut::<C>().ok_or_else(|| {
+        ListenerError::abort(format!(
+            "this transactional listener takes `{}`, which is not the bus's connection",
+            std::any::type_name::<C>()
+        ))
+    })?;
+    let event: E = serde_json::from_str(payload).map_err(|error| {
+        ListenerError::from(format!(
+            "the stored payload of event `{}` does not deserialize into `{}`: {error}",
+            E::NAME,
+            std::any::type_name::<E>(),
+        ))
+    })?;
+    let future = listener(event, ctx, conn);
     Ok(Box::pin(async move { future.await.map_err(Into::into) }))
 }
 

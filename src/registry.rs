@@ -79,6 +79,11 @@ impl Registry {
         ids
     }
 
+    /// Whether any listener is transactional.
+    pub(crate) fn has_transactional(&self) -> bool {
+        self.by_id.values().any(|def| def.transactional().is_some())
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.by_id.len()
     }
@@ -91,7 +96,7 @@ fn sorted_pair(a: String, b: String) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::listener::{Context, ListenerCall};
+    use crate::listener::{Context, ListenerCall, ListenerKind};
 
     fn never(_: &str, _: Context) -> ListenerCall {
         Err("not called".into())
@@ -102,7 +107,7 @@ mod tests {
             id,
             event,
             event_type: || "T",
-            call: never,
+            kind: ListenerKind::Plain(never),
             file: "src/x.rs",
             line,
         }

@@ -14,9 +14,9 @@ use crate::{Backend, Error, Event, EventBus, EventId, Pool};
 /// [`conn`](Self::conn) and emit events with [`emit`](Self::emit); all of it commits together,
 /// and the events' listeners run only after that commit.
 pub struct Transaction<'c, B: Backend> {
-    conn: &'c mut B::Connection,
-    shared: &'c Shared<B>,
-    written: Vec<Written>,
+    pub(crate) conn: &'c mut B::Connection,
+    pub(crate) shared: &'c Shared<B>,
+    pub(crate) written: Vec<Written>,
 }
 
 impl<'c, B: Backend> Transaction<'c, B> {

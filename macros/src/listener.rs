@@ -13,12 +13,15 @@ use crate::errors::Errors;
 #[derive(Default)]
 struct Args {
     name: Option<LitStr>,
+    transactional: bool,
 }
 
 /// What the function's signature says.
 struct Signature<'a> {
     event: &'a Type,
     takes_context: bool,
+    /// For a transactional listener, the connection type its last parameter borrows.
+    connection: Option<&'a Type>,
 }
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -34,7 +37,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
             return errors.finish(&item).err().unwrap_or_default();
         }
     };
-    let signature = check_signature(&function, &mut errors);
+    let signature = check_signature(&function, args.transactional, &mut errors);
     if let Err(output) = errors.finish(&item) {
         return output;
     }
@@ -75,16 +78,26 @@ fn parse_args(attr: TokenStream, errors: &mut Errors) -> Args {
                     args.name = Some(value.clone());
                 }
             }
+            Meta::Path(path) if path.is_ident("transactional") => {
+                if args.transactional {
+                    errors.add(path, "duplicate argument `transactional`");
+                }
+                args.transactional = true;
+            }
             other => errors.add(
                 other,
-                "unknown argument of `#[txbus::listener]`; expected `name = \"...\"`",
+                "unknown argument of `#[txbus::listener]`; expected `name = \"...\"` or `transactional`",
             ),
         }
     }
     args
 }
 
-fn check_signature<'a>(function: &'a ItemFn, errors: &mut Errors) -> Option<Signature<'a>> {
+fn check_signature<'a>(
+    function: &'a ItemFn,
+    transactional: bool,
+    errors: &mut Errors,
+) -> Option<Signature<'a>> {
     let sig = &function.sig;
     if sig.asyncness.is_none() {
         errors.add(sig.fn_token, "a listener must be an `async fn`");
@@ -145,7 +158,38 @@ fn check_signature<'a>(function: &'a ItemFn, errors: &mut Errors) -> Option<Sign
             ty => Some(ty),
         },
     };
-    let takes_context = match inputs.next() {
+    let mut rest: Vec<&FnArg> = inputs.collect();
+    let connection = if transactional {
+        match rest.pop() {
+            Some(FnArg::Typed(arg)) => match &*arg.ty {
+                Type::Reference(reference)
+                    if reference.mutability.is_some() && reference.lifetime.is_none() =>
+                {
+                    Some(&*reference.elem)
+                }
+                _ => {
+                    errors.add(
+                        &arg.ty,
+                        "the last parameter of a transactional listener is the transaction's connection, \
+                         e.g. `conn: &mut AsyncPgConnection`",
+                    );
+                    None
+                }
+            },
+            _ => {
+                errors.add_at(
+                    sig.paren_token.span.join(),
+                    "a transactional listener takes the transaction's connection as its last parameter, \
+                     e.g. `async fn f(event: E, ctx: txbus::Context, conn: &mut AsyncPgConnection)`",
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut rest = rest.into_iter();
+    let takes_context = match rest.next() {
         None => false,
         Some(FnArg::Typed(arg)) if is_context(&arg.ty) => true,
         Some(other) => {
@@ -156,15 +200,23 @@ fn check_signature<'a>(function: &'a ItemFn, errors: &mut Errors) -> Option<Sign
             false
         }
     };
-    for extra in inputs {
+    for extra in rest {
         errors.add(
             extra,
-            "a listener takes at most two parameters: the event and `ctx: txbus::Context`",
+            if transactional {
+                "a transactional listener takes the event, `ctx: txbus::Context` and the connection"
+            } else {
+                "a listener takes at most two parameters: the event and `ctx: txbus::Context`"
+            },
         );
+    }
+    if transactional && connection.is_none() {
+        return None;
     }
     Some(Signature {
         event: event?,
         takes_context,
+        connection,
     })
 }
 
@@ -186,16 +238,59 @@ fn generate(function: &ItemFn, args: &Args, signature: &Signature<'_>) -> TokenS
     // Spanned on the function, so that a listener whose future is not `Send` or whose error
     // does not convert is reported there.
     let span = function.sig.span();
-    let listener = if signature.takes_context {
-        quote_spanned!(span=> #ident)
-    } else {
-        quote_spanned!(span=> |event, _: ::txbus::Context| #ident(event))
-    };
-    let call = quote_spanned!(span=>
-        ::txbus::__private::call::<#event, _, _, _>(payload, ctx, #listener)
-    );
     let line = quote_spanned!(ident.span()=> ::core::line!());
     let call_fn = format_ident!("__txbus_call_{}", ident, span = Span::call_site());
+    let (kind, call_item) = match signature.connection {
+        None => {
+            let listener = if signature.takes_context {
+                quote_spanned!(span=> #ident)
+            } else {
+                quote_spanned!(span=> |event, _: ::txbus::Context| #ident(event))
+            };
+            let call = quote_spanned!(span=>
+                ::txbus::__private::call::<#event, _, _, _>(payload, ctx, #listener)
+            );
+            (
+                quote!(::txbus::__private::ListenerKind::Plain(#call_fn)),
+                quote! {
+                    fn #call_fn(
+                        payload: &::core::primitive::str,
+                        ctx: ::txbus::Context,
+                    ) -> ::txbus::__private::ListenerCall {
+                        #call
+                    }
+                },
+            )
+        }
+        Some(connection) => {
+            let listener = if signature.takes_context {
+                quote_spanned!(span=> #ident)
+            } else {
+                quote_spanned!(span=> |event, _: ::txbus::Context, conn| #ident(event, conn))
+            };
+            let call = quote_spanned!(span=>
+                ::txbus::__private::call_tx::<#event, #connection, _, _, _>(payload, ctx, conn, #listener)
+            );
+            (
+                quote! {
+                    ::txbus::__private::ListenerKind::Transactional(::txbus::__private::TxListener {
+                        connection: ::core::any::TypeId::of::<#connection>,
+                        connection_name: ::core::any::type_name::<#connection>,
+                        call: #call_fn,
+                    })
+                },
+                quote! {
+                    fn #call_fn<'c>(
+                        payload: &::core::primitive::str,
+                        ctx: ::txbus::Context,
+                        conn: &'c mut (dyn ::core::any::Any + ::core::marker::Send),
+                    ) -> ::txbus::__private::TxCall<'c> {
+                        #call
+                    }
+                },
+            )
+        }
+    };
     quote! {
         #function
 
@@ -207,17 +302,12 @@ fn generate(function: &ItemFn, args: &Args, signature: &Signature<'_>) -> TokenS
                 id: #id,
                 event: <#event as ::txbus::Event>::NAME,
                 event_type: ::core::any::type_name::<#event>,
-                call: #call_fn,
+                kind: #kind,
                 file: ::core::file!(),
                 line: #line,
             };
 
-            fn #call_fn(
-                payload: &::core::primitive::str,
-                ctx: ::txbus::Context,
-            ) -> ::txbus::__private::ListenerCall {
-                #call
-            }
+            #call_item
         };
     }
 }

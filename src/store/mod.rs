@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use diesel::QueryResult;
 use diesel_async::AsyncConnection;
 
-use crate::{Error, EventId, Operation};
+use crate::{Error, EventId, MessageId, Operation};
 
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
@@ -164,6 +164,61 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = QueryResult<Vec<(String, i64)>>> + Send;
 
+    /// Records the receipt of message `id`, unless it was received within `window`: returns
+    /// whether this is its first receipt. Insert-or-ignore on the primary key, so concurrent
+    /// receipts of one id accept it once.
+    #[doc(hidden)]
+    fn reserve_message(
+        conn: &mut Self::Connection,
+        id: &MessageId,
+        window: Duration,
+    ) -> impl Future<Output = QueryResult<bool>> + Send;
+
+    /// Deletes up to `limit` receipt records older than `window`.
+    #[doc(hidden)]
+    fn purge_inbox(
+        conn: &mut Self::Connection,
+        window: Duration,
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<usize>> + Send;
+
+    /// Deletes a delivery in the transaction of a transactional listener, if that run still
+    /// holds it (its attempt number matches): returns whether it did.
+    #[doc(hidden)]
+    fn complete_in_transaction(
+        conn: &mut Self::Connection,
+        event_id: i64,
+        listener: &'static str,
+        attempt: i32,
+    ) -> impl Future<Output = QueryResult<bool>> + Send;
+
+    /// Keeps a message for the `InboxStore`, unless one with its id is kept already.
+    #[doc(hidden)]
+    fn store_message(
+        conn: &mut Self::Connection,
+        id: &MessageId,
+        payload: &str,
+    ) -> impl Future<Output = QueryResult<bool>> + Send;
+
+    /// Leases the oldest available message of the `InboxStore` for `lease`.
+    #[doc(hidden)]
+    fn next_message(
+        conn: &mut Self::Connection,
+        lease: Duration,
+    ) -> impl Future<Output = QueryResult<Option<StoredMessage>>> + Send;
+
+    /// Deletes a message of the `InboxStore` if it was not handed out again since.
+    #[doc(hidden)]
+    fn delete_message(
+        conn: &mut Self::Connection,
+        id: &MessageId,
+        deliveries: i32,
+    ) -> impl Future<Output = QueryResult<bool>> + Send;
+
+    /// How many messages the `InboxStore` keeps.
+    #[doc(hidden)]
+    fn message_count(conn: &mut Self::Connection) -> impl Future<Output = QueryResult<i64>> + Send;
+
     /// Housekeeping the poller runs now and then.
     #[doc(hidden)]
     fn maintain(_conn: &mut Self::Connection) -> impl Future<Output = QueryResult<()>> + Send {
@@ -176,6 +231,16 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
     fn migrate(
         conn: &mut Self::Connection,
     ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
+}
+
+/// A message of the `InboxStore`, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub(crate) source: String,
+    pub(crate) key: String,
+    pub(crate) payload: String,
+    pub(crate) received_at_us: i64,
+    pub(crate) deliveries: i32,
 }
 
 /// An event about to be written.

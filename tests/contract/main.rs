@@ -13,6 +13,7 @@ mod support;
 mod build;
 mod emit;
 mod expiry;
+mod inbox;
 mod retry;
 mod sharing;
 
@@ -38,6 +39,12 @@ macro_rules! scenarios {
             sharing::two_buses_drain_a_backlog_exactly_once,
             sharing::concurrent_first_starts_migrate_once,
             build::bad_configuration_fails_build,
+            inbox::one_message_received_concurrently_is_accepted_once,
+            inbox::duplicates_are_accepted_again_after_the_window,
+            inbox::content_hash_ids_deduplicate_equal_payloads,
+            inbox::bad_message_ids_store_nothing,
+            inbox::receive_in_a_transaction_rolls_back_with_it,
+            inbox::inbox_store_leases_and_deletes,
         );
     };
 }

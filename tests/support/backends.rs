@@ -102,7 +102,7 @@ mod postgres {
     }
 
     impl TestBackend for Postgres {
-        const MIGRATIONS: i64 = 1;
+        const MIGRATIONS: i64 = 2;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -276,7 +276,7 @@ mod mysql {
     }
 
     impl TestBackend for Mysql {
-        const MIGRATIONS: i64 = 2;
+        const MIGRATIONS: i64 = 4;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -393,7 +393,7 @@ mod sqlite {
     use txbus::Sqlite;
 
     impl TestBackend for Sqlite {
-        const MIGRATIONS: i64 = 1;
+        const MIGRATIONS: i64 = 2;
 
         async fn open() -> TestDb<Self> {
             let dir = std::env::temp_dir().join("txbus-tests");

@@ -14,12 +14,15 @@ use diesel_async::{
 };
 
 use super::sql::{Sql, sql};
+
+mod inbox;
 use super::{
-    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
-    attempt_i32, attempt_u32, micros, split_done, system_time_from_micros,
+    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed,
+    StoredMessage, UpdateRow, attempt_i32, attempt_u32, micros, split_done,
+    system_time_from_micros,
 };
 use crate::migrate::{self, Migration};
-use crate::{Error, EventId, Operation};
+use crate::{Error, EventId, MessageId, Operation};
 
 /// A statement of this backend that diesel caches as a prepared statement.
 fn query<'a>(text: &'static str) -> Sql<'a, diesel::pg::Pg> {
@@ -372,6 +375,58 @@ impl Backend for Postgres {
             .load(conn)
             .await?;
         Ok(rows.into_iter().map(|r| (r.listener, r.n)).collect())
+    }
+
+    async fn reserve_message(
+        conn: &mut AsyncPgConnection,
+        id: &MessageId,
+        window: Duration,
+    ) -> QueryResult<bool> {
+        inbox::reserve(conn, id, window).await
+    }
+
+    async fn purge_inbox(
+        conn: &mut AsyncPgConnection,
+        window: Duration,
+        limit: usize,
+    ) -> QueryResult<usize> {
+        inbox::purge(conn, window, limit).await
+    }
+
+    async fn complete_in_transaction(
+        conn: &mut AsyncPgConnection,
+        event_id: i64,
+        listener: &'static str,
+        attempt: i32,
+    ) -> QueryResult<bool> {
+        inbox::complete(conn, event_id, listener, attempt).await
+    }
+
+    async fn store_message(
+        conn: &mut AsyncPgConnection,
+        id: &MessageId,
+        payload: &str,
+    ) -> QueryResult<bool> {
+        inbox::store(conn, id, payload).await
+    }
+
+    async fn next_message(
+        conn: &mut AsyncPgConnection,
+        lease: Duration,
+    ) -> QueryResult<Option<StoredMessage>> {
+        inbox::next(conn, lease).await
+    }
+
+    async fn delete_message(
+        conn: &mut AsyncPgConnection,
+        id: &MessageId,
+        deliveries: i32,
+    ) -> QueryResult<bool> {
+        inbox::delete(conn, id, deliveries).await
+    }
+
+    async fn message_count(conn: &mut AsyncPgConnection) -> QueryResult<i64> {
+        inbox::count(conn).await
     }
 
     async fn migrate(conn: &mut AsyncPgConnection) -> Result<Vec<String>, Error> {

@@ -15,12 +15,14 @@ use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 
 use super::sql::{Sql, sql};
+
+mod inbox;
 use super::{
-    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
-    attempt_i32, attempt_u32, split_done, system_time_from_micros,
+    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed,
+    StoredMessage, UpdateRow, attempt_i32, attempt_u32, split_done, system_time_from_micros,
 };
 use crate::migrate;
-use crate::{Error, EventId};
+use crate::{Error, EventId, MessageId};
 
 /// A statement of this backend that diesel caches as a prepared statement.
 fn query<'a>(text: &'static str) -> Sql<'a, diesel::sqlite::Sqlite> {
@@ -369,6 +371,43 @@ impl Backend for Sqlite {
             Ok(rows.into_iter().map(|r| (r.listener, r.n)).collect())
         })
         .await
+    }
+
+    async fn reserve_message(
+        conn: &mut Conn,
+        id: &MessageId,
+        window: Duration,
+    ) -> QueryResult<bool> {
+        inbox::reserve(conn, id, window).await
+    }
+
+    async fn purge_inbox(conn: &mut Conn, window: Duration, limit: usize) -> QueryResult<usize> {
+        inbox::purge(conn, window, limit).await
+    }
+
+    async fn complete_in_transaction(
+        conn: &mut Conn,
+        event_id: i64,
+        listener: &'static str,
+        attempt: i32,
+    ) -> QueryResult<bool> {
+        inbox::complete(conn, event_id, listener, attempt).await
+    }
+
+    async fn store_message(conn: &mut Conn, id: &MessageId, payload: &str) -> QueryResult<bool> {
+        inbox::store(conn, id, payload).await
+    }
+
+    async fn next_message(conn: &mut Conn, lease: Duration) -> QueryResult<Option<StoredMessage>> {
+        inbox::next(conn, lease).await
+    }
+
+    async fn delete_message(conn: &mut Conn, id: &MessageId, deliveries: i32) -> QueryResult<bool> {
+        inbox::delete(conn, id, deliveries).await
+    }
+
+    async fn message_count(conn: &mut Conn) -> QueryResult<i64> {
+        inbox::count(conn).await
     }
 
     async fn migrate(conn: &mut Conn) -> Result<Vec<String>, Error> {

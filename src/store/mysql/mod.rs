@@ -16,12 +16,15 @@ use diesel_async::{
 use serde_json::json;
 
 use super::sql::{Sql, sql};
+
+mod inbox;
 use super::{
-    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed, UpdateRow,
-    attempt_i32, attempt_u32, micros, split_done, system_time_from_micros,
+    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed,
+    StoredMessage, UpdateRow, attempt_i32, attempt_u32, micros, split_done,
+    system_time_from_micros,
 };
 use crate::migrate;
-use crate::{Error, EventId};
+use crate::{Error, EventId, MessageId};
 
 /// A statement of this backend that diesel caches as a prepared statement.
 fn query<'a>(text: &'static str) -> Sql<'a, diesel::mysql::Mysql> {
@@ -444,6 +447,58 @@ impl Backend for Mysql {
             .load(conn)
             .await?;
         Ok(rows.into_iter().map(|r| (r.listener, r.n)).collect())
+    }
+
+    async fn reserve_message(
+        conn: &mut AsyncMysqlConnection,
+        id: &MessageId,
+        window: Duration,
+    ) -> QueryResult<bool> {
+        inbox::reserve(conn, id, window).await
+    }
+
+    async fn purge_inbox(
+        conn: &mut AsyncMysqlConnection,
+        window: Duration,
+        limit: usize,
+    ) -> QueryResult<usize> {
+        inbox::purge(conn, window, limit).await
+    }
+
+    async fn complete_in_transaction(
+        conn: &mut AsyncMysqlConnection,
+        event_id: i64,
+        listener: &'static str,
+        attempt: i32,
+    ) -> QueryResult<bool> {
+        inbox::complete(conn, event_id, listener, attempt).await
+    }
+
+    async fn store_message(
+        conn: &mut AsyncMysqlConnection,
+        id: &MessageId,
+        payload: &str,
+    ) -> QueryResult<bool> {
+        inbox::store(conn, id, payload).await
+    }
+
+    async fn next_message(
+        conn: &mut AsyncMysqlConnection,
+        lease: Duration,
+    ) -> QueryResult<Option<StoredMessage>> {
+        inbox::next(conn, lease).await
+    }
+
+    async fn delete_message(
+        conn: &mut AsyncMysqlConnection,
+        id: &MessageId,
+        deliveries: i32,
+    ) -> QueryResult<bool> {
+        inbox::delete(conn, id, deliveries).await
+    }
+
+    async fn message_count(conn: &mut AsyncMysqlConnection) -> QueryResult<i64> {
+        inbox::count(conn).await
     }
 
     async fn maintain(conn: &mut AsyncMysqlConnection) -> QueryResult<()> {

@@ -1,0 +1,2 @@
+DROP TABLE txbus_inbox_messages;
+DROP TABLE txbus_inbox;

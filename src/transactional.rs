@@ -1,0 +1,88 @@
+//! Transactional listeners: the listener runs inside a transaction that also completes its
+//! delivery, so its database writes happen exactly once per delivery.
+//!
+//! The run opens a transaction, runs the listener on its connection until the end of the lease,
+//! then deletes the delivery in the same transaction if this run still holds it (its attempt
+//! number matches) and commits. A failure or panic rolls back, and the failure is recorded like
+//! any other; a run that lost its lease rolls back and records nothing; a run past its deadline
+//! is dropped with its connection, which is closed instead of going back to the pool, so the
+//! database rolls it back.
+
+use std::any::Any;
+use std::time::Instant;
+
+use crate::dispatch::{Job, Ran, Transactions, Verdict, run_listener};
+use crate::listener::{Context, TxListener};
+use crate::store::attempt_i32;
+use crate::transaction::TxConn;
+use crate::{Backend, BoxFuture, ListenerError, Pool};
+
+/// [`Transactions`] on the bus's pool.
+pub(crate) struct PoolTransactions<B: Backend>(pub(crate) Pool<B>);
+
+impl<B: Backend> Transactions for PoolTransactions<B> {
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        ctx: Context,
+        listener: &'a TxListener,
+    ) -> BoxFuture<'a, Verdict> {
+        Box::pin(async move {
+            let begun = Instant::now();
+            let mut guard = match TxConn::<B>::begin(&self.0).await {
+                Ok(guard) => guard,
+                Err(error) => return Verdict::Failed(ListenerError::from(error)),
+            };
+            let ran = match guard.conn() {
+                Ok(conn) => {
+                    let conn: &mut (dyn Any + Send) = conn;
+                    run_listener(job.deadline, || (listener.call)(&job.payload, ctx, conn)).await
+                }
+                Err(error) => Ran::Failed(ListenerError::from(error)),
+            };
+            match ran {
+                // Dropped in doubt: the connection closes and the database rolls back.
+                Ran::TimedOut => Verdict::TimedOut(begun.elapsed()),
+                Ran::Failed(error) => {
+                    guard.rollback().await;
+                    Verdict::Failed(error)
+                }
+                Ran::Panicked(message) => {
+                    guard.rollback().await;
+                    Verdict::Panicked(message)
+                }
+                Ran::Succeeded => complete::<B>(guard, job).await,
+            }
+        })
+    }
+}
+
+/// Completes the delivery in the listener's transaction, and commits.
+async fn complete<B: Backend>(mut guard: TxConn<B>, job: &Job) -> Verdict {
+    let key = job.key;
+    let completed = match guard.conn() {
+        Ok(conn) => B::complete_in_transaction(
+            conn,
+            key.event_id.get(),
+            key.listener,
+            attempt_i32(key.attempt),
+        )
+        .await
+        .map_err(crate::Error::from),
+        Err(error) => Err(error),
+    };
+    match completed {
+        Ok(true) => match guard.commit().await {
+            Ok(()) => Verdict::Recorded,
+            Err(error) => Verdict::Failed(ListenerError::from(error)),
+        },
+        Ok(false) => {
+            guard.rollback().await;
+            Verdict::LostLease
+        }
+        Err(error) => {
+            guard.rollback().await;
+            Verdict::Failed(ListenerError::from(error))
+        }
+    }
+}
