@@ -75,6 +75,7 @@ impl<B: Backend> Operation<'_, B> {
     }
 
     /// The write through a shared connection, when the entity offers one.
+    #[cfg(feature = "postgres")]
     pub(crate) fn pipelined<'c>(
         &'c self,
         conn: &'c B::Connection,

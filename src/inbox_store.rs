@@ -100,10 +100,20 @@ impl InboxMessage {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct InboxStore<B: Backend> {
     pool: Pool<B>,
     lease: Duration,
+}
+
+// Not derived: that would require `B: Clone`.
+impl<B: Backend> Clone for InboxStore<B> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            lease: self.lease,
+        }
+    }
 }
 
 impl<B: Backend> InboxStore<B> {

@@ -61,6 +61,12 @@
 //! # }
 //! ```
 //!
+//! ## Receiving from outside
+//! [`EventBus::receive`] turns a message from a broker, a webhook or a file into an event the
+//! first time its [`MessageId`] is seen within the dedup window, and does nothing for a
+//! duplicate. Transactional listeners (see [`listener`]) write to the database exactly once per
+//! delivery. [`InboxStore`] keeps received messages for consumers that pull them instead.
+//!
 //! ## Listeners and linking
 //! `#[listener]` registers the function at link time (a `linkme` distributed slice). A listener
 //! defined in a library crate is linked only if the binary refers to that crate; if nothing
@@ -145,6 +151,38 @@ pub use txbus_macros::Entity;
 /// tells the attempt number and gives the bus's state. The function returns `Result<(), E>` with
 /// `E` convertible into [`ListenerError`]; its future must be `Send`. It stays an ordinary
 /// function that can be called directly, in tests for example.
+///
+/// # Transactional listeners
+/// `#[txbus::listener(transactional)]` takes the transaction's connection as its last
+/// parameter: `&mut AsyncPgConnection` (postgres), `&mut AsyncMysqlConnection` (mysql) or
+/// `&mut SyncConnectionWrapper<SqliteConnection>` (sqlite). It runs inside a transaction in
+/// which its delivery is also completed, fenced by its lease: its writes commit exactly once per
+/// delivery. When it fails, times out (the connection is then dropped, not returned to the
+/// pool) or has lost its lease, the transaction rolls back and the delivery is retried as usual.
+/// Keep side effects outside the database out of it: they are not rolled back.
+///
+/// ```
+/// use diesel::SqliteConnection;
+/// use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+/// use diesel_async::SimpleAsyncConnection;
+/// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+/// # struct PaymentReceived { cents: i64 }
+///
+/// #[txbus::listener(transactional)]
+/// async fn credit(
+///     event: PaymentReceived,
+///     ctx: txbus::Context,
+///     conn: &mut SyncConnectionWrapper<SqliteConnection>,
+/// ) -> Result<(), txbus::ListenerError> {
+///     let sql = format!("UPDATE accounts SET balance = balance + {}", event.cents);
+///     conn.batch_execute(&sql).await?;
+///     Ok(())
+/// }
+/// ```
+///
+/// A bus whose backend has another connection type refuses to build
+/// ([`BuildError::ListenerConnection`]); a type that is no backend's connection does not
+/// compile.
 pub use txbus_macros::listener;
 
 /// A boxed, `Send` future, as [`Entity`] methods return.

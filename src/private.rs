@@ -30,6 +30,22 @@ where
     Ok(Box::pin(async move { future.await.map_err(Into::into) }))
 }
 
+/// The connection of a backend txbus is built with: what a transactional listener may take.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not the connection of a txbus backend",
+    label = "a transactional listener takes the transaction's connection here",
+    note = "take `&mut AsyncPgConnection` (postgres), `&mut AsyncMysqlConnection` (mysql) or \
+            `&mut SyncConnectionWrapper<SqliteConnection>` (sqlite), of a backend txbus is built with"
+)]
+pub trait TxConnection: Send + 'static {}
+
+#[cfg(feature = "postgres")]
+impl TxConnection for <crate::Postgres as crate::Backend>::Connection {}
+#[cfg(feature = "mysql")]
+impl TxConnection for <crate::Mysql as crate::Backend>::Connection {}
+#[cfg(feature = "sqlite")]
+impl TxConnection for <crate::Sqlite as crate::Backend>::Connection {}
+
 /// Deserializes `payload`, finds the transaction's connection, and starts a transactional
 /// listener on it.
 pub fn call_tx<'c, E, C, F, Fut, Err>(
@@ -40,7 +56,7 @@ pub fn call_tx<'c, E, C, F, Fut, Err>(
 ) -> TxCall<'c>
 where
     E: Event,
-    C: Send + 'static,
+    C: TxConnection,
     F: FnOnce(E, Context, &'c mut C) -> Fut,
     Fut: Future<Output = Result<(), Err>> + Send + 'c,
     Err: Into<ListenerError>,

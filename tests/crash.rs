@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use support::backends::exec;
-use support::process::{backends, run, runtime};
+use support::process::{on_every_backend, run, runtime};
 use support::{PATIENCE, TestBackend, eventually};
 use txbus::{Context, EventBus, EventSettings, ListenerError, Pool};
 
@@ -226,15 +226,9 @@ fn main() -> ExitCode {
         with_backend!(backend.as_str(), run_child(url));
         return ExitCode::FAILURE;
     }
-    let scenarios = backends()
-        .into_iter()
-        .map(|backend| {
-            let scenario: Box<dyn FnOnce()> =
-                Box::new(move || with_backend!(backend, run_recovery()));
-            (format!("{backend}::crash_recovery"), scenario)
-        })
-        .collect();
-    run(scenarios)
+    run(on_every_backend("crash_recovery", |backend| {
+        with_backend!(backend, run_recovery())
+    }))
 }
 
 fn run_child<B: TestBackend>(url: String) {

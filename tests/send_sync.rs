@@ -10,7 +10,9 @@ use std::fmt::Debug;
 use std::hash::Hash;
 
 use support::TestBackend;
-use txbus::{BuildError, Error, EventBus, EventId, Sqlite, StateError};
+use txbus::{
+    BuildError, Error, EventBus, EventId, InboxMessage, InboxStore, MessageId, Sqlite, StateError,
+};
 
 fn assert_send<T: Send>(value: T) -> T {
     value
@@ -31,6 +33,8 @@ struct Noted {
 fn handles_ids_and_errors() {
     assert_send_sync_clone::<EventBus<Sqlite>>();
     assert_send_sync_clone::<txbus::Pool<Sqlite>>();
+    assert_send_sync_clone::<txbus::InboxStore<Sqlite>>();
+    assert_send_sync_clone::<txbus::MessageId>();
     assert_id::<EventId>();
     assert_error::<Error>();
     assert_error::<BuildError>();
@@ -61,6 +65,34 @@ async fn public_futures_are_send_and_spawnable() {
         }
     });
     in_transaction.await.unwrap().unwrap();
+
+    let received = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            let first = bus
+                .receive(MessageId::new("s", "k"), Noted { n: 3 })
+                .await?;
+            let again = bus
+                .transaction(async |tx| tx.receive(MessageId::new("s", "k"), &Noted { n: 3 }).await)
+                .await?;
+            Ok::<_, Error>((first, again))
+        }
+    });
+    let (first, again) = received.await.unwrap().unwrap();
+    assert!(first.event_id().is_some() && again.is_duplicate());
+
+    let store = InboxStore::new(db.pool.clone());
+    let message = InboxMessage::new(MessageId::new("s", "m"), &1).unwrap();
+    let stored = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store.store_message(&message).await?;
+            let next = store.next_message().await?;
+            store.delete_message(&next.unwrap()).await?;
+            store.message_count().await
+        }
+    });
+    assert_eq!(stored.await.unwrap().unwrap(), 0);
 
     assert_send(bus.wait_idle()).await;
     assert_send(txbus::migrate(&db.pool)).await.unwrap();

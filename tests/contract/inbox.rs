@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use txbus::{Context, Error, InboxMessage, InboxStore, ListenerError, MessageId, Received};
 
-use crate::support::{Probe, TestBackend, bus, eventually};
+use crate::support::{HOUR, Probe, TestBackend, bus, eventually};
 
 #[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
 #[event(name = "contract.inbox.paid")]
@@ -294,4 +294,38 @@ pub async fn inbox_store_leases_and_deletes<B: TestBackend>() {
         store.store_message(&bad).await,
         Err(Error::Invalid(_))
     ));
+}
+
+pub async fn inbox_store_consumers_never_share_a_message<B: TestBackend>() {
+    const MESSAGES: usize = 200;
+    let db = B::open().await;
+    txbus::migrate(&db.pool).await.unwrap();
+    let store = InboxStore::new(db.pool.clone()).lease(HOUR);
+    for n in 0..MESSAGES {
+        let message = InboxMessage::new(MessageId::new("feed", format!("m{n}")), &n).unwrap();
+        assert!(store.store_message(&message).await.unwrap());
+    }
+    // Two consumers (pools, as two processes would have), four tasks each, all at once.
+    let consumers = [store, InboxStore::new(db.another_pool().await).lease(HOUR)];
+    let tasks: Vec<_> = consumers
+        .iter()
+        .flat_map(|consumer| std::iter::repeat_n(consumer.clone(), 4))
+        .map(|consumer| {
+            tokio::spawn(async move {
+                let mut taken = Vec::new();
+                while let Some(message) = consumer.next_message().await.unwrap() {
+                    taken.push(message.id().key().to_owned());
+                }
+                taken
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for task in tasks {
+        taken.extend(task.await.unwrap());
+    }
+    let distinct: std::collections::HashSet<&String> = taken.iter().collect();
+    assert_eq!(taken.len(), MESSAGES, "each message handed out once");
+    assert_eq!(distinct.len(), MESSAGES);
+    assert_eq!(consumers[0].message_count().await.unwrap(), MESSAGES as u64);
 }

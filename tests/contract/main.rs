@@ -45,6 +45,7 @@ macro_rules! scenarios {
             inbox::bad_message_ids_store_nothing,
             inbox::receive_in_a_transaction_rolls_back_with_it,
             inbox::inbox_store_leases_and_deletes,
+            inbox::inbox_store_consumers_never_share_a_message,
         );
     };
 }

@@ -44,6 +44,21 @@ pub fn backends() -> Vec<&'static str> {
     all
 }
 
+/// The scenario `name` on every backend this binary was built with: `scenario` gets the
+/// backend's name (and calls a generic function with [`with_backend!`]).
+pub fn on_every_backend(
+    name: &str,
+    scenario: fn(&'static str),
+) -> Vec<(String, Box<dyn FnOnce()>)> {
+    backends()
+        .into_iter()
+        .map(|backend| {
+            let run: Box<dyn FnOnce()> = Box::new(move || scenario(backend));
+            (format!("{backend}::{name}"), run)
+        })
+        .collect()
+}
+
 /// Runs the scenarios whose name contains one of the command line's filters (all without
 /// one), like the test harness would, and fails if any failed.
 pub fn run(scenarios: Vec<(String, Box<dyn FnOnce()>)>) -> ExitCode {
