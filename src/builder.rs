@@ -12,6 +12,8 @@ use crate::dispatch::{Runner, Transactions, dispatch_loop};
 use crate::listener::State;
 use crate::poller::poll_loop;
 use crate::registry::{LISTENERS, Registry};
+use crate::settings::MAX_DURATION;
+use crate::store::Retention;
 use crate::transactional::PoolTransactions;
 use crate::{Backend, BuildError, Event, EventBus, EventSettings, Pool};
 
@@ -60,6 +62,7 @@ pub struct EventBusBuilder<B: Backend> {
     max_concurrent_listeners: usize,
     shutdown_grace: Duration,
     inbox_dedup_window: Duration,
+    retention: Retention,
     state: State,
     run_migrations: bool,
     poller: bool,
@@ -76,6 +79,7 @@ impl<B: Backend> fmt::Debug for EventBusBuilder<B> {
             .field("max_concurrent_listeners", &self.max_concurrent_listeners)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("inbox_dedup_window", &self.inbox_dedup_window)
+            .field("retention", &self.retention)
             .field("run_migrations", &self.run_migrations)
             .field("poller", &self.poller)
             .finish_non_exhaustive()
@@ -94,6 +98,10 @@ impl<B: Backend> EventBusBuilder<B> {
             max_concurrent_listeners: 64,
             shutdown_grace: Duration::from_secs(10),
             inbox_dedup_window: Duration::from_secs(7 * 24 * 3600),
+            retention: Retention {
+                delivered: Duration::ZERO,
+                dead: Duration::from_secs(14 * 24 * 3600),
+            },
             state: State::default(),
             run_migrations: true,
             poller: true,
@@ -159,6 +167,23 @@ impl<B: Backend> EventBusBuilder<B> {
         self
     }
 
+    /// How long a delivery is kept after its listener succeeded, as `delivered` in
+    /// [`EventBus::stats`]. Default: zero, deleted on success (the cheapest: one statement
+    /// per batch of successes). The poller deletes older ones in bounded batches, one instance at
+    /// a time.
+    pub fn retain_delivered(mut self, retention: Duration) -> Self {
+        self.retention.delivered = retention;
+        self
+    }
+
+    /// How long a dead letter is kept, counted from its death, to be inspected and replayed
+    /// ([`EventBus::dead_letters`]). Default: 14 days. The poller deletes older ones in bounded
+    /// batches, one instance at a time.
+    pub fn retain_dead(mut self, retention: Duration) -> Self {
+        self.retention.dead = retention;
+        self
+    }
+
     /// Registers a value listeners get with [`Context::state`](crate::Context::state), one per
     /// type (a second value of the same type replaces the first). Default: none.
     pub fn state<T: Send + Sync + 'static>(mut self, value: T) -> Self {
@@ -186,7 +211,7 @@ impl<B: Backend> EventBusBuilder<B> {
     pub fn build(self) -> impl Future<Output = Result<EventBus<B>, BuildError>> + Send {
         async move {
             let mut this = self;
-            if let Some(error) = this.errors.pop() {
+            if let Some(error) = this.errors.drain(..).next() {
                 return Err(error);
             }
             this.validate()?;
@@ -197,9 +222,12 @@ impl<B: Backend> EventBusBuilder<B> {
                     .map_err(BuildError::Database)?;
             }
             check_connections::<B>(&registry)?;
-            let transactions = registry
-                .has_transactional()
-                .then(|| Arc::new(PoolTransactions(this.pool.clone())) as Arc<dyn Transactions>);
+            let transactions = registry.has_transactional().then(|| {
+                Arc::new(PoolTransactions {
+                    pool: this.pool.clone(),
+                    retain: !this.retention.delivered.is_zero(),
+                }) as Arc<dyn Transactions>
+            });
             let (runner, jobs, reports) =
                 Runner::new(this.max_concurrent_listeners, this.state, transactions);
             let settings = this
@@ -218,12 +246,14 @@ impl<B: Backend> EventBusBuilder<B> {
                     max_events_per_retry: this.max_events_per_retry,
                     shutdown_grace: this.shutdown_grace,
                     inbox_dedup_window: this.inbox_dedup_window,
+                    retention: this.retention,
                 },
             ));
             let tasks = Tasks {
                 dispatcher: Some(tokio::spawn(dispatch_loop(runner.clone(), jobs))),
                 completer: Some(tokio::spawn(complete_loop(
                     this.pool,
+                    !this.retention.delivered.is_zero(),
                     reports,
                     runner.phase.subscribe(),
                 ))),
@@ -252,12 +282,18 @@ impl<B: Backend> EventBusBuilder<B> {
         if self.max_events_per_retry == 0 {
             return Err(bus("max_events_per_retry must be at least 1"));
         }
-        if self.inbox_dedup_window.is_zero()
-            || self.inbox_dedup_window > Duration::from_secs(100 * 365 * 24 * 3600)
-        {
+        if self.inbox_dedup_window.is_zero() || self.inbox_dedup_window > MAX_DURATION {
             return Err(bus(
                 "inbox_dedup_window must be longer than zero and at most 100 years",
             ));
+        }
+        for (name, retention) in [
+            ("retain_delivered", self.retention.delivered),
+            ("retain_dead", self.retention.dead),
+        ] {
+            if retention > MAX_DURATION {
+                return Err(bus(&format!("{name} must be at most 100 years")));
+            }
         }
         if self.max_concurrent_listeners == 0 {
             return Err(bus("max_concurrent_listeners must be at least 1"));
@@ -288,10 +324,7 @@ impl<B: Backend> EventBusBuilder<B> {
 /// Refuses transactional listeners that take another backend's connection.
 fn check_connections<B: Backend>(registry: &Registry) -> Result<(), BuildError> {
     let expected = std::any::TypeId::of::<B::Connection>();
-    for id in registry.ids() {
-        let Some(def) = registry.get(id) else {
-            continue;
-        };
+    for def in registry.defs() {
         if let Some(tx) = def.transactional()
             && (tx.connection)() != expected
         {

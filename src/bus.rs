@@ -6,13 +6,14 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::dispatch::{self, Job, Phase, Runner};
 use crate::listener::ListenerDef;
 use crate::registry::Registry;
-use crate::store::{DeliveryKey, Inserted, NewEvent};
+use crate::store::{DeliveryKey, Inserted, NewEvent, Retention};
 use crate::transaction::TxConn;
 use crate::{Backend, Error, Event, EventBusBuilder, EventId, EventSettings, Operation, Pool};
 
@@ -96,6 +97,8 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) runner: Arc<Runner>,
     pub(crate) config: BusConfig,
     pub(crate) tasks: Mutex<Tasks>,
+    /// Wakes the poller before its next tick (after a replay, say).
+    pub(crate) poll_now: Notify,
     stopped: OnceCell<()>,
 }
 
@@ -106,6 +109,7 @@ pub(crate) struct BusConfig {
     pub(crate) max_events_per_retry: usize,
     pub(crate) shutdown_grace: Duration,
     pub(crate) inbox_dedup_window: Duration,
+    pub(crate) retention: Retention,
 }
 
 /// The background tasks, taken by `shutdown` to wait for them.
@@ -148,6 +152,7 @@ impl<B: Backend> Shared<B> {
             runner,
             config,
             tasks: Mutex::default(),
+            poll_now: Notify::new(),
             stopped: OnceCell::new(),
         }
     }
@@ -189,12 +194,16 @@ impl<B: Backend> Shared<B> {
     /// Hands the deliveries of committed events to the runner.
     pub(crate) fn dispatch(&self, written: Vec<Written>) {
         let ready = Instant::now();
+        // Runs follow from the span that emitted (or received) their event.
+        let parent = tracing::Span::current().id();
+        let _span = tracing::debug_span!("txbus.dispatch", events = written.len()).entered();
         for Written {
             prepared,
             inserted,
             leased,
         } in written
         {
+            crate::metrics::emitted(prepared.new.name);
             let deadline = dispatch::deadline(leased, prepared.new.lease);
             for &def in prepared.listeners.iter() {
                 self.runner.submit(Job {
@@ -210,6 +219,7 @@ impl<B: Backend> Shared<B> {
                     ready,
                     settings: prepared.settings,
                     in_flight: self.runner.tracker.enter(),
+                    parent: parent.clone(),
                 });
             }
         }
@@ -297,6 +307,11 @@ impl<B: Backend> EventBus<B> {
         ops: impl IntoIterator<Item = Operation<'a, B>>,
     ) -> impl Future<Output = Result<EventId, Error>> + Send + 'a {
         let ops: Vec<Operation<'a, B>> = ops.into_iter().collect();
+        let span = tracing::info_span!(
+            "txbus.emit",
+            event = E::NAME,
+            event_id = tracing::field::Empty
+        );
         async move {
             let shared = &*self.shared;
             shared.check_running()?;
@@ -324,6 +339,7 @@ impl<B: Backend> EventBus<B> {
             let inserted = written?;
             drop(guard);
             let id = inserted.id;
+            tracing::Span::current().record("event_id", id.get());
             shared.dispatch(vec![Written {
                 prepared,
                 inserted,
@@ -331,6 +347,7 @@ impl<B: Backend> EventBus<B> {
             }]);
             Ok(id)
         }
+        .instrument(span)
     }
 
     /// Resolves when no delivery is queued, running, or waiting for its result to be written in

@@ -21,8 +21,10 @@ const LINGER: Duration = Duration::from_millis(2);
 const MAX_STATEMENT_FAILURES: u32 = 5;
 
 /// Receives reports until every sender is gone, writing each batch before taking the next.
+/// With `retain`, successes are marked delivered instead of deleted.
 pub(crate) async fn complete_loop<B: Backend>(
     pool: Pool<B>,
+    retain: bool,
     mut reports: mpsc::Receiver<Report>,
     phase: watch::Receiver<Phase>,
 ) {
@@ -40,7 +42,7 @@ pub(crate) async fn complete_loop<B: Backend>(
         }
         let (outcomes, in_flight): (Vec<Outcome>, Vec<_>) =
             batch.drain(..).map(|r| (r.outcome, r._in_flight)).unzip();
-        write(&pool, &outcomes, &phase).await;
+        write(&pool, &outcomes, retain, &phase).await;
         // Only now is the bus idle for these deliveries.
         drop(in_flight);
     }
@@ -49,11 +51,16 @@ pub(crate) async fn complete_loop<B: Backend>(
 /// Writes one batch, retrying while the database is unreachable, and a few times for other
 /// errors. A batch that cannot be written is not lost work: its deliveries run again once their
 /// leases pass.
-async fn write<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome], phase: &watch::Receiver<Phase>) {
+async fn write<B: Backend>(
+    pool: &Pool<B>,
+    outcomes: &[Outcome],
+    retain: bool,
+    phase: &watch::Receiver<Phase>,
+) {
     let mut pause = Duration::from_millis(50);
     let mut failures = 0;
     loop {
-        let error = match record::<B>(pool, outcomes).await {
+        let error = match record::<B>(pool, outcomes, retain).await {
             Ok(recorded) => {
                 report(outcomes.len(), recorded);
                 return;
@@ -86,9 +93,13 @@ async fn write<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome], phase: &watch::
     }
 }
 
-async fn record<B: Backend>(pool: &Pool<B>, outcomes: &[Outcome]) -> Result<Recorded, Error> {
+async fn record<B: Backend>(
+    pool: &Pool<B>,
+    outcomes: &[Outcome],
+    retain: bool,
+) -> Result<Recorded, Error> {
     let (_turn, mut conn) = pool.get_for_write().await?;
-    Ok(B::record(&mut conn, outcomes).await?)
+    Ok(B::record(&mut conn, outcomes, retain).await?)
 }
 
 fn report(written: usize, recorded: Recorded) {
@@ -101,6 +112,7 @@ fn report(written: usize, recorded: Recorded) {
         );
     }
     for died in recorded.died {
+        crate::metrics::died(&died.listener, &died.reason);
         tracing::error!(event_id = %died.event_id, listener = %died.listener, reason = %died.reason,
             "delivery is dead; it stays in txbus_deliveries as a dead letter");
     }

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
+use crate::DeadReason;
 use crate::listener::{Context, ListenerCall, ListenerDef, ListenerKind, State, TxListener};
-use crate::store::{DeadReason, DeliveryKey, Outcome, Resolution};
+use crate::store::{DeliveryKey, Outcome, Resolution};
 use crate::{BoxFuture, EventSettings, ListenerError};
 
 /// The longest part of a lease kept back from the listener, so that its result is recorded
@@ -56,6 +57,8 @@ pub(crate) struct Job {
     pub(crate) ready: Instant,
     pub(crate) settings: EventSettings,
     pub(crate) in_flight: InFlight,
+    /// The span that emitted or claimed it: the listener's span follows from it.
+    pub(crate) parent: Option<tracing::span::Id>,
 }
 
 /// A result on its way to the database; the guard keeps the bus busy until it is written.
@@ -277,6 +280,21 @@ pub(crate) enum Verdict {
     Cancelled,
 }
 
+impl Verdict {
+    /// The `outcome` label of the run in metrics.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Succeeded | Self::Recorded => "succeeded",
+            Self::LostLease => "lost_lease",
+            Self::Failed(error) if error.is_abort() => "aborted",
+            Self::Failed(_) => "failed",
+            Self::Panicked(_) => "panicked",
+            Self::TimedOut(_) => "timed_out",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
 async fn run(
     job: Job,
     permit: OwnedSemaphorePermit,
@@ -290,6 +308,7 @@ async fn run(
         listener = job.def.id,
         attempt = job.key.attempt,
     );
+    span.follows_from(job.parent.clone());
     let started = Instant::now();
     if started >= job.deadline {
         // The lease ran out while it waited: another instance may hold the delivery now, and for
@@ -300,6 +319,7 @@ async fn run(
         return;
     }
     let verdict = execute(&job, &runner).instrument(span.clone()).await;
+    crate::metrics::ran(job.def.id, verdict.outcome(), started.elapsed());
     let resolution = {
         let _enter = span.enter();
         resolve(verdict, &job, started)
@@ -323,6 +343,7 @@ async fn execute(job: &Job, runner: &Runner) -> Verdict {
     let ctx = Context {
         event_id: job.key.event_id,
         listener: job.def.id,
+        event: job.def.event,
         attempt: job.key.attempt,
         emitted_at: job.emitted_at,
         waited: job.ready.elapsed(),

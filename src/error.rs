@@ -87,6 +87,22 @@ pub enum BuildError {
         second: String,
     },
 
+    /// An alias of a listener is the id or an alias of another listener.
+    #[error(
+        "`{alias}`, an alias of listener `{listener}` ({location}), is also the id or an alias of \
+         listener `{other}`; deliveries stored under it could go to either, so rename one of them"
+    )]
+    AliasConflict {
+        /// The alias.
+        alias: &'static str,
+        /// The listener that has it as an alias.
+        listener: &'static str,
+        /// Where that listener is defined (`file:line`).
+        location: String,
+        /// The other listener with that id or alias.
+        other: &'static str,
+    },
+
     /// A transactional listener takes the connection of another backend than the bus's.
     #[error(
         "the transactional listener `{id}` takes `&mut {found}`, but this bus runs on `{expected}`; \

@@ -4,6 +4,8 @@ use std::fmt;
 use std::future::Future;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use crate::bus::Written;
 use crate::transaction::TxConn;
 use crate::{Backend, Error, Event, EventBus, EventId, Transaction};
@@ -150,6 +152,8 @@ impl<B: Backend> EventBus<B> {
         id: MessageId,
         event: E,
     ) -> impl Future<Output = Result<Received, Error>> + Send + 'a {
+        let span = tracing::info_span!("txbus.receive", event = E::NAME, message = %id,
+            event_id = tracing::field::Empty, duplicate = tracing::field::Empty);
         async move {
             let shared = &*self.shared;
             shared.check_running()?;
@@ -166,6 +170,7 @@ impl<B: Backend> EventBus<B> {
             };
             if !first {
                 guard.rollback().await;
+                tracing::Span::current().record("duplicate", true);
                 return Ok(Received::Duplicate);
             }
             let leased = Instant::now();
@@ -173,6 +178,9 @@ impl<B: Backend> EventBus<B> {
             guard.settle();
             let inserted = written?;
             drop(guard);
+            let span = tracing::Span::current();
+            span.record("event_id", inserted.id.get());
+            span.record("duplicate", false);
             shared.dispatch(vec![Written {
                 prepared,
                 inserted,
@@ -180,6 +188,7 @@ impl<B: Backend> EventBus<B> {
             }]);
             Ok(Received::Accepted(inserted.id))
         }
+        .instrument(span)
     }
 }
 

@@ -84,6 +84,9 @@ extern crate self as txbus;
 
 mod builder;
 mod bus;
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod cli;
 mod completion;
 mod dispatch;
 mod entity;
@@ -92,7 +95,9 @@ mod event;
 mod inbox;
 mod inbox_store;
 mod listener;
+mod metrics;
 mod migrate;
+mod ops;
 mod poller;
 mod pool;
 mod registry;
@@ -111,6 +116,7 @@ pub use inbox::{MessageId, Received};
 pub use inbox_store::{InboxMessage, InboxStore};
 pub use listener::{Context, ListenerError};
 pub use migrate::migrate;
+pub use ops::{DeadLetter, DeadLetterQuery, DeadReason, DeliveryCounts, Stats};
 pub use pool::{Pool, PoolBuilder, PooledConnection};
 pub use settings::EventSettings;
 pub use store::Backend;
@@ -145,12 +151,24 @@ pub use txbus_macros::Entity;
 /// async fn audit(event: UserCreated) -> anyhow::Result<()> {
 ///     Ok(())
 /// }
+///
+/// // Renamed: deliveries stored under the former ids (pending, or replayed dead letters) run here.
+/// #[txbus::listener(name = "crm.sync_user", aliases = ["my_app::listeners::sync_to_crm"])]
+/// async fn sync_user(event: UserCreated) -> anyhow::Result<()> {
+///     Ok(())
+/// }
 /// ```
 ///
 /// The first parameter is the event, by value. An optional second one, `ctx: txbus::Context`,
 /// tells the attempt number and gives the bus's state. The function returns `Result<(), E>` with
 /// `E` convertible into [`ListenerError`]; its future must be `Send`. It stays an ordinary
 /// function that can be called directly, in tests for example.
+///
+/// A listener's id is what its deliveries are stored under: by default the function's module
+/// path and name, so moving or renaming the function changes it, and deliveries pending under
+/// the old id then wait for a listener that no longer exists. Give a stable `name`, or list the
+/// former ids in `aliases`; [`build`](EventBusBuilder::build) refuses an alias that is another
+/// listener's id or alias.
 ///
 /// # Transactional listeners
 /// `#[txbus::listener(transactional)]` takes the transaction's connection as its last

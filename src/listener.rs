@@ -27,6 +27,8 @@ pub type TxCall<'c> = Result<BoxFuture<'c, Result<(), ListenerError>>, ListenerE
 pub struct ListenerDef {
     /// The stable id deliveries are stored under.
     pub id: &'static str,
+    /// Former ids: deliveries stored under them are run by this listener.
+    pub aliases: &'static [&'static str],
     /// The name of the event type it listens to.
     pub event: &'static str,
     /// The Rust type of that event, for messages.
@@ -106,6 +108,7 @@ impl State {
 pub struct Context {
     pub(crate) event_id: EventId,
     pub(crate) listener: &'static str,
+    pub(crate) event: &'static str,
     pub(crate) attempt: u32,
     pub(crate) emitted_at: SystemTime,
     pub(crate) waited: Duration,
@@ -126,6 +129,11 @@ impl Context {
     /// The id of the event being delivered.
     pub fn event_id(&self) -> EventId {
         self.event_id
+    }
+
+    /// The name of the event ([`Event::NAME`](crate::Event::NAME)).
+    pub fn event_name(&self) -> &'static str {
+        self.event
     }
 
     /// The id of the listener being run.
@@ -162,6 +170,7 @@ impl Context {
 impl fmt::Debug for Context {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Context")
+            .field("event", &self.event)
             .field("event_id", &self.event_id)
             .field("listener", &self.listener)
             .field("attempt", &self.attempt)
@@ -303,6 +312,7 @@ mod tests {
         let ctx = Context {
             event_id: EventId::new(1),
             listener: "l",
+            event: "e",
             attempt: 1,
             emitted_at: SystemTime::UNIX_EPOCH,
             waited: Duration::ZERO,

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::time::MissedTickBehavior;
+use tracing::Instrument;
 
 use crate::bus::Shared;
 use crate::dispatch::{self, Job, Phase};
 use crate::error::Chain;
+use crate::ops::{BATCH, MAX_BATCHES};
 use crate::store::{Claimed, DeliveryKey};
 use crate::{Backend, Error};
 
@@ -30,7 +32,7 @@ const ORPHAN_SAMPLE: usize = 10_000;
 pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
     let runner = shared.runner.clone();
     let mut phase = runner.phase.subscribe();
-    let known = shared.registry.ids();
+    let known = shared.registry.names();
     let mut tick = tokio::time::interval(shared.config.retry_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut more = false;
@@ -48,13 +50,25 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
         } else {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = shared.poll_now.notified() => {}
                 _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
             }
             polls += 1;
-            if polls % SWEEP_EVERY_POLLS == 1
-                && let Err(error) = sweep(&shared, &known).await
-            {
-                tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying later");
+            if polls % SWEEP_EVERY_POLLS == 1 {
+                if let Err(error) = sweep(&shared, &known).await {
+                    tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying later");
+                }
+                if let Err(error) = cleanup(&shared).await {
+                    tracing::warn!(error = %Chain(&error), "retention cleanup failed; retrying later");
+                }
+                if crate::metrics::GAUGES {
+                    match crate::ops::stats(&shared).await {
+                        Ok(stats) => crate::metrics::gauges(&stats),
+                        Err(error) => {
+                            tracing::debug!(error = %Chain(&error), "could not refresh the gauges; retrying later");
+                        }
+                    }
+                }
             }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + ORPHAN_REPORT_EVERY;
@@ -80,10 +94,25 @@ async fn sweep<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result
     B::purge_inbox(&mut conn, shared.config.inbox_dedup_window, EXPIRE_BATCH).await?;
     let died = B::expire(&mut conn, known, EXPIRE_BATCH).await?;
     for died in died {
+        crate::metrics::died(&died.listener, &died.reason);
         tracing::error!(event_id = %died.event_id, listener = %died.listener, reason = %died.reason,
             "delivery expired; it stays in txbus_deliveries as a dead letter");
     }
     Ok(())
+}
+
+/// One retention round, unless another instance is running one (`None`). Returns the rows
+/// deleted.
+pub(crate) async fn cleanup<B: Backend>(shared: &Shared<B>) -> Result<Option<usize>, Error> {
+    let (_turn, mut conn) = shared.pool.get_for_write().await?;
+    let deleted = B::cleanup(&mut conn, shared.config.retention, BATCH, MAX_BATCHES).await?;
+    if let Some(deleted) = deleted.filter(|n| *n > 0) {
+        tracing::debug!(
+            deleted,
+            "retention cleanup deleted delivered deliveries and dead letters"
+        );
+    }
+    Ok(deleted)
 }
 
 /// Runs the backend's housekeeping, and warns about due deliveries that wait for a listener this process does not have (a rolling
@@ -107,28 +136,39 @@ async fn claim<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result
     if room == 0 {
         return Ok(true);
     }
-    let (turn, mut conn) = shared.pool.get_for_write().await?;
-    let leased = Instant::now();
-    let claimed = B::claim(&mut conn, known, room).await?;
-    drop((conn, turn));
-    let full = claimed.len() >= room;
-    if !claimed.is_empty() {
-        tracing::debug!(count = claimed.len(), "claimed due deliveries");
+    let span = tracing::debug_span!("txbus.claim", room, claimed = tracing::field::Empty);
+    async {
+        let (turn, mut conn) = shared.pool.get_for_write().await?;
+        let leased = Instant::now();
+        let claimed = B::claim(&mut conn, known, room).await?;
+        drop((conn, turn));
+        let full = claimed.len() >= room;
+        tracing::Span::current().record("claimed", claimed.len());
+        let ready = Instant::now();
+        let parent = tracing::Span::current().id();
+        for delivery in claimed {
+            submit(shared, delivery, leased, ready, parent.clone());
+        }
+        Ok(full)
     }
-    let ready = Instant::now();
-    for delivery in claimed {
-        submit(shared, delivery, leased, ready);
-    }
-    Ok(full)
+    .instrument(span)
+    .await
 }
 
-fn submit<B: Backend>(shared: &Shared<B>, delivery: Claimed, leased: Instant, ready: Instant) {
+fn submit<B: Backend>(
+    shared: &Shared<B>,
+    delivery: Claimed,
+    leased: Instant,
+    ready: Instant,
+    parent: Option<tracing::span::Id>,
+) {
     if delivery.expired {
+        crate::metrics::died(&delivery.listener, "expired");
         tracing::error!(event_id = %delivery.event_id, listener = %delivery.listener, reason = "expired",
             "delivery expired; it stays in txbus_deliveries as a dead letter");
         return;
     }
-    let Some(def) = shared.registry.get(&delivery.listener) else {
+    let Some((stored_as, def)) = shared.registry.resolve(&delivery.listener) else {
         // Claims name only listeners of this process.
         tracing::warn!(listener = %delivery.listener, "claimed a delivery of an unknown listener; it will be retried after its lease");
         return;
@@ -136,7 +176,7 @@ fn submit<B: Backend>(shared: &Shared<B>, delivery: Claimed, leased: Instant, re
     shared.runner.submit(Job {
         key: DeliveryKey {
             event_id: delivery.event_id,
-            listener: def.id,
+            listener: stored_as,
             attempt: delivery.attempt,
         },
         def,
@@ -146,5 +186,6 @@ fn submit<B: Backend>(shared: &Shared<B>, delivery: Claimed, leased: Instant, re
         ready,
         settings: shared.settings_for(def.event),
         in_flight: shared.runner.tracker.enter(),
+        parent,
     });
 }

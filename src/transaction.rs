@@ -6,6 +6,8 @@ use std::time::Instant;
 use deadpool::managed::Object;
 use diesel_async::{AsyncConnection, TransactionManager};
 
+use tracing::Instrument;
+
 use crate::bus::{Shared, Written};
 use crate::pool::{PooledConnection, WriteTurn};
 use crate::{Backend, Error, Event, EventBus, EventId, Pool};
@@ -105,6 +107,7 @@ impl<B: Backend> EventBus<B> {
         E: From<Error> + From<diesel::result::Error> + Send,
         R: Send,
     {
+        let span = tracing::info_span!("txbus.transaction", events = tracing::field::Empty);
         async move {
             let shared = &*self.shared;
             shared.check_running()?;
@@ -124,6 +127,7 @@ impl<B: Backend> EventBus<B> {
                     }
                     committed?;
                     drop(guard);
+                    tracing::Span::current().record("events", written.len());
                     shared.dispatch(written);
                     Ok(value)
                 }
@@ -133,6 +137,7 @@ impl<B: Backend> EventBus<B> {
                 }
             }
         }
+        .instrument(span)
     }
 }
 

@@ -17,8 +17,12 @@ use crate::store::attempt_i32;
 use crate::transaction::TxConn;
 use crate::{Backend, BoxFuture, ListenerError, Pool};
 
-/// [`Transactions`] on the bus's pool.
-pub(crate) struct PoolTransactions<B: Backend>(pub(crate) Pool<B>);
+/// [`Transactions`] on the bus's pool; with `retain`, a success marks the delivery delivered
+/// instead of deleting it.
+pub(crate) struct PoolTransactions<B: Backend> {
+    pub(crate) pool: Pool<B>,
+    pub(crate) retain: bool,
+}
 
 impl<B: Backend> Transactions for PoolTransactions<B> {
     fn run<'a>(
@@ -29,7 +33,7 @@ impl<B: Backend> Transactions for PoolTransactions<B> {
     ) -> BoxFuture<'a, Verdict> {
         Box::pin(async move {
             let begun = Instant::now();
-            let mut guard = match TxConn::<B>::begin(&self.0).await {
+            let mut guard = match TxConn::<B>::begin(&self.pool).await {
                 Ok(guard) => guard,
                 Err(error) => return Verdict::Failed(ListenerError::from(error)),
             };
@@ -51,14 +55,14 @@ impl<B: Backend> Transactions for PoolTransactions<B> {
                     guard.rollback().await;
                     Verdict::Panicked(message)
                 }
-                Ran::Succeeded => complete::<B>(guard, job).await,
+                Ran::Succeeded => complete::<B>(guard, job, self.retain).await,
             }
         })
     }
 }
 
 /// Completes the delivery in the listener's transaction, and commits.
-async fn complete<B: Backend>(mut guard: TxConn<B>, job: &Job) -> Verdict {
+async fn complete<B: Backend>(mut guard: TxConn<B>, job: &Job, retain: bool) -> Verdict {
     let key = job.key;
     let completed = match guard.conn() {
         Ok(conn) => B::complete_in_transaction(
@@ -66,6 +70,7 @@ async fn complete<B: Backend>(mut guard: TxConn<B>, job: &Job) -> Verdict {
             key.event_id.get(),
             key.listener,
             attempt_i32(key.attempt),
+            retain,
         )
         .await
         .map_err(crate::Error::from),

@@ -13,6 +13,7 @@ use crate::errors::Errors;
 #[derive(Default)]
 struct Args {
     name: Option<LitStr>,
+    aliases: Option<Vec<LitStr>>,
     transactional: bool,
 }
 
@@ -78,6 +79,13 @@ fn parse_args(attr: TokenStream, errors: &mut Errors) -> Args {
                     args.name = Some(value.clone());
                 }
             }
+            Meta::NameValue(nv) if nv.path.is_ident("aliases") => {
+                if args.aliases.is_some() {
+                    errors.add(&nv.path, "duplicate argument `aliases`");
+                    continue;
+                }
+                args.aliases = Some(parse_aliases(&nv.value, errors));
+            }
             Meta::Path(path) if path.is_ident("transactional") => {
                 if args.transactional {
                     errors.add(path, "duplicate argument `transactional`");
@@ -86,11 +94,47 @@ fn parse_args(attr: TokenStream, errors: &mut Errors) -> Args {
             }
             other => errors.add(
                 other,
-                "unknown argument of `#[txbus::listener]`; expected `name = \"...\"` or `transactional`",
+                "unknown argument of `#[txbus::listener]`; expected `name = \"...\"`, \
+                 `aliases = [\"...\"]` or `transactional`",
             ),
         }
     }
+    if let (Some(aliases), Some(name)) = (&args.aliases, &args.name) {
+        for alias in aliases.iter().filter(|a| a.value() == name.value()) {
+            errors.add(alias, "an alias cannot be the listener's own name");
+        }
+    }
     args
+}
+
+/// `["old::path::fn", "old.name"]`: former ids, each a non-empty string, none twice.
+fn parse_aliases(value: &Expr, errors: &mut Errors) -> Vec<LitStr> {
+    let Expr::Array(array) = value else {
+        errors.add(
+            value,
+            "`aliases` takes a list of former ids: `aliases = [\"billing::send_invoice\"]`",
+        );
+        return Vec::new();
+    };
+    let mut aliases: Vec<LitStr> = Vec::new();
+    for element in &array.elems {
+        let Expr::Lit(ExprLit {
+            lit: Lit::Str(alias),
+            ..
+        }) = element
+        else {
+            errors.add(element, "an alias is a string: the listener's former id");
+            continue;
+        };
+        if alias.value().trim().is_empty() {
+            errors.add(alias, "an alias cannot be empty");
+        } else if aliases.iter().any(|a| a.value() == alias.value()) {
+            errors.add(alias, "duplicate alias");
+        } else {
+            aliases.push(alias.clone());
+        }
+    }
+    aliases
 }
 
 fn check_signature<'a>(
@@ -228,6 +272,7 @@ fn is_context(ty: &Type) -> bool {
 fn generate(function: &ItemFn, args: &Args, signature: &Signature<'_>) -> TokenStream {
     let ident = &function.sig.ident;
     let event = signature.event;
+    let aliases = args.aliases.iter().flatten();
     let id = match &args.name {
         Some(name) => quote!(#name),
         None => {
@@ -300,6 +345,7 @@ fn generate(function: &ItemFn, args: &Args, signature: &Signature<'_>) -> TokenS
             #[linkme(crate = ::txbus::__private::linkme)]
             static LISTENER: ::txbus::__private::ListenerDef = ::txbus::__private::ListenerDef {
                 id: #id,
+                aliases: &[#(#aliases),*],
                 event: <#event as ::txbus::Event>::NAME,
                 event_type: ::core::any::type_name::<#event>,
                 kind: #kind,
@@ -344,6 +390,46 @@ mod tests {
             },
         );
         assert!(out.contains("id : \"audit\""), "{out}");
+    }
+
+    #[test]
+    fn aliases_are_registered() {
+        let out = errors_of(
+            quote!(
+                name = "billing.charge",
+                aliases = ["billing::charge_card", "charge"]
+            ),
+            quote! {
+                async fn charge(event: InvoiceDue) -> anyhow::Result<()> { Ok(()) }
+            },
+        );
+        assert!(
+            out.contains("aliases : & [\"billing::charge_card\" , \"charge\"]"),
+            "{out}"
+        );
+        let plain = errors_of(quote!(), quote! { async fn f(event: E) -> R { Ok(()) } });
+        assert!(plain.contains("aliases : & []"), "{plain}");
+    }
+
+    #[test]
+    fn bad_aliases_are_reported() {
+        let out = errors_of(
+            quote!(name = "a", aliases = ["x", "x", "", 3, "a"]),
+            quote! { async fn f(event: E) -> R { Ok(()) } },
+        );
+        for expected in [
+            "duplicate alias",
+            "an alias cannot be empty",
+            "an alias is a string",
+            "an alias cannot be the listener's own name",
+        ] {
+            assert!(out.contains(expected), "missing {expected:?} in {out}");
+        }
+        let out = errors_of(
+            quote!(aliases = "x"),
+            quote! { async fn f(event: E) -> R { Ok(()) } },
+        );
+        assert!(out.contains("takes a list of former ids"), "{out}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use diesel::QueryResult;
 use diesel_async::AsyncConnection;
 
-use crate::{Error, EventId, MessageId, Operation};
+use crate::{DeadReason, Error, EventId, MessageId, Operation};
 
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
@@ -140,10 +140,12 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
     ) -> impl Future<Output = QueryResult<Vec<Claimed>>> + Send;
 
     /// Records the results of runs, each only if the delivery is still held by that attempt.
+    /// With `retain`, a success marks the delivery delivered instead of deleting it.
     #[doc(hidden)]
     fn record(
         conn: &mut Self::Connection,
         outcomes: &[Outcome],
+        retain: bool,
     ) -> impl Future<Output = QueryResult<Recorded>> + Send;
 
     /// Makes up to `limit` expired deliveries of listeners not in `known` dead, as
@@ -182,15 +184,71 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = QueryResult<usize>> + Send;
 
-    /// Deletes a delivery in the transaction of a transactional listener, if that run still
-    /// holds it (its attempt number matches): returns whether it did.
+    /// Deletes a delivery (marks it delivered, with `retain`) in the transaction of a
+    /// transactional listener, if that run still holds it (its attempt number matches): returns
+    /// whether it did.
     #[doc(hidden)]
     fn complete_in_transaction(
         conn: &mut Self::Connection,
         event_id: i64,
         listener: &'static str,
         attempt: i32,
+        retain: bool,
     ) -> impl Future<Output = QueryResult<bool>> + Send;
+
+    /// Counts the deliveries of every listener by state, and the inbox's records, in one
+    /// statement.
+    #[doc(hidden)]
+    fn stats(conn: &mut Self::Connection) -> impl Future<Output = QueryResult<StatsRows>> + Send;
+
+    /// Up to `limit` dead letters matching `filter`, newest first (by death time, then event
+    /// id descending, then listener).
+    #[doc(hidden)]
+    fn dead_letters(
+        conn: &mut Self::Connection,
+        filter: &DeadFilter<'_>,
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<DeadRow>>> + Send;
+
+    /// Makes up to `limit` dead letters matching `filter` whose key (event id, listener) comes
+    /// after `after`, in key order, pending again: due now, lease and error reason cleared,
+    /// expiring after the same window as when emitted (counted from now). The attempt count
+    /// stays (it fences the results of older runs). Returns the keys replayed.
+    #[doc(hidden)]
+    fn replay(
+        conn: &mut Self::Connection,
+        filter: &DeadFilter<'_>,
+        after: &DeliveryRef,
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<DeliveryRef>>> + Send;
+
+    /// Deletes up to `limit` dead letters that died more than `older_than` ago.
+    #[doc(hidden)]
+    fn purge_dead(
+        conn: &mut Self::Connection,
+        older_than: Duration,
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<usize>> + Send;
+
+    /// One retention round, unless another instance is running one (then `None`): deletes
+    /// deliveries delivered more than `retain_delivered` ago and dead letters that died more
+    /// than `retain_dead` ago, `limit` rows per statement, at most `max_batches` statements of
+    /// each. Exclusive across instances without a lock service: an advisory lock, `GET_LOCK`,
+    /// or SQLite's single writer. Returns the rows deleted.
+    #[doc(hidden)]
+    fn cleanup(
+        conn: &mut Self::Connection,
+        retention: Retention,
+        limit: usize,
+        max_batches: usize,
+    ) -> impl Future<Output = QueryResult<Option<usize>>> + Send;
+
+    /// Makes deliveries whose lease has passed without a result (stale) due, without a lease.
+    /// Returns how many.
+    #[doc(hidden)]
+    fn release_stale(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = QueryResult<usize>> + Send;
 
     /// Keeps a message for the `InboxStore`, unless one with its id is kept already.
     #[doc(hidden)]
@@ -231,6 +289,85 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
     fn migrate(
         conn: &mut Self::Connection,
     ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
+}
+
+/// How long finished deliveries are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub(crate) delivered: Duration,
+    pub(crate) dead: Duration,
+}
+
+/// The counts of one listener's deliveries by state, as [`Backend::stats`] reads them. A live
+/// delivery (neither dead nor delivered) is exactly one of: due (available, not leased),
+/// running (leased, lease not passed), stale (leased, lease passed without a result), retrying
+/// (not leased, available later).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ListenerRow {
+    pub(crate) listener: String,
+    pub(crate) due: i64,
+    pub(crate) running: i64,
+    pub(crate) stale: i64,
+    pub(crate) retrying: i64,
+    pub(crate) dead: i64,
+    pub(crate) delivered: i64,
+    /// The earliest emit time of its live deliveries, in microseconds since the Unix epoch.
+    pub(crate) oldest_pending_us: Option<i64>,
+}
+
+/// What [`Backend::stats`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsRows {
+    pub(crate) listeners: Vec<ListenerRow>,
+    /// Received message ids kept for deduplication.
+    pub(crate) inbox_ids: i64,
+    /// Messages kept by the `InboxStore`.
+    pub(crate) inbox_messages: i64,
+    /// The database's clock, in microseconds since the Unix epoch.
+    pub(crate) now_us: i64,
+}
+
+/// Which dead letters an operation applies to: every condition given must hold.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadFilter<'a> {
+    pub(crate) event_id: Option<i64>,
+    pub(crate) listener: Option<&'a str>,
+    pub(crate) event_name: Option<&'a str>,
+    /// Died at or after, in microseconds since the Unix epoch.
+    pub(crate) died_after_us: Option<i64>,
+    /// Died before, in microseconds since the Unix epoch.
+    pub(crate) died_before_us: Option<i64>,
+}
+
+/// A delivery's key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeliveryRef {
+    pub(crate) event_id: i64,
+    pub(crate) listener: String,
+}
+
+impl DeliveryRef {
+    /// Before every key.
+    pub(crate) fn first() -> Self {
+        Self {
+            event_id: i64::MIN,
+            listener: String::new(),
+        }
+    }
+}
+
+/// A dead letter, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadRow {
+    pub(crate) event_id: i64,
+    pub(crate) event_name: String,
+    pub(crate) listener: String,
+    pub(crate) attempts: i32,
+    pub(crate) reason: String,
+    pub(crate) last_error: Option<String>,
+    pub(crate) emitted_at_us: i64,
+    pub(crate) dead_at_us: i64,
+    pub(crate) payload: String,
 }
 
 /// A message of the `InboxStore`, as stored.
@@ -278,27 +415,6 @@ pub(crate) struct DeliveryKey {
     pub(crate) event_id: EventId,
     pub(crate) listener: &'static str,
     pub(crate) attempt: u32,
-}
-
-/// Why a run gave its delivery up. The database adds two reasons of its own: `expired` (the
-/// next attempt would come after the expiry) and `no_listener` (it expired while no running
-/// instance had its listener).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DeadReason {
-    /// It failed `max_attempts` times.
-    MaxAttempts,
-    /// The listener returned [`ListenerError::abort`](crate::ListenerError::abort).
-    Aborted,
-}
-
-impl DeadReason {
-    /// The code stored in `txbus_deliveries.dead_reason`.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::MaxAttempts => "max_attempts",
-            Self::Aborted => "aborted",
-        }
-    }
 }
 
 /// What to record for a run.
@@ -357,6 +473,11 @@ pub(crate) fn split_done(outcomes: &[Outcome]) -> (Vec<DeliveryKey>, Vec<&Outcom
 /// Converts a duration to whole microseconds for binding; settings are validated to fit.
 pub(crate) fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A row limit, for binding.
+pub(crate) fn limit_i64(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 /// Converts whole microseconds since the Unix epoch to a `SystemTime`.

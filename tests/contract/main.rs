@@ -14,6 +14,7 @@ mod build;
 mod emit;
 mod expiry;
 mod inbox;
+mod ops;
 mod retry;
 mod sharing;
 
@@ -46,6 +47,12 @@ macro_rules! scenarios {
             inbox::receive_in_a_transaction_rolls_back_with_it,
             inbox::inbox_store_leases_and_deletes,
             inbox::inbox_store_consumers_never_share_a_message,
+            ops::stats_count_every_state,
+            ops::dead_letters_tell_why_and_replay,
+            ops::purge_removes_only_older_dead_letters,
+            ops::retention_empties_the_table_after_its_windows,
+            ops::operations_on_an_empty_bus,
+            ops::a_renamed_listener_runs_deliveries_of_its_aliases,
         );
     };
 }
@@ -72,9 +79,10 @@ macro_rules! backend_tests {
     };
 }
 
-// Backends with row locks also show that a claimer skips the rows another transaction holds.
+// Backends with row locks also show that a claimer skips the rows another transaction holds,
+// and that retention rounds of two instances never overlap (SQLite's rounds wait their turn).
 scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
-    extra: sharing::claims_skip_rows_locked_by_another_transaction));
+    extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap));
 scenarios!(backend_tests!("mysql", mysql, txbus::Mysql,
-    extra: sharing::claims_skip_rows_locked_by_another_transaction));
+    extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap));
 scenarios!(backend_tests!("sqlite", sqlite, txbus::Sqlite));

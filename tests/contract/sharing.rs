@@ -110,6 +110,7 @@ pub async fn concurrent_first_starts_migrate_once<B: TestBackend>() {
     }
 }
 
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
 pub async fn claims_skip_rows_locked_by_another_transaction<B: RowLocks>() {
     const BACKLOG: usize = 50;
     const LOCKED: i64 = 10;

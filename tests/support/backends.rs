@@ -3,7 +3,9 @@
 
 use std::future::Future;
 
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::BigInt;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use diesel::sql_types::Text;
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use txbus::{Backend, Pool};
 
@@ -102,7 +104,7 @@ mod postgres {
     }
 
     impl TestBackend for Postgres {
-        const MIGRATIONS: i64 = 2;
+        const MIGRATIONS: i64 = 3;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -276,7 +278,7 @@ mod mysql {
     }
 
     impl TestBackend for Mysql {
-        const MIGRATIONS: i64 = 4;
+        const MIGRATIONS: i64 = 5;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -393,7 +395,7 @@ mod sqlite {
     use txbus::Sqlite;
 
     impl TestBackend for Sqlite {
-        const MIGRATIONS: i64 = 2;
+        const MIGRATIONS: i64 = 3;
 
         async fn open() -> TestDb<Self> {
             let dir = std::env::temp_dir().join("txbus-tests");

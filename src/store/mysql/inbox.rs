@@ -29,8 +29,16 @@ const PURGE: &str = "\
 DELETE FROM txbus_inbox WHERE received_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
 ORDER BY received_at LIMIT ?";
 
-const COMPLETE: &str =
-    "DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?";
+// Only a pending delivery (neither dead nor delivered) is still held by a run.
+const COMPLETE: &str = "\
+DELETE FROM txbus_deliveries
+WHERE event_id = ? AND listener = ? AND attempts = ?
+  AND dead_at IS NULL AND delivered_at IS NULL";
+
+const COMPLETE_RETAINED: &str = "\
+UPDATE txbus_deliveries SET delivered_at = UTC_TIMESTAMP(6), leased_at = NULL
+WHERE event_id = ? AND listener = ? AND attempts = ?
+  AND dead_at IS NULL AND delivered_at IS NULL";
 
 const STORE: &str = "\
 INSERT IGNORE INTO txbus_inbox_messages (source, message_key, payload, received_at, available_at)
@@ -146,8 +154,9 @@ pub(super) async fn complete(
     event_id: i64,
     listener: &'static str,
     attempt: i32,
+    retain: bool,
 ) -> QueryResult<bool> {
-    let deleted = query(COMPLETE)
+    let deleted = query(if retain { COMPLETE_RETAINED } else { COMPLETE })
         .bind::<BigInt, _>(event_id)
         .bind::<Text, _>(listener)
         .bind::<Integer, _>(attempt)

@@ -18,10 +18,11 @@ use serde_json::json;
 use super::sql::{Sql, sql};
 
 mod inbox;
+mod ops;
 use super::{
-    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed,
-    StoredMessage, UpdateRow, attempt_i32, attempt_u32, micros, split_done,
-    system_time_from_micros,
+    Backend, Claimed, DeadFilter, DeadRow, DeliveryKey, DeliveryRef, Died, Inserted, NewEvent,
+    Outcome, Recorded, Retention, Sealed, StatsRows, StoredMessage, UpdateRow, attempt_i32,
+    attempt_u32, micros, split_done, system_time_from_micros,
 };
 use crate::migrate;
 use crate::{Error, EventId, MessageId};
@@ -58,9 +59,11 @@ macro_rules! keys_table {
             listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]')) k"
     };
 }
+// For the statements of `ops`.
+use keys_table;
 
-/// Claims, sweeps and result writes read and lock only the rows they change: no gap locks that
-/// would hold up concurrent emits. Applies to the next transaction (or statement) only.
+/// Claims, sweeps, result writes and deletes read and lock only the rows they change: no gap
+/// locks that would hold up concurrent emits. Applies to the next transaction (or statement) only.
 const READ_COMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED";
 
 const NEXT_EVENT_ID: &str = "INSERT INTO txbus_event_ids () VALUES ()";
@@ -71,15 +74,16 @@ SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id,
 
 const INSERT_EVENT: &str = concat!(
     "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                                   attempts, available_at, expires_at)
-    SELECT ?, j.listener, ?, ?, e.t, ?, 1, e.t + INTERVAL ? MICROSECOND, e.t + INTERVAL ? MICROSECOND
+                                   attempts, leased_at, available_at, expires_at)
+    SELECT ?, j.listener, ?, ?, e.t, ?, 1, e.t, e.t + INTERVAL ? MICROSECOND,
+           e.t + INTERVAL ? MICROSECOND
     FROM (SELECT TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AS t) e CROSS JOIN ",
     listeners_table!()
 );
 
 const CLAIM_SELECT: &str = concat!(
     "SELECT event_id, listener FROM txbus_deliveries
-    WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
+    WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
       AND listener IN (SELECT listener FROM ",
     listeners_table!(),
     ")
@@ -99,6 +103,8 @@ const CLAIM_UPDATE: &str = concat!(
         d.dead_at = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN UTC_TIMESTAMP(6) END,
         d.attempts = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN d.attempts
                           ELSE d.attempts + 1 END,
+        d.leased_at = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN NULL
+                           ELSE UTC_TIMESTAMP(6) END,
         d.available_at = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN d.available_at
                               ELSE UTC_TIMESTAMP(6) + INTERVAL d.lease_ms * 1000 MICROSECOND END"
 );
@@ -119,40 +125,76 @@ JOIN JSON_TABLE(?, '$[*]' COLUMNS (
     event_id BIGINT PATH '$[0]',
     listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
     attempts INT PATH '$[2]')) k
-  ON d.event_id = k.event_id AND d.listener = k.listener AND d.attempts = k.attempts";
+  ON d.event_id = k.event_id AND d.listener = k.listener AND d.attempts = k.attempts
+WHERE d.delivered_at IS NULL AND d.dead_at IS NULL";
 
-const UPDATE_FAILED: &str = "\
-UPDATE txbus_deliveries t
+const MARK_DONE: &str = "\
+UPDATE txbus_deliveries d
 JOIN JSON_TABLE(?, '$[*]' COLUMNS (
-    event_id BIGINT PATH '$.e',
-    listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$.l',
-    attempts INT PATH '$.a',
-    delay_us BIGINT PATH '$.d',
-    reason VARCHAR(32) PATH '$.r',
-    error LONGTEXT CHARACTER SET utf8mb4 PATH '$.m',
-    undo_attempt INT PATH '$.u')) x
-  ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
-SET t.last_error = COALESCE(x.error, t.last_error),
-    t.dead_reason = CASE WHEN x.reason IS NOT NULL THEN x.reason
-                         WHEN UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND >= t.expires_at
-                         THEN 'expired' END,
-    t.dead_at = CASE WHEN x.reason IS NOT NULL
-                       OR UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND >= t.expires_at
-                     THEN UTC_TIMESTAMP(6) END,
-    t.available_at = UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND,
-    t.attempts = t.attempts - x.undo_attempt";
+    event_id BIGINT PATH '$[0]',
+    listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
+    attempts INT PATH '$[2]')) k
+  ON d.event_id = k.event_id AND d.listener = k.listener AND d.attempts = k.attempts
+SET d.delivered_at = UTC_TIMESTAMP(6), d.leased_at = NULL
+WHERE d.delivered_at IS NULL AND d.dead_at IS NULL";
 
-const LOAD_DEAD: &str = concat!(
-    "SELECT d.event_id, d.listener, d.dead_reason FROM txbus_deliveries d
+/// Opens the JSON array of failed results as a table `x`.
+macro_rules! failed_table {
+    () => {
+        "JSON_TABLE(?1, '$[*]' COLUMNS (
+            event_id BIGINT PATH '$.e',
+            listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$.l',
+            attempts INT PATH '$.a',
+            delay_us BIGINT PATH '$.d',
+            reason VARCHAR(32) PATH '$.r',
+            error LONGTEXT CHARACTER SET utf8mb4 PATH '$.m',
+            undo_attempt INT PATH '$.u')) x"
+    };
+}
+
+// MySQL has no RETURNING, and a dead row read back after the update could have been dead before
+// (a stale result, fenced off). So the deliveries the results still hold are locked first, and
+// which of them die is decided there at one instant, `now_us`, which the update then uses too:
+// the deaths reported are exactly the ones written.
+const LOCK_FAILED: &str = concat!(
+    "SELECT t.event_id, t.listener,
+           CASE WHEN x.reason IS NOT NULL THEN x.reason
+                WHEN UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND >= t.expires_at
+                THEN 'expired' END AS dead_reason,
+           TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS now_us
+    FROM txbus_deliveries t
     JOIN ",
-    keys_table!(),
-    " ON d.event_id = k.event_id AND d.listener = k.listener
-    WHERE d.dead_at IS NOT NULL"
+    failed_table!(),
+    " ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+    WHERE t.delivered_at IS NULL AND t.dead_at IS NULL
+    FOR UPDATE"
+);
+
+// `?2` is the instant of LOCK_FAILED. Every CASE tests `expires_at` and `x`, which no assignment
+// changes, so the (unspecified) order of multi-table assignments does not matter.
+const UPDATE_FAILED: &str = concat!(
+    "UPDATE txbus_deliveries t
+    JOIN ",
+    failed_table!(),
+    " ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+    CROSS JOIN (SELECT TIMESTAMP '1970-01-01 00:00:00' + INTERVAL ?2 MICROSECOND AS now_at) n
+    SET t.last_error = COALESCE(x.error, t.last_error),
+        t.leased_at = NULL,
+        t.dead_reason = CASE WHEN x.reason IS NOT NULL THEN x.reason
+                             WHEN n.now_at + INTERVAL x.delay_us MICROSECOND >= t.expires_at
+                             THEN 'expired' END,
+        t.dead_at = CASE WHEN x.reason IS NOT NULL
+                           OR n.now_at + INTERVAL x.delay_us MICROSECOND >= t.expires_at
+                         THEN n.now_at END,
+        t.available_at = n.now_at + INTERVAL x.delay_us MICROSECOND,
+        t.attempts = t.attempts - x.undo_attempt
+    WHERE t.delivered_at IS NULL AND t.dead_at IS NULL"
 );
 
 const EXPIRE_SELECT: &str = concat!(
     "SELECT event_id, listener FROM txbus_deliveries
-    WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6) AND expires_at <= UTC_TIMESTAMP(6)
+    WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
+      AND expires_at <= UTC_TIMESTAMP(6)
       AND listener NOT IN (SELECT listener FROM ",
     listeners_table!(),
     ")
@@ -167,13 +209,14 @@ const EXPIRE_UPDATE: &str = concat!(
     " ON d.event_id = k.event_id AND d.listener = k.listener
     SET d.dead_at = UTC_TIMESTAMP(6),
         d.dead_reason = 'no_listener',
+        d.leased_at = NULL,
         d.last_error = COALESCE(d.last_error, CONCAT('no running instance has listener ', d.listener))"
 );
 
 const ORPHANS: &str = concat!(
     "SELECT listener, count(*) AS n FROM (
         SELECT listener FROM txbus_deliveries
-        WHERE dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
+        WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
           AND listener NOT IN (SELECT listener FROM ",
     listeners_table!(),
     ")
@@ -227,14 +270,17 @@ struct ClaimedRow {
     expired: bool,
 }
 
+/// A delivery LOCK_FAILED holds for a result, and whether the result makes it dead.
 #[derive(diesel::QueryableByName)]
-struct DiedRow {
+struct HeldRow {
     #[diesel(sql_type = BigInt)]
     event_id: i64,
     #[diesel(sql_type = Text)]
     listener: String,
     #[diesel(sql_type = Nullable<Text>)]
     dead_reason: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    now_us: i64,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -358,11 +404,12 @@ impl Backend for Mysql {
     async fn record(
         conn: &mut AsyncMysqlConnection,
         outcomes: &[Outcome],
+        retain: bool,
     ) -> QueryResult<Recorded> {
         let (done, other) = split_done(outcomes);
         let mut recorded = Recorded::default();
         if !done.is_empty() {
-            recorded.applied += delete_done(conn, &done).await?;
+            recorded.applied += finish_done(conn, &done, retain).await?;
         }
         if !other.is_empty() {
             let rows: Vec<serde_json::Value> = other
@@ -380,23 +427,28 @@ impl Backend for Mysql {
                     })
                 })
                 .collect();
-            let keys = key_json(other.iter().map(|o| (o.key.event_id.get(), o.key.listener)));
+            let rows = json!(rows).to_string();
             conn.batch_execute(READ_COMMITTED).await?;
-            let (applied, died) = conn
+            let (applied, held) = conn
                 .transaction(async |conn| {
+                    let held: Vec<HeldRow> =
+                        query(LOCK_FAILED).bind::<Text, _>(&rows).load(conn).await?;
+                    let Some(now_us) = held.iter().map(|row| row.now_us).next() else {
+                        // Every result is stale: nothing to write.
+                        return Ok((0, held));
+                    };
                     let applied = query(UPDATE_FAILED)
-                        .bind::<Text, _>(json!(rows).to_string())
+                        .bind::<Text, _>(&rows)
+                        .bind::<BigInt, _>(now_us)
                         .execute(conn)
                         .await?;
-                    let died: Vec<DiedRow> =
-                        query(LOAD_DEAD).bind::<Text, _>(&keys).load(conn).await?;
-                    QueryResult::Ok((applied, died))
+                    QueryResult::Ok((applied, held))
                 })
                 .await?;
             recorded.applied += applied;
             recorded
                 .died
-                .extend(died.into_iter().filter_map(died_from_row));
+                .extend(held.into_iter().filter_map(died_from_row));
         }
         Ok(recorded)
     }
@@ -470,8 +522,51 @@ impl Backend for Mysql {
         event_id: i64,
         listener: &'static str,
         attempt: i32,
+        retain: bool,
     ) -> QueryResult<bool> {
-        inbox::complete(conn, event_id, listener, attempt).await
+        inbox::complete(conn, event_id, listener, attempt, retain).await
+    }
+
+    async fn stats(conn: &mut AsyncMysqlConnection) -> QueryResult<StatsRows> {
+        ops::stats(conn).await
+    }
+
+    async fn dead_letters(
+        conn: &mut AsyncMysqlConnection,
+        filter: &DeadFilter<'_>,
+        limit: usize,
+    ) -> QueryResult<Vec<DeadRow>> {
+        ops::dead_letters(conn, filter, limit).await
+    }
+
+    async fn replay(
+        conn: &mut AsyncMysqlConnection,
+        filter: &DeadFilter<'_>,
+        after: &DeliveryRef,
+        limit: usize,
+    ) -> QueryResult<Vec<DeliveryRef>> {
+        ops::replay(conn, filter, after, limit).await
+    }
+
+    async fn purge_dead(
+        conn: &mut AsyncMysqlConnection,
+        older_than: Duration,
+        limit: usize,
+    ) -> QueryResult<usize> {
+        ops::purge_dead(conn, older_than, limit).await
+    }
+
+    async fn cleanup(
+        conn: &mut AsyncMysqlConnection,
+        retention: Retention,
+        limit: usize,
+        max_batches: usize,
+    ) -> QueryResult<Option<usize>> {
+        ops::cleanup(conn, retention, limit, max_batches).await
+    }
+
+    async fn release_stale(conn: &mut AsyncMysqlConnection) -> QueryResult<usize> {
+        ops::release_stale(conn).await
     }
 
     async fn store_message(
@@ -560,7 +655,12 @@ async fn apply_migrations(conn: &mut AsyncMysqlConnection) -> Result<Vec<String>
     Ok(applied)
 }
 
-async fn delete_done(conn: &mut AsyncMysqlConnection, done: &[DeliveryKey]) -> QueryResult<usize> {
+/// Deletes the successes, or marks them delivered with `retain`.
+async fn finish_done(
+    conn: &mut AsyncMysqlConnection,
+    done: &[DeliveryKey],
+    retain: bool,
+) -> QueryResult<usize> {
     let keys = json!(
         done.iter()
             .map(|k| json!([k.event_id.get(), k.listener, attempt_i32(k.attempt)]))
@@ -568,7 +668,7 @@ async fn delete_done(conn: &mut AsyncMysqlConnection, done: &[DeliveryKey]) -> Q
     )
     .to_string();
     conn.batch_execute(READ_COMMITTED).await?;
-    query(DELETE_DONE)
+    query(if retain { MARK_DONE } else { DELETE_DONE })
         .bind::<Text, _>(&keys)
         .execute(conn)
         .await
@@ -583,7 +683,7 @@ fn key_json<'a>(keys: impl Iterator<Item = (i64, &'a str)>) -> String {
     .to_string()
 }
 
-fn died_from_row(row: DiedRow) -> Option<Died> {
+fn died_from_row(row: HeldRow) -> Option<Died> {
     Some(Died {
         event_id: EventId::new(row.event_id),
         listener: row.listener,

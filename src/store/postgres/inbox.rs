@@ -26,8 +26,16 @@ WITH old AS MATERIALIZED (
 DELETE FROM txbus_inbox i USING old
 WHERE i.source = old.source AND i.message_key = old.message_key";
 
-const COMPLETE: &str =
-    "DELETE FROM txbus_deliveries WHERE event_id = $1 AND listener = $2 AND attempts = $3";
+// Fenced like the completion in `super`: `COALESCE` keeps the planner on the primary key.
+const COMPLETE: &str = "\
+DELETE FROM txbus_deliveries
+WHERE event_id = $1 AND listener = $2 AND attempts = $3
+  AND COALESCE(dead_at, delivered_at) IS NULL";
+
+const COMPLETE_RETAINED: &str = "\
+UPDATE txbus_deliveries SET delivered_at = now(), leased_at = NULL
+WHERE event_id = $1 AND listener = $2 AND attempts = $3
+  AND COALESCE(dead_at, delivered_at) IS NULL";
 
 const STORE: &str = "\
 INSERT INTO txbus_inbox_messages (source, message_key, payload, received_at, available_at)
@@ -110,8 +118,9 @@ pub(super) async fn complete(
     event_id: i64,
     listener: &'static str,
     attempt: i32,
+    retain: bool,
 ) -> QueryResult<bool> {
-    let deleted = query(COMPLETE)
+    let deleted = query(if retain { COMPLETE_RETAINED } else { COMPLETE })
         .bind::<BigInt, _>(event_id)
         .bind::<Text, _>(listener)
         .bind::<Integer, _>(attempt)

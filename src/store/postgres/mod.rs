@@ -16,10 +16,11 @@ use diesel_async::{
 use super::sql::{Sql, sql};
 
 mod inbox;
+mod ops;
 use super::{
-    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed,
-    StoredMessage, UpdateRow, attempt_i32, attempt_u32, micros, split_done,
-    system_time_from_micros,
+    Backend, Claimed, DeadFilter, DeadRow, DeliveryKey, DeliveryRef, Died, Inserted, NewEvent,
+    Outcome, Recorded, Retention, Sealed, StatsRows, StoredMessage, UpdateRow, attempt_i32,
+    attempt_u32, micros, split_done, system_time_from_micros,
 };
 use crate::migrate::{self, Migration};
 use crate::{Error, EventId, MessageId, Operation};
@@ -41,8 +42,8 @@ impl Sealed for Postgres {}
 
 const INSERT_EVENT: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, available_at, expires_at)
-SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 1,
+                              attempts, leased_at, available_at, expires_at)
+SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 1, statement_timestamp(),
        statement_timestamp() + $3 * interval '1 millisecond',
        statement_timestamp() + $4 * interval '1 microsecond'
 FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
@@ -58,7 +59,8 @@ SELECT nextval('txbus_event_ids') AS id,
 const CLAIM: &str = "\
 WITH c AS MATERIALIZED (
     SELECT event_id, listener FROM txbus_deliveries
-    WHERE dead_at IS NULL AND available_at <= now() AND listener = ANY($1)
+    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
+      AND listener = ANY($1)
     ORDER BY available_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED)
@@ -66,6 +68,7 @@ UPDATE txbus_deliveries d
 SET attempts = CASE WHEN d.expires_at <= now() THEN d.attempts ELSE d.attempts + 1 END,
     available_at = CASE WHEN d.expires_at <= now() THEN d.available_at
                         ELSE now() + d.lease_ms * interval '1 millisecond' END,
+    leased_at = CASE WHEN d.expires_at <= now() THEN NULL ELSE now() END,
     dead_at = CASE WHEN d.expires_at <= now() THEN now() END,
     dead_reason = CASE WHEN d.expires_at <= now() THEN 'expired' END
 FROM c
@@ -74,14 +77,27 @@ RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
           (extract(epoch FROM d.emitted_at) * 1000000)::int8 AS emitted_at_us, d.lease_ms,
           d.dead_at IS NOT NULL AS expired";
 
+// The fences of the statements below say `COALESCE(dead_at, delivered_at) IS NULL` rather than
+// `dead_at IS NULL AND delivered_at IS NULL`: the latter is the predicate of the partial index
+// `txbus_deliveries_due`, and with statistics taken while the table was small the planner scans
+// that whole index for every key instead of looking each key up in the primary key.
 const DELETE_DONE: &str = "\
 DELETE FROM txbus_deliveries t
 USING unnest($1::int8[], $2::text[], $3::int4[]) AS x (event_id, listener, attempts)
-WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts";
+WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+  AND COALESCE(t.dead_at, t.delivered_at) IS NULL";
+
+const MARK_DONE: &str = "\
+UPDATE txbus_deliveries t
+SET delivered_at = now(), leased_at = NULL
+FROM unnest($1::int8[], $2::text[], $3::int4[]) AS x (event_id, listener, attempts)
+WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+  AND COALESCE(t.dead_at, t.delivered_at) IS NULL";
 
 const UPDATE_FAILED: &str = "\
 UPDATE txbus_deliveries t
 SET attempts = t.attempts - CASE WHEN x.undo THEN 1 ELSE 0 END,
+    leased_at = NULL,
     last_error = COALESCE(x.error, t.last_error),
     dead_at = CASE WHEN x.reason IS NOT NULL
                      OR now() + x.delay_us * interval '1 microsecond' >= t.expires_at
@@ -93,18 +109,20 @@ SET attempts = t.attempts - CASE WHEN x.undo THEN 1 ELSE 0 END,
 FROM unnest($1::int8[], $2::text[], $3::int4[], $4::int8[], $5::text[], $6::text[], $7::bool[])
      AS x (event_id, listener, attempts, delay_us, reason, error, undo)
 WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+  AND COALESCE(t.dead_at, t.delivered_at) IS NULL
 RETURNING t.event_id, t.listener, t.dead_reason";
 
 const EXPIRE: &str = "\
 WITH c AS MATERIALIZED (
     SELECT event_id, listener FROM txbus_deliveries
-    WHERE dead_at IS NULL AND available_at <= now() AND expires_at <= now()
-      AND NOT (listener = ANY($1))
+    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
+      AND expires_at <= now() AND NOT (listener = ANY($1))
     LIMIT $2
     FOR UPDATE SKIP LOCKED)
 UPDATE txbus_deliveries d
 SET dead_at = now(),
     dead_reason = 'no_listener',
+    leased_at = NULL,
     last_error = COALESCE(d.last_error, 'no running instance has listener ' || d.listener)
 FROM c
 WHERE d.event_id = c.event_id AND d.listener = c.listener
@@ -113,7 +131,8 @@ RETURNING d.event_id, d.listener, d.dead_reason";
 const ORPHANS: &str = "\
 SELECT listener, count(*) AS n FROM (
     SELECT listener FROM txbus_deliveries
-    WHERE dead_at IS NULL AND available_at <= now() AND NOT (listener = ANY($1))
+    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
+      AND NOT (listener = ANY($1))
     LIMIT $2) due
 GROUP BY listener ORDER BY listener";
 
@@ -316,11 +335,15 @@ impl Backend for Postgres {
             .collect())
     }
 
-    async fn record(conn: &mut AsyncPgConnection, outcomes: &[Outcome]) -> QueryResult<Recorded> {
+    async fn record(
+        conn: &mut AsyncPgConnection,
+        outcomes: &[Outcome],
+        retain: bool,
+    ) -> QueryResult<Recorded> {
         let (done, other) = split_done(outcomes);
         let mut recorded = Recorded::default();
         if !done.is_empty() {
-            recorded.applied += delete_done(conn, &done).await?;
+            recorded.applied += finish_done(conn, &done, retain).await?;
         }
         if !other.is_empty() {
             let keys: Vec<DeliveryKey> = other.iter().map(|o| o.key).collect();
@@ -398,8 +421,51 @@ impl Backend for Postgres {
         event_id: i64,
         listener: &'static str,
         attempt: i32,
+        retain: bool,
     ) -> QueryResult<bool> {
-        inbox::complete(conn, event_id, listener, attempt).await
+        inbox::complete(conn, event_id, listener, attempt, retain).await
+    }
+
+    async fn stats(conn: &mut AsyncPgConnection) -> QueryResult<StatsRows> {
+        ops::stats(conn).await
+    }
+
+    async fn dead_letters(
+        conn: &mut AsyncPgConnection,
+        filter: &DeadFilter<'_>,
+        limit: usize,
+    ) -> QueryResult<Vec<DeadRow>> {
+        ops::dead_letters(conn, filter, limit).await
+    }
+
+    async fn replay(
+        conn: &mut AsyncPgConnection,
+        filter: &DeadFilter<'_>,
+        after: &DeliveryRef,
+        limit: usize,
+    ) -> QueryResult<Vec<DeliveryRef>> {
+        ops::replay(conn, filter, after, limit).await
+    }
+
+    async fn purge_dead(
+        conn: &mut AsyncPgConnection,
+        older_than: Duration,
+        limit: usize,
+    ) -> QueryResult<usize> {
+        ops::purge_dead(conn, older_than, limit).await
+    }
+
+    async fn cleanup(
+        conn: &mut AsyncPgConnection,
+        retention: Retention,
+        limit: usize,
+        max_batches: usize,
+    ) -> QueryResult<Option<usize>> {
+        ops::cleanup(conn, retention, limit, max_batches).await
+    }
+
+    async fn release_stale(conn: &mut AsyncPgConnection) -> QueryResult<usize> {
+        ops::release_stale(conn).await
     }
 
     async fn store_message(
@@ -469,9 +535,14 @@ async fn apply_migrations(
     Ok(applied)
 }
 
-async fn delete_done(conn: &mut AsyncPgConnection, done: &[DeliveryKey]) -> QueryResult<usize> {
+/// Deletes the successes, or marks them delivered with `retain`.
+async fn finish_done(
+    conn: &mut AsyncPgConnection,
+    done: &[DeliveryKey],
+    retain: bool,
+) -> QueryResult<usize> {
     let (event_ids, listeners, attempts) = key_columns(done);
-    query(DELETE_DONE)
+    query(if retain { MARK_DONE } else { DELETE_DONE })
         .bind::<Array<BigInt>, _>(&event_ids)
         .bind::<Array<Text>, _>(&listeners)
         .bind::<Array<Integer>, _>(&attempts)

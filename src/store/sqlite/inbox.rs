@@ -9,12 +9,6 @@ use super::{Conn, millis, query};
 use crate::MessageId;
 use crate::store::StoredMessage;
 
-macro_rules! now_ms {
-    () => {
-        "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
-    };
-}
-
 const RESERVE: &str = concat!(
     "INSERT INTO txbus_inbox (source, message_key, received_at) VALUES (?1, ?2, ",
     now_ms!(),
@@ -36,8 +30,18 @@ const PURGE: &str = concat!(
         LIMIT ?2)"
 );
 
-const COMPLETE: &str =
-    "DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?";
+const COMPLETE: &str = "\
+DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?
+    AND dead_at IS NULL AND delivered_at IS NULL";
+
+// A success kept for `retain_delivered`: the same fence as the delete.
+const COMPLETE_RETAINED: &str = concat!(
+    "UPDATE txbus_deliveries SET delivered_at = ",
+    now_ms!(),
+    ", leased_at = NULL
+    WHERE event_id = ? AND listener = ? AND attempts = ?
+    AND dead_at IS NULL AND delivered_at IS NULL"
+);
 
 const STORE: &str = concat!(
     "INSERT INTO txbus_inbox_messages (source, message_key, payload, received_at, available_at)
@@ -126,9 +130,10 @@ pub(super) async fn complete(
     event_id: i64,
     listener: &'static str,
     attempt: i32,
+    retain: bool,
 ) -> QueryResult<bool> {
     conn.spawn_blocking(move |c| {
-        let deleted = query(COMPLETE)
+        let deleted = query(if retain { COMPLETE_RETAINED } else { COMPLETE })
             .bind::<BigInt, _>(event_id)
             .bind::<Text, _>(listener)
             .bind::<Integer, _>(attempt)

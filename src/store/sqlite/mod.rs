@@ -16,10 +16,10 @@ use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 
 use super::sql::{Sql, sql};
 
-mod inbox;
 use super::{
-    Backend, Claimed, DeliveryKey, Died, Inserted, NewEvent, Outcome, Recorded, Sealed,
-    StoredMessage, UpdateRow, attempt_i32, attempt_u32, split_done, system_time_from_micros,
+    Backend, Claimed, DeadFilter, DeadRow, DeliveryKey, DeliveryRef, Died, Inserted, NewEvent,
+    Outcome, Recorded, Retention, Sealed, StatsRows, StoredMessage, UpdateRow, attempt_i32,
+    attempt_u32, split_done, system_time_from_micros,
 };
 use crate::migrate;
 use crate::{Error, EventId, MessageId};
@@ -46,12 +46,17 @@ impl Sealed for Sqlite {}
 
 type Conn = SyncConnectionWrapper<SqliteConnection>;
 
-/// The database clock: milliseconds since the Unix epoch.
+/// The database clock: milliseconds since the Unix epoch. SQLite treats the date and time
+/// functions as constants of a statement (evaluated once, before its first row), so every use
+/// within one statement sees the same time. Defined before the submodules, which use it too.
 macro_rules! now_ms {
     () => {
         "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
     };
 }
+
+mod inbox;
+mod ops;
 
 const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
                        PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
@@ -64,8 +69,8 @@ const NEXT_EVENT_ID: &str = concat!(
 
 const INSERT_EVENT: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, available_at, expires_at)
-SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4 + ?5, ?4 + ?6 FROM json_each(?7)";
+                              attempts, leased_at, available_at, expires_at)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 FROM json_each(?7)";
 
 // Expired deliveries are made dead instead of leased (all SET expressions see the old row).
 const CLAIM: &str = concat!(
@@ -78,6 +83,11 @@ const CLAIM: &str = concat!(
     " THEN available_at ELSE ",
     now_ms!(),
     " + lease_ms END,
+        leased_at = CASE WHEN expires_at <= ",
+    now_ms!(),
+    " THEN NULL ELSE ",
+    now_ms!(),
+    " END,
         dead_at = CASE WHEN expires_at <= ",
     now_ms!(),
     " THEN ",
@@ -88,7 +98,7 @@ const CLAIM: &str = concat!(
     " THEN 'expired' END
     WHERE (event_id, listener) IN (
         SELECT event_id, listener FROM txbus_deliveries
-        WHERE dead_at IS NULL AND available_at <= ",
+        WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
     now_ms!(),
     " AND listener IN (SELECT value FROM json_each(?1))
         ORDER BY available_at
@@ -97,12 +107,23 @@ const CLAIM: &str = concat!(
               dead_at IS NOT NULL AS expired"
 );
 
-const DELETE_DONE: &str =
-    "DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?";
+const DELETE_DONE: &str = "\
+DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?
+    AND dead_at IS NULL AND delivered_at IS NULL";
+
+// A success kept for `retain_delivered`: the same fence as the delete.
+const MARK_DONE: &str = concat!(
+    "UPDATE txbus_deliveries SET delivered_at = ",
+    now_ms!(),
+    ", leased_at = NULL
+    WHERE event_id = ? AND listener = ? AND attempts = ?
+    AND dead_at IS NULL AND delivered_at IS NULL"
+);
 
 const UPDATE_FAILED: &str = concat!(
     "UPDATE txbus_deliveries SET
     attempts = attempts - ?4,
+    leased_at = NULL,
     last_error = COALESCE(?7, last_error),
     dead_at = CASE WHEN ?6 IS NOT NULL OR ",
     now_ms!(),
@@ -116,6 +137,7 @@ const UPDATE_FAILED: &str = concat!(
     now_ms!(),
     " + ?5
     WHERE event_id = ?1 AND listener = ?2 AND attempts = ?3
+    AND dead_at IS NULL AND delivered_at IS NULL
     RETURNING event_id, listener, dead_reason"
 );
 
@@ -124,10 +146,11 @@ const EXPIRE: &str = concat!(
     now_ms!(),
     ",
     dead_reason = 'no_listener',
+    leased_at = NULL,
     last_error = COALESCE(last_error, 'no running instance has listener ' || listener)
     WHERE (event_id, listener) IN (
         SELECT event_id, listener FROM txbus_deliveries
-        WHERE dead_at IS NULL AND available_at <= ",
+        WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
     now_ms!(),
     " AND expires_at <= ",
     now_ms!(),
@@ -139,7 +162,7 @@ const EXPIRE: &str = concat!(
 const ORPHANS: &str = concat!(
     "SELECT listener, count(*) AS n FROM (
         SELECT listener FROM txbus_deliveries
-        WHERE dead_at IS NULL AND available_at <= ",
+        WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
     now_ms!(),
     " AND listener NOT IN (SELECT value FROM json_each(?1))
         LIMIT ?2) due
@@ -300,7 +323,7 @@ impl Backend for Sqlite {
             .collect())
     }
 
-    async fn record(conn: &mut Conn, outcomes: &[Outcome]) -> QueryResult<Recorded> {
+    async fn record(conn: &mut Conn, outcomes: &[Outcome], retain: bool) -> QueryResult<Recorded> {
         let (done, other) = split_done(outcomes);
         let other: Vec<(DeliveryKey, UpdateRow)> = other
             .into_iter()
@@ -310,7 +333,7 @@ impl Backend for Sqlite {
             c.immediate_transaction(|c| {
                 let mut recorded = Recorded::default();
                 for key in &done {
-                    recorded.applied += query(DELETE_DONE)
+                    recorded.applied += query(if retain { MARK_DONE } else { DELETE_DONE })
                         .bind::<BigInt, _>(key.event_id.get())
                         .bind::<Text, _>(key.listener)
                         .bind::<Integer, _>(attempt_i32(key.attempt))
@@ -390,8 +413,47 @@ impl Backend for Sqlite {
         event_id: i64,
         listener: &'static str,
         attempt: i32,
+        retain: bool,
     ) -> QueryResult<bool> {
-        inbox::complete(conn, event_id, listener, attempt).await
+        inbox::complete(conn, event_id, listener, attempt, retain).await
+    }
+
+    async fn stats(conn: &mut Conn) -> QueryResult<StatsRows> {
+        ops::stats(conn).await
+    }
+
+    async fn dead_letters(
+        conn: &mut Conn,
+        filter: &DeadFilter<'_>,
+        limit: usize,
+    ) -> QueryResult<Vec<DeadRow>> {
+        ops::dead_letters(conn, filter, limit).await
+    }
+
+    async fn replay(
+        conn: &mut Conn,
+        filter: &DeadFilter<'_>,
+        after: &DeliveryRef,
+        limit: usize,
+    ) -> QueryResult<Vec<DeliveryRef>> {
+        ops::replay(conn, filter, after, limit).await
+    }
+
+    async fn purge_dead(conn: &mut Conn, older_than: Duration, limit: usize) -> QueryResult<usize> {
+        ops::purge_dead(conn, older_than, limit).await
+    }
+
+    async fn cleanup(
+        conn: &mut Conn,
+        retention: Retention,
+        limit: usize,
+        max_batches: usize,
+    ) -> QueryResult<Option<usize>> {
+        ops::cleanup(conn, retention, limit, max_batches).await
+    }
+
+    async fn release_stale(conn: &mut Conn) -> QueryResult<usize> {
+        ops::release_stale(conn).await
     }
 
     async fn store_message(conn: &mut Conn, id: &MessageId, payload: &str) -> QueryResult<bool> {
