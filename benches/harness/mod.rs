@@ -1,7 +1,7 @@
-//! The benchmark harness: scenarios E1, E2, L1, D1, M1 on each backend, each measured beside a
+//! The benchmark harness: scenarios E1, E2, L1, D1, M1, S1 on each backend, each measured beside a
 //! baseline in the same run, rounds alternating, reported as medians with min–max.
 //!
-//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] [--scenarios E1,E2,L1,D1,M1]
+//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] [--scenarios E1,E2,L1,D1,M1,S1]
 //! [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] [--backlog N]
 //! [--memory-backlog N] [--overload N] [--smoke]`
 
@@ -110,7 +110,9 @@ impl Default for Args {
     fn default() -> Self {
         Self {
             backends: compiled_backends(),
-            scenarios: ["E1", "E2", "L1", "D1", "M1"].map(String::from).to_vec(),
+            scenarios: ["E1", "E2", "L1", "D1", "M1", "S1"]
+                .map(String::from)
+                .to_vec(),
             concurrency: vec![1, 4, 16],
             events: 3000,
             batch_transactions: 20,
@@ -172,7 +174,7 @@ impl Args {
 }
 
 const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
-[--scenarios E1,E2,L1,D1,M1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
+[--scenarios E1,E2,L1,D1,M1,S1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
 [--backlog N] [--memory-backlog N] [--overload N] [--smoke]";
 
 fn compiled_backends() -> Vec<String> {

@@ -68,6 +68,7 @@ where
             "L1" => rows.extend(l1::<B>(args).await),
             "D1" => rows.extend(d1::<B>(args).await),
             "M1" => rows.extend(m1::<B>(args).await),
+            "S1" => rows.extend(s1::<B>(args).await),
             other => panic!("unknown scenario {other}"),
         }
     }
@@ -467,6 +468,59 @@ where
         drop(db);
     }
     vec![one, two]
+}
+
+/// S1: `bus.stats()` on a table of pending deliveries, at the D1 and M1 backlog sizes; baseline:
+/// a plain `count(*)` of the same table, the least any count by state could cost.
+async fn s1<B: BenchBackend>(args: &Args) -> Vec<Row>
+where
+    BenchUser: Entity<B>,
+{
+    let payload = format!(
+        r#"{{"padding":"{}"}}"#,
+        "x".repeat(args.payload.saturating_sub(14))
+    );
+    let mut rows = Vec::new();
+    for n in [args.backlog, args.memory_backlog] {
+        let db = B::open().await;
+        txbus::migrate(&db.pool).await.unwrap();
+        bulk_backlog::<B>(&db.pool, n, &payload).await;
+        let bus = EventBus::builder(db.pool.clone())
+            .poller(false)
+            .build()
+            .await
+            .unwrap();
+        let mut row = Row {
+            backend: B::NAME,
+            scenario: "S1 stats",
+            case: format!("{n} pending deliveries"),
+            unit: "ms",
+            txbus: Vec::new(),
+            baseline: Vec::new(),
+            baseline_name: "plain count(*)",
+            lower_is_better: true,
+        };
+        // One untimed pass of each warms the cache.
+        bus.stats().await.unwrap();
+        deliveries_left(&db.pool).await;
+        for _ in 0..args.rounds.max(5) {
+            let started = Instant::now();
+            let stats = bus.stats().await.unwrap();
+            row.txbus.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(
+                stats.total.pending(),
+                n as u64,
+                "stats counted every delivery"
+            );
+            let started = Instant::now();
+            let counted = deliveries_left(&db.pool).await;
+            row.baseline.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(counted, n as i64);
+        }
+        bus.shutdown().await;
+        rows.push(row);
+    }
+    rows
 }
 
 /// M1: peak memory of a process draining a large backlog, and of one under an emit overload;
