@@ -66,6 +66,10 @@ pub struct EventBusBuilder<B: Backend> {
     state: State,
     run_migrations: bool,
     poller: bool,
+    /// Listeners defined at run time (relay routes), beside the `#[listener]` functions.
+    extra: Vec<&'static crate::listener::ListenerDef>,
+    #[cfg(feature = "nats")]
+    routes: crate::nats::Routes,
 }
 
 impl<B: Backend> fmt::Debug for EventBusBuilder<B> {
@@ -105,6 +109,9 @@ impl<B: Backend> EventBusBuilder<B> {
             state: State::default(),
             run_migrations: true,
             poller: true,
+            extra: Vec::new(),
+            #[cfg(feature = "nats")]
+            routes: crate::nats::Routes::default(),
         }
     }
 
@@ -121,6 +128,18 @@ impl<B: Backend> EventBusBuilder<B> {
                 second: type_name,
             });
         }
+        self
+    }
+
+    /// Publishes events to NATS JetStream with `relay` (feature `nats`): each of its routes
+    /// becomes a listener of its event type, with the id `txbus.nats:<subject>`. May be called
+    /// several times.
+    #[cfg(feature = "nats")]
+    pub fn relay(mut self, relay: crate::nats::JetStreamRelay) -> Self {
+        let (defs, routes, errors) = relay.into_parts();
+        self.extra.extend(defs);
+        self.routes.extend(routes);
+        self.errors.extend(errors);
         self
     }
 
@@ -215,7 +234,11 @@ impl<B: Backend> EventBusBuilder<B> {
                 return Err(error);
             }
             this.validate()?;
-            let registry = Registry::new(LISTENERS.iter())?;
+            let registry = Registry::new(LISTENERS.iter().chain(this.extra.iter().copied()))?;
+            #[cfg(feature = "nats")]
+            if !this.routes.is_empty() {
+                this.state.insert(std::mem::take(&mut this.routes));
+            }
             if this.run_migrations {
                 crate::migrate(&this.pool)
                     .await

@@ -97,6 +97,9 @@ mod inbox_store;
 mod listener;
 mod metrics;
 mod migrate;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
 mod ops;
 mod poller;
 mod pool;

@@ -1,13 +1,15 @@
-//! The benchmark harness: scenarios E1, E2, L1, D1, M1, S1 on each backend, each measured beside a
+//! The benchmark harness: scenarios E1, E2, L1, D1, M1, S1 (and N1 with feature `nats`) on each backend, each measured beside a
 //! baseline in the same run, rounds alternating, reported as medians with min–max.
 //!
-//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] [--scenarios E1,E2,L1,D1,M1,S1]
+//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] [--scenarios E1,E2,L1,D1,M1,S1,N1]
 //! [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] [--backlog N]
 //! [--memory-backlog N] [--overload N] [--smoke]`
 
 #![allow(dead_code)]
 
 mod backends;
+#[cfg(feature = "nats")]
+mod nats;
 mod scenarios;
 
 use std::process::ExitCode;
@@ -110,9 +112,11 @@ impl Default for Args {
     fn default() -> Self {
         Self {
             backends: compiled_backends(),
-            scenarios: ["E1", "E2", "L1", "D1", "M1", "S1"]
+            scenarios: ["E1", "E2", "L1", "D1", "M1", "S1", "N1"]
+                .into_iter()
+                .filter(|s| *s != "N1" || cfg!(feature = "nats"))
                 .map(String::from)
-                .to_vec(),
+                .collect(),
             concurrency: vec![1, 4, 16],
             events: 3000,
             batch_transactions: 20,
@@ -174,7 +178,7 @@ impl Args {
 }
 
 const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
-[--scenarios E1,E2,L1,D1,M1,S1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
+[--scenarios E1,E2,L1,D1,M1,S1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
 [--backlog N] [--memory-backlog N] [--overload N] [--smoke]";
 
 fn compiled_backends() -> Vec<String> {

@@ -17,7 +17,7 @@ use crate::support::backends::exec;
 
 static NEXT_ID: AtomicI64 = AtomicI64::new(1);
 
-fn next_user(payload: usize) -> (BenchUser, UserCreated) {
+pub fn next_user(payload: usize) -> (BenchUser, UserCreated) {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let email = format!("user-{id}@example.com");
     let event = UserCreated {
@@ -28,11 +28,11 @@ fn next_user(payload: usize) -> (BenchUser, UserCreated) {
     (BenchUser { id, email }, event)
 }
 
-async fn pool_for<B: TestBackend>(url: &str, size: usize) -> Pool<B> {
+pub async fn pool_for<B: TestBackend>(url: &str, size: usize) -> Pool<B> {
     Pool::builder(url).max_size(size).connect().await.unwrap()
 }
 
-async fn create_users<B: TestBackend>(pool: &Pool<B>) {
+pub async fn create_users<B: TestBackend>(pool: &Pool<B>) {
     exec(
         pool,
         "CREATE TABLE bench_users (id BIGINT PRIMARY KEY, email VARCHAR(255) NOT NULL)",
@@ -69,6 +69,8 @@ where
             "D1" => rows.extend(d1::<B>(args).await),
             "M1" => rows.extend(m1::<B>(args).await),
             "S1" => rows.extend(s1::<B>(args).await),
+            #[cfg(feature = "nats")]
+            "N1" => rows.extend(super::nats::n1::<B>(args).await),
             other => panic!("unknown scenario {other}"),
         }
     }
@@ -151,7 +153,7 @@ where
 }
 
 /// Runs `work(count)` on `clients` tasks that share `n` items, and waits for all of them.
-async fn fan_out<F, Fut>(clients: usize, n: usize, work: F)
+pub async fn fan_out<F, Fut>(clients: usize, n: usize, work: F)
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -1,0 +1,156 @@
+//! N1: events per second from service A's emits through a JetStream relay into service B's
+//! inbox and listener; baseline: A's emits without the relay.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use serde::{Deserialize, Serialize};
+use txbus::nats::{JetStreamInbox, JetStreamRelay};
+use txbus::{Context, Entity, EventBus, ListenerError, persist};
+
+use super::backends::BenchBackend;
+use super::scenarios::{create_users, fan_out, next_user, pool_for};
+use super::{Args, BenchUser, Recorder, Row};
+use crate::support::unique;
+
+/// Service A's event.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "bench.nats_order")]
+pub struct NatsOrder {
+    pub id: i64,
+    pub padding: String,
+}
+
+/// The same message in service B.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "bench.nats_received")]
+pub struct NatsReceived {
+    pub id: i64,
+    pub padding: String,
+}
+
+#[txbus::listener(name = "bench.nats_sink")]
+async fn sink(_event: NatsReceived, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Recorder>>()?
+        .runs
+        .fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+pub async fn n1<B: BenchBackend>(args: &Args) -> Vec<Row>
+where
+    BenchUser: Entity<B>,
+{
+    let url = std::env::var("TXBUS_TEST_NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into());
+    let jetstream = jetstream::new(async_nats::connect(&url).await.unwrap_or_else(|e| {
+        panic!("NATS is not reachable at {url} ({e}); see the README for how to start it")
+    }));
+    let name = unique("TXBUS_BENCH");
+    let subject = format!("{name}.orders");
+    let orders = jetstream
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = orders
+        .create_consumer(pull::Config {
+            durable_name: Some("b".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 1024,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let clients = args.concurrency.iter().copied().max().unwrap_or(16);
+    let (a, b) = (B::open().await, B::open().await);
+    let pool = pool_for::<B>(&a.url, clients + 8).await;
+    create_users(&pool).await;
+    let relaying = EventBus::builder(pool.clone())
+        .relay(JetStreamRelay::new(jetstream.clone()).route::<NatsOrder>(&subject))
+        .build()
+        .await
+        .unwrap();
+    let plain = EventBus::builder(pool.clone())
+        .poller(false)
+        .build()
+        .await
+        .unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let receiving = EventBus::builder(pool_for::<B>(&b.url, 16).await)
+        .state(recorder.clone())
+        .build()
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let inbox = tokio::spawn(
+        JetStreamInbox::new(receiving.clone(), consumer)
+            .event_as::<NatsReceived>("bench.nats_order")
+            .max_in_flight(256)
+            .run_until(async {
+                let _ = stopped.await;
+            }),
+    );
+
+    let mut row = Row {
+        backend: B::NAME,
+        scenario: "N1 A → JetStream → B",
+        case: format!("{clients} emitters"),
+        unit: "events/s",
+        txbus: Vec::new(),
+        baseline: Vec::new(),
+        baseline_name: "A's emit, no relay",
+        lower_is_better: false,
+    };
+    let n = args.events;
+    for round in 0..args.rounds {
+        for relay_first in [round % 2 == 1, round % 2 == 0] {
+            let bus = if relay_first { &relaying } else { &plain };
+            let target = recorder.runs.load(Ordering::Relaxed) + n as u64;
+            let started = Instant::now();
+            fan_out(clients, n, |count| {
+                let (bus, payload) = (bus.clone(), args.payload);
+                async move {
+                    for _ in 0..count {
+                        let (user, _) = next_user(payload);
+                        let event = NatsOrder {
+                            id: user.id,
+                            padding: "x".repeat(payload.saturating_sub(30)),
+                        };
+                        bus.emit(event, [persist(&user)]).await.unwrap();
+                    }
+                }
+            })
+            .await;
+            if relay_first {
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while recorder.runs.load(Ordering::Relaxed) < target {
+                    assert!(Instant::now() < deadline, "B did not receive everything");
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+                row.txbus.push(n as f64 / started.elapsed().as_secs_f64());
+            } else {
+                row.baseline
+                    .push(n as f64 / started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let _ = stop.send(());
+    inbox.await.unwrap().unwrap();
+    receiving.wait_idle().await;
+    assert_eq!(
+        recorder.runs.load(Ordering::Relaxed),
+        (n * args.rounds) as u64,
+        "B ran each relayed event once"
+    );
+    relaying.shutdown().await;
+    plain.shutdown().await;
+    receiving.shutdown().await;
+    let _ = jetstream.delete_stream(&name).await;
+    vec![row]
+}

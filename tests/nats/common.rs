@@ -1,0 +1,811 @@
+//! NATS JetStream scenarios, shared by one test binary per backend: service A (an emitter with a
+//! relay) and service B (a JetStream inbox with a transactional listener) both run on the
+//! binary's backend, each on a database of its own. A transactional listener names its
+//! backend's connection type, so each binary holds the listener of one backend only.
+//!
+//! Needs NATS with JetStream at `TXBUS_TEST_NATS_URL` (default `127.0.0.1:4222`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use txbus::nats::{EVENT_HEADER, JetStreamInbox, JetStreamRelay};
+use txbus::{DeadLetterQuery, DeadReason, EventBus, EventSettings, Pool, persist};
+
+use crate::support::backends::exec;
+use crate::support::process::{run, runtime};
+use crate::support::{PATIENCE, TestBackend, TestDb, unique};
+
+diesel::table! {
+    /// Service A's entity: one row per order, written with its event.
+    nats_orders (id) {
+        /// The order.
+        id -> BigInt,
+        /// Anything.
+        note -> Text,
+    }
+}
+
+/// Service A's order.
+#[derive(
+    Debug, Clone, diesel::Insertable, diesel::AsChangeset, diesel::Identifiable, txbus::Entity,
+)]
+#[diesel(table_name = nats_orders)]
+pub struct NatsOrder {
+    pub id: i64,
+    pub note: String,
+}
+
+/// Service A's event, relayed to JetStream.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "nats.order_placed")]
+pub struct OrderPlaced {
+    pub id: i64,
+}
+
+/// The same message in service B, under a name of B's own.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "nats_b.order_placed")]
+pub struct OrderReceived {
+    pub id: i64,
+}
+
+/// Defines service B's transactional listener for a connection type: it counts each order in
+/// B's projection, in the transaction that completes its delivery.
+#[macro_export]
+macro_rules! projection_listener {
+    ($connection:ty) => {
+        #[txbus::listener(transactional, name = "nats_b.project")]
+        async fn project(
+            event: common::OrderReceived,
+            _ctx: txbus::Context,
+            conn: &mut $connection,
+        ) -> Result<(), txbus::ListenerError> {
+            use diesel_async::RunQueryDsl;
+            diesel::sql_query(format!(
+                "INSERT INTO nats_projection (id, n) VALUES ({}, 1) \
+                 ON CONFLICT (id) DO UPDATE SET n = nats_projection.n + 1",
+                event.id
+            ))
+            .execute(conn)
+            .await?;
+            Ok(())
+        }
+    };
+}
+
+/// The `warn` and `error` events of this process, as `field=value` lines.
+struct Warnings(std::sync::Mutex<Vec<String>>);
+
+static WARNINGS: Warnings = Warnings(std::sync::Mutex::new(Vec::new()));
+
+/// Forwards events to [`WARNINGS`]; spans are not needed.
+struct Collector;
+
+impl tracing::Subscriber for Collector {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.is_event() && *metadata.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Line(String);
+        impl tracing::field::Visit for Line {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{}={value:?} ", field.name()));
+            }
+        }
+        let mut line = Line(String::new());
+        event.record(&mut line);
+        WARNINGS.0.lock().unwrap().push(line.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+fn nats_url() -> String {
+    std::env::var("TXBUS_TEST_NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".to_owned())
+}
+
+async fn jetstream_at(url: &str) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url)
+        .await
+        .unwrap();
+    let mut jetstream = jetstream::new(client);
+    jetstream.set_timeout(Duration::from_secs(2));
+    jetstream
+}
+
+/// The JetStream of the test server; fails with how to start it when it is not running.
+async fn server() -> jetstream::Context {
+    let url = nats_url();
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "NATS is not reachable at {url} ({e}); start it with `start-stop-daemon --start \
+                 --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js \
+                 -sd /var/lib/nats-server`, or set TXBUS_TEST_NATS_URL"
+            )
+        });
+    jetstream::new(client)
+}
+
+/// A stream of its own (`<name>` capturing `<name>.>`), deleted when dropped.
+struct TestStream {
+    jetstream: jetstream::Context,
+    name: String,
+}
+
+impl TestStream {
+    async fn create() -> Self {
+        let jetstream = server().await;
+        let name = unique("TXBUS_NATS");
+        jetstream
+            .create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("{name}.>")],
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("could not create a stream (is JetStream on? `-js`): {e}"));
+        Self { jetstream, name }
+    }
+
+    fn subject(&self) -> String {
+        format!("{}.orders", self.name)
+    }
+
+    async fn consumer(&self, ack_wait: Duration) -> jetstream::consumer::PullConsumer {
+        self.jetstream
+            .get_stream(&self.name)
+            .await
+            .unwrap()
+            .get_or_create_consumer(
+                "b",
+                pull::Config {
+                    durable_name: Some("b".to_owned()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait,
+                    max_ack_pending: 256,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn messages(&self) -> u64 {
+        let mut stream = self.jetstream.get_stream(&self.name).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+}
+
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        let (jetstream, name) = (self.jetstream.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let _ = jetstream.delete_stream(&name).await;
+            });
+        })
+        .join();
+    }
+}
+
+fn relay_settings() -> EventSettings {
+    EventSettings::default()
+        .max_execution_time(Duration::from_secs(3))
+        .retry_after(Duration::from_millis(200))
+        .max_backoff(Duration::from_secs(1))
+}
+
+/// Service A: emits orders `1..=n` that its database does not have yet, one at a time (so a
+/// kill leaves no gap), relays them, and keeps relaying until its stdin closes.
+async fn relay_child<B: TestBackend>(url: String, nats: String, subject: String, n: i64)
+where
+    NatsOrder: txbus::Entity<B>,
+{
+    let pool = Pool::<B>::connect(&url).await.unwrap();
+    let bus = EventBus::builder(pool.clone())
+        .relay(JetStreamRelay::new(jetstream_at(&nats).await).route::<OrderPlaced>(subject))
+        .event::<OrderPlaced>(relay_settings())
+        .retry_every(Duration::from_millis(100))
+        // Kept, to show afterwards which publishes needed more than one attempt.
+        .retain_delivered(Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    let first = B::count(&pool, "SELECT count(*) AS n FROM nats_orders").await + 1;
+    for id in first..=n {
+        let order = NatsOrder {
+            id,
+            note: "placed".to_owned(),
+        };
+        bus.emit(OrderPlaced { id }, [persist(&order)])
+            .await
+            .unwrap();
+    }
+    println!("emitted");
+    std::io::stdout().flush().unwrap();
+    wait_for_stdin_to_close().await;
+    bus.shutdown().await;
+}
+
+/// Service B: receives the stream's messages into its inbox until its stdin closes.
+async fn consumer_child<B: TestBackend>(url: String, nats: String, stream: String) {
+    let pool = Pool::<B>::connect(&url).await.unwrap();
+    let bus = EventBus::builder(pool)
+        .event::<OrderReceived>(
+            EventSettings::default()
+                .max_execution_time(Duration::from_secs(2))
+                .retry_after(Duration::from_millis(100)),
+        )
+        .retry_every(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let consumer = jetstream_at(&nats)
+        .await
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .get_consumer::<pull::Config>("b")
+        .await
+        .unwrap();
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    JetStreamInbox::new(bus.clone(), consumer)
+        .event_as::<OrderReceived>(<OrderPlaced as txbus::Event>::NAME)
+        .max_in_flight(32)
+        .run_until(wait_for_stdin_to_close())
+        .await
+        .unwrap();
+    bus.shutdown().await;
+}
+
+async fn wait_for_stdin_to_close() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    })
+    .await;
+}
+
+/// A child process of this binary; closing its stdin stops it gracefully.
+struct Service {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Service {
+    fn start(role: &str, args: &[String]) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("TXBUS_NATS_CHILD", role)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Waits (blocking) for the child to print `line`.
+    fn expect(&self, line: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(got) if got == line => return,
+                Ok(_) => {}
+                Err(e) => panic!("the child did not print {line:?}: {e}"),
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn stop(mut self) {
+        drop(self.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "a service failed: {status}");
+    }
+}
+
+/// Waits until `check` returns true; fails when the value it reports stops moving for
+/// [`PATIENCE`].
+async fn until_done<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (bool, i64)>,
+{
+    let (mut seen, mut moved) = (i64::MIN, Instant::now());
+    loop {
+        let (done, progress) = check().await;
+        if done {
+            return;
+        }
+        if progress != seen {
+            (seen, moved) = (progress, Instant::now());
+        }
+        assert!(
+            moved.elapsed() < PATIENCE,
+            "{what}: stuck at {seen} for {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn databases<B: TestBackend>() -> (TestDb<B>, TestDb<B>) {
+    let (a, b) = (B::open().await, B::open().await);
+    exec(
+        &a.pool,
+        "CREATE TABLE nats_orders (id BIGINT PRIMARY KEY, note TEXT NOT NULL)",
+    )
+    .await;
+    exec(
+        &b.pool,
+        "CREATE TABLE nats_projection (id BIGINT PRIMARY KEY, n BIGINT NOT NULL)",
+    )
+    .await;
+    txbus::migrate(&a.pool).await.unwrap();
+    txbus::migrate(&b.pool).await.unwrap();
+    (a, b)
+}
+
+/// B's projection has every order exactly once.
+async fn assert_projected_once<B: TestBackend>(b: &TestDb<B>, n: i64) {
+    until_done("every order to reach B", || async {
+        let rows = B::count(&b.pool, "SELECT count(*) AS n FROM nats_projection").await;
+        (rows >= n, rows)
+    })
+    .await;
+    // Let redeliveries and reruns that could still come, come.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rows = B::count(&b.pool, "SELECT count(*) AS n FROM nats_projection").await;
+    let runs = B::count(
+        &b.pool,
+        "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) AS n FROM nats_projection",
+    )
+    .await;
+    assert_eq!(rows, n, "every order reached B's projection");
+    assert_eq!(runs, n, "no order was projected twice");
+}
+
+/// 5,000 orders from A to B, with A's process killed three times mid-stream and B's once.
+async fn survives_kills<B: TestBackend>(n: i64) {
+    let (a, b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    stream.consumer(Duration::from_secs(3)).await;
+    let relay_args = vec![a.url.clone(), nats_url(), stream.subject(), n.to_string()];
+    let consumer_args = vec![b.url.clone(), nats_url(), stream.name.clone()];
+    let mut consumer = Service::start("consumer", &consumer_args);
+    consumer.expect("ready", PATIENCE);
+    let mut relay = Service::start("relay", &relay_args);
+    let orders = || B::count(&a.pool, "SELECT count(*) AS n FROM nats_orders");
+    for (kill, at) in [n / 5, n / 2, 4 * n / 5].into_iter().enumerate() {
+        until_done("A to emit", || async {
+            let count = orders().await;
+            (count >= at, count)
+        })
+        .await;
+        relay.kill();
+        eprintln!("[{}] killed A at {} orders", B::NAME, orders().await);
+        relay = Service::start("relay", &relay_args);
+        if kill == 1 {
+            consumer.kill();
+            eprintln!(
+                "[{}] killed B at {} projected",
+                B::NAME,
+                B::count(&b.pool, "SELECT count(*) AS n FROM nats_projection").await
+            );
+            consumer = Service::start("consumer", &consumer_args);
+            consumer.expect("ready", PATIENCE);
+        }
+    }
+    until_done("A to emit everything", || async {
+        let count = orders().await;
+        (count >= n, count)
+    })
+    .await;
+    assert_projected_once(&b, n).await;
+    assert_eq!(orders().await, n);
+    // JetStream dropped the publishes retried after the kills: one message per order.
+    assert_eq!(stream.messages().await, n as u64, "one message per order");
+    relay.stop();
+    consumer.stop();
+}
+
+/// A TCP proxy in front of NATS that can cut every connection and refuse new ones.
+struct Proxy {
+    address: SocketAddr,
+    down: Arc<AtomicBool>,
+    cuts: watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let cuts = watch::Sender::new(0u64);
+        let (refusing, cut) = (down.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if refusing.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let (mut cut, target) = (cut.subscribe(), target.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut inbound, mut outbound) = (inbound, outbound);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            address,
+            down,
+            cuts,
+        }
+    }
+
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+/// NATS unreachable from A for three seconds: A's emits keep committing, its relay deliveries
+/// retry and complete afterwards; B gets every order once.
+async fn survives_a_nats_outage<B: TestBackend>(n: i64) {
+    let (a, b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    stream.consumer(Duration::from_secs(3)).await;
+    let proxy = Proxy::start(nats_url()).await;
+    let consumer = Service::start(
+        "consumer",
+        &[b.url.clone(), nats_url(), stream.name.clone()],
+    );
+    consumer.expect("ready", PATIENCE);
+    let relay = Service::start(
+        "relay",
+        &[
+            a.url.clone(),
+            proxy.address.to_string(),
+            stream.subject(),
+            n.to_string(),
+        ],
+    );
+    let orders = || B::count(&a.pool, "SELECT count(*) AS n FROM nats_orders");
+    until_done("A to emit", || async {
+        let count = orders().await;
+        (count >= n / 4, count)
+    })
+    .await;
+    proxy.cut();
+    let before = orders().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = orders().await - before;
+    proxy.restore();
+    eprintln!(
+        "[{}] {during} orders committed while NATS was cut off",
+        B::NAME
+    );
+    assert!(during > 0, "emits went on while NATS was unreachable");
+    assert_projected_once(&b, n).await;
+    let retried = B::count(
+        &a.pool,
+        "SELECT count(*) AS n FROM txbus_deliveries WHERE attempts > 1",
+    )
+    .await;
+    eprintln!(
+        "[{}] {retried} publishes needed more than one attempt",
+        B::NAME
+    );
+    assert!(retried > 0, "some publishes failed and were retried");
+    assert_eq!(
+        B::count(
+            &a.pool,
+            "SELECT count(*) AS n FROM txbus_deliveries WHERE delivered_at IS NULL"
+        )
+        .await,
+        0,
+        "every relay delivery completed"
+    );
+    assert_eq!(orders().await, n);
+    relay.stop();
+    consumer.stop();
+}
+
+/// Messages B cannot receive are terminated, and the ones behind them are received.
+async fn poison_messages_are_terminated<B: TestBackend>() {
+    let (_a, b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    let consumer = stream.consumer(Duration::from_secs(1)).await;
+    let bus = EventBus::builder(b.another_pool().await)
+        .retry_every(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let publish = async |event: Option<&str>, payload: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(event) = event {
+            headers.insert(EVENT_HEADER, event);
+        }
+        stream
+            .jetstream
+            .publish_with_headers(stream.subject(), headers, payload.to_owned().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    };
+    publish(Some("nats.order_placed"), "not json").await;
+    publish(Some("nats.order_placed"), r#"{"other":1}"#).await;
+    publish(Some("nats.refund_issued"), r#"{"id":1}"#).await;
+    publish(Some("nats.order_placed"), r#"{"id":7}"#).await;
+    publish(None, r#"{"id":8}"#).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let inbox = tokio::spawn(
+        JetStreamInbox::new(bus.clone(), consumer.clone())
+            .event_as::<OrderReceived>("nats.order_placed")
+            .run_until(async move {
+                let _ = stopped.await;
+            }),
+    );
+    until_done("the good messages to be projected", || async {
+        let rows = B::count(&b.pool, "SELECT count(*) AS n FROM nats_projection").await;
+        (rows >= 2, rows)
+    })
+    .await;
+    // Past the ack wait: a message that was not terminated would come back now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut consumer = consumer;
+    let info = consumer.info().await.unwrap().clone();
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "nothing waits for an ack: {info:?}"
+    );
+    assert_eq!(info.num_redelivered, 0, "nothing was redelivered: {info:?}");
+    assert_eq!(info.delivered.stream_sequence, 5);
+    assert_eq!(info.ack_floor.stream_sequence, 5, "all five were settled");
+    let terminated: Vec<String> = WARNINGS
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("terminated a JetStream message"))
+        .cloned()
+        .collect();
+    assert_eq!(terminated.len(), 3, "{terminated:#?}");
+    for reason in [
+        "its payload does not deserialize: expected",
+        "its payload does not deserialize: missing field `id`",
+        "it names the event `nats.refund_issued`, which this inbox does not accept",
+    ] {
+        assert!(
+            terminated.iter().any(|line| line.contains(reason)),
+            "no termination says {reason:?}: {terminated:#?}"
+        );
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(PATIENCE, inbox)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        B::count(
+            &b.pool,
+            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) AS n FROM nats_projection"
+        )
+        .await,
+        2
+    );
+    bus.shutdown().await;
+}
+
+/// A relay route shows in stats like a listener; its publishes die when no stream captures the
+/// subject; once one does, a replay publishes with the documented headers.
+async fn relay_deliveries_are_listeners<B: TestBackend>()
+where
+    NatsOrder: txbus::Entity<B>,
+{
+    let (a, _b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    let subject = format!("{}_nowhere.orders", stream.name);
+    let route = format!("txbus.nats:{subject}");
+    let bus = EventBus::builder(a.another_pool().await)
+        .relay(JetStreamRelay::new(jetstream_at(&nats_url()).await).route::<OrderPlaced>(&subject))
+        .event::<OrderPlaced>(
+            relay_settings()
+                .retry_after(Duration::from_millis(50))
+                .max_attempts(2),
+        )
+        .retry_every(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    let order = NatsOrder {
+        id: 1,
+        note: "x".into(),
+    };
+    let event_id = bus
+        .emit(OrderPlaced { id: 1 }, [persist(&order)])
+        .await
+        .unwrap();
+    until_done("the publish to die", || async {
+        let dead = bus.stats().await.unwrap().listeners[&route].dead;
+        (dead == 1, dead as i64)
+    })
+    .await;
+    let dead = bus
+        .dead_letters(DeadLetterQuery::new().listener(&route))
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, DeadReason::MaxAttempts);
+    let error = dead[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("no stream"), "{error}");
+
+    // A stream for the subject, and a replay.
+    let jetstream = server().await;
+    let name = format!("{}_nowhere", stream.name);
+    jetstream
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(bus.replay(event_id, &route).await.unwrap());
+    until_done("the replayed publish", || async {
+        let stats = bus.stats().await.unwrap();
+        let counts = &stats.listeners[&route];
+        (
+            counts.pending() == 0 && counts.dead == 0,
+            counts.pending() as i64,
+        )
+    })
+    .await;
+    let consumer: jetstream::consumer::PullConsumer = jetstream
+        .get_stream(&name)
+        .await
+        .unwrap()
+        .create_consumer(pull::Config::default())
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(10).messages().await.unwrap();
+    let message = batch.next().await.unwrap().unwrap();
+    let headers = message.headers.clone().unwrap();
+    let header = |name: &str| headers.get(name).unwrap().as_str().to_owned();
+    assert_eq!(
+        header("Nats-Msg-Id"),
+        format!("{}@{subject}", event_id.get())
+    );
+    assert_eq!(header("Txbus-Event"), "nats.order_placed");
+    assert_eq!(header("Txbus-Event-Id"), event_id.get().to_string());
+    assert!(header("Txbus-Emitted-At").parse::<u64>().unwrap() > 0);
+    let payload: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(payload, serde_json::json!({ "id": 1 }));
+    message.ack().await.unwrap();
+    bus.shutdown().await;
+    let _ = jetstream.delete_stream(&name).await;
+}
+
+/// `route` refuses subjects that are not plain.
+async fn bad_subjects_fail_the_build<B: TestBackend>() {
+    let (a, _b) = databases::<B>().await;
+    let error = EventBus::builder(a.another_pool().await)
+        .relay(
+            JetStreamRelay::new(jetstream_at(&nats_url()).await).route::<OrderPlaced>("orders.*"),
+        )
+        .build()
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("wildcard"), "{error}");
+}
+
+fn orders() -> i64 {
+    std::env::var("TXBUS_NATS_ORDERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5_000)
+}
+
+pub fn main<B: TestBackend>() -> ExitCode
+where
+    NatsOrder: txbus::Entity<B>,
+{
+    if let Ok(role) = std::env::var("TXBUS_NATS_CHILD") {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        match role.as_str() {
+            "relay" => runtime().block_on(relay_child::<B>(
+                args[0].clone(),
+                args[1].clone(),
+                args[2].clone(),
+                args[3].parse().unwrap(),
+            )),
+            "consumer" => runtime().block_on(consumer_child::<B>(
+                args[0].clone(),
+                args[1].clone(),
+                args[2].clone(),
+            )),
+            other => panic!("unknown child role {other}"),
+        }
+        return ExitCode::SUCCESS;
+    }
+    tracing::subscriber::set_global_default(Collector).unwrap();
+    let name = B::NAME;
+    run(vec![
+        (
+            format!("{name}::survives_kills"),
+            Box::new(|| runtime().block_on(survives_kills::<B>(orders()))),
+        ),
+        (
+            format!("{name}::survives_a_nats_outage"),
+            Box::new(|| runtime().block_on(survives_a_nats_outage::<B>(orders() / 5))),
+        ),
+        (
+            format!("{name}::poison_messages_are_terminated"),
+            Box::new(|| runtime().block_on(poison_messages_are_terminated::<B>())),
+        ),
+        (
+            format!("{name}::relay_deliveries_are_listeners"),
+            Box::new(|| runtime().block_on(relay_deliveries_are_listeners::<B>())),
+        ),
+        (
+            format!("{name}::bad_subjects_fail_the_build"),
+            Box::new(|| runtime().block_on(bad_subjects_fail_the_build::<B>())),
+        ),
+    ])
+}

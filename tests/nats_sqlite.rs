@@ -1,0 +1,24 @@
+//! NATS JetStream relay and inbox with both services on SQLite: see `nats/common.rs`.
+#![cfg(all(feature = "nats", feature = "sqlite"))]
+#![allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+#[path = "nats/common.rs"]
+mod common;
+#[path = "support/mod.rs"]
+mod support;
+
+use std::process::ExitCode;
+
+use diesel::SqliteConnection;
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+
+projection_listener!(SyncConnectionWrapper<SqliteConnection>);
+
+fn main() -> ExitCode {
+    common::main::<txbus::Sqlite>()
+}
