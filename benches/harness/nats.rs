@@ -1,5 +1,6 @@
 //! N1: events per second from service A's emits through a JetStream relay into service B's
-//! inbox and listener; baseline: A's emits without the relay.
+//! inbox and listener: A alone (until JetStream acknowledged), B alone (draining the stream),
+//! and both at once; baseline: A's emits without the relay. And the broker alone.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -87,19 +88,46 @@ where
         .build()
         .await
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let inbox = tokio::spawn(
-        JetStreamInbox::new(receiving.clone(), consumer)
-            .event_as::<NatsReceived>("bench.nats_order")
-            .max_in_flight(256)
-            .run_until(async {
-                let _ = stopped.await;
-            }),
-    );
+    // B's inbox runs only while `receiving` is set.
+    let start_inbox = || {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(
+            JetStreamInbox::new(receiving.clone(), consumer.clone())
+                .event_as::<NatsReceived>("bench.nats_order")
+                .max_in_flight(256)
+                .run_until(async {
+                    let _ = stopped.await;
+                }),
+        );
+        (stop, task)
+    };
+    let wait_for_b = async |target: u64| {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while recorder.runs.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "B did not receive everything");
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    };
+    let emit = async |bus: &EventBus<B>| {
+        fan_out(clients, args.events, |count| {
+            let (bus, payload) = (bus.clone(), args.payload);
+            async move {
+                for _ in 0..count {
+                    let (user, _) = next_user(payload);
+                    let event = NatsOrder {
+                        id: user.id,
+                        padding: "x".repeat(payload.saturating_sub(30)),
+                    };
+                    bus.emit(event, [persist(&user)]).await.unwrap();
+                }
+            }
+        })
+        .await;
+    };
 
-    let mut row = Row {
+    let row = |scenario: &'static str| Row {
         backend: B::NAME,
-        scenario: "N1 A → JetStream → B",
+        scenario,
         case: format!("{clients} emitters"),
         unit: "events/s",
         txbus: Vec::new(),
@@ -107,50 +135,99 @@ where
         baseline_name: "A's emit, no relay",
         lower_is_better: false,
     };
+    // A's emits until JetStream acknowledged every publish, while B is idle.
+    let mut published = row("N1 A → JetStream, B idle");
+    // B's inbox and listener draining what A published, while A is idle.
+    let mut drained = row("N1 B drains JetStream, A idle");
+    // Both at once: A's emits until B's listener ran for every event.
+    let mut together = row("N1 A → JetStream → B");
     let n = args.events;
+    let rate = |started: Instant| n as f64 / started.elapsed().as_secs_f64();
     for round in 0..args.rounds {
         for relay_first in [round % 2 == 1, round % 2 == 0] {
-            let bus = if relay_first { &relaying } else { &plain };
+            if !relay_first {
+                let started = Instant::now();
+                emit(&plain).await;
+                let baseline = rate(started);
+                for row in [&mut published, &mut drained, &mut together] {
+                    row.baseline.push(baseline);
+                }
+                continue;
+            }
             let target = recorder.runs.load(Ordering::Relaxed) + n as u64;
             let started = Instant::now();
-            fan_out(clients, n, |count| {
-                let (bus, payload) = (bus.clone(), args.payload);
-                async move {
-                    for _ in 0..count {
-                        let (user, _) = next_user(payload);
-                        let event = NatsOrder {
-                            id: user.id,
-                            padding: "x".repeat(payload.saturating_sub(30)),
-                        };
-                        bus.emit(event, [persist(&user)]).await.unwrap();
-                    }
-                }
-            })
-            .await;
-            if relay_first {
-                let deadline = Instant::now() + Duration::from_secs(600);
-                while recorder.runs.load(Ordering::Relaxed) < target {
-                    assert!(Instant::now() < deadline, "B did not receive everything");
-                    tokio::time::sleep(Duration::from_micros(500)).await;
-                }
-                row.txbus.push(n as f64 / started.elapsed().as_secs_f64());
-            } else {
-                row.baseline
-                    .push(n as f64 / started.elapsed().as_secs_f64());
-            }
+            emit(&relaying).await;
+            relaying.wait_idle().await;
+            published.txbus.push(rate(started));
+            let started = Instant::now();
+            let (stop, task) = start_inbox();
+            wait_for_b(target).await;
+            drained.txbus.push(rate(started));
+            let _ = stop.send(());
+            task.await.unwrap().unwrap();
+
+            let target = target + n as u64;
+            let (stop, task) = start_inbox();
+            let started = Instant::now();
+            emit(&relaying).await;
+            wait_for_b(target).await;
+            together.txbus.push(rate(started));
+            let _ = stop.send(());
+            task.await.unwrap().unwrap();
         }
     }
-    let _ = stop.send(());
-    inbox.await.unwrap().unwrap();
+    // The broker alone: the same number of publishes, 64 awaiting their acks at a time (as
+    // many as the bus runs listeners by default), into a stream of their own.
+    let raw = format!("{name}_RAW");
+    jetstream
+        .create_stream(stream::Config {
+            name: raw.clone(),
+            subjects: vec![format!("{raw}.x")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut broker = Row {
+        scenario: "N1 JetStream publish alone",
+        case: "64 in flight".into(),
+        txbus: Vec::new(),
+        ..published.clone()
+    };
+    let payload = format!(
+        r#"{{"id":1,"padding":"{}"}}"#,
+        "x".repeat(args.payload.saturating_sub(30))
+    );
+    for _ in 0..args.rounds {
+        let started = Instant::now();
+        fan_out(64, n, |count| {
+            let (jetstream, subject, payload) =
+                (jetstream.clone(), format!("{raw}.x"), payload.clone());
+            async move {
+                for _ in 0..count {
+                    jetstream
+                        .publish(subject.clone(), payload.clone().into())
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+        .await;
+        broker
+            .txbus
+            .push(n as f64 / started.elapsed().as_secs_f64());
+    }
+    let _ = jetstream.delete_stream(&raw).await;
     receiving.wait_idle().await;
     assert_eq!(
         recorder.runs.load(Ordering::Relaxed),
-        (n * args.rounds) as u64,
+        (2 * n * args.rounds) as u64,
         "B ran each relayed event once"
     );
     relaying.shutdown().await;
     plain.shutdown().await;
     receiving.shutdown().await;
     let _ = jetstream.delete_stream(&name).await;
-    vec![row]
+    vec![published, drained, together, broker]
 }

@@ -339,10 +339,12 @@ pub struct DeadFilter<'a> {
     pub(crate) died_before_us: Option<i64>,
 }
 
-/// A delivery's key.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// A delivery's key (read by every backend's replay from columns `event_id`, `listener`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, diesel::QueryableByName)]
 pub struct DeliveryRef {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub(crate) event_id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) listener: String,
 }
 
@@ -356,18 +358,79 @@ impl DeliveryRef {
     }
 }
 
-/// A dead letter, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A dead letter, as stored (read by every backend's dead-letter list, its columns named as
+/// the fields).
+#[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName)]
 pub struct DeadRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub(crate) event_id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) event_name: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) listener: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
     pub(crate) attempts: i32,
+    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) reason: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     pub(crate) last_error: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub(crate) emitted_at_us: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub(crate) dead_at_us: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) payload: String,
+}
+
+/// A row of every backend's statistics statement: one per listener (none when the table is
+/// empty: then one with a `NULL` listener), each with the inbox counts and the clock.
+#[derive(diesel::QueryableByName)]
+pub(crate) struct StatsRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    listener: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    due: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    running: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    stale: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    retrying: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    dead: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    delivered: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    oldest_us: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    inbox_ids: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    inbox_messages: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    now_us: i64,
+}
+
+impl StatsRows {
+    pub(crate) fn from_rows(rows: Vec<StatsRow>) -> Self {
+        let mut stats = Self::default();
+        for row in rows {
+            (stats.inbox_ids, stats.inbox_messages, stats.now_us) =
+                (row.inbox_ids, row.inbox_messages, row.now_us);
+            if let Some(listener) = row.listener {
+                stats.listeners.push(ListenerRow {
+                    listener,
+                    due: row.due.unwrap_or(0),
+                    running: row.running.unwrap_or(0),
+                    stale: row.stale.unwrap_or(0),
+                    retrying: row.retrying.unwrap_or(0),
+                    dead: row.dead.unwrap_or(0),
+                    delivered: row.delivered.unwrap_or(0),
+                    oldest_pending_us: row.oldest_us,
+                });
+            }
+        }
+        stats
+    }
 }
 
 /// A message of the `InboxStore`, as stored.

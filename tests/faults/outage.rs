@@ -6,15 +6,13 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use txbus::{Context, EventBus, EventSettings, ListenerError, Pool, Postgres, persist};
 
 use crate::support::backends::exec;
+use crate::support::proxy::Proxy;
 use crate::support::{Probe, TestBackend, eventually};
 use crate::{Order, scale};
 
@@ -29,57 +27,6 @@ async fn ship(event: OutageOrder, ctx: Context) -> Result<(), ListenerError> {
     ctx.state::<Arc<Probe>>()?
         .record(&ctx, event.id.to_string());
     Ok(())
-}
-
-/// A TCP proxy that can cut every connection and refuse new ones.
-struct Proxy {
-    address: SocketAddr,
-    down: Arc<AtomicBool>,
-    cuts: watch::Sender<u64>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let down = Arc::new(AtomicBool::new(false));
-        let cuts = watch::Sender::new(0u64);
-        let (accepting, cut) = (down.clone(), cuts.clone());
-        tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                if accepting.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let mut cut = cut.subscribe();
-                tokio::spawn(async move {
-                    let Ok(outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let (mut inbound, mut outbound) = (inbound, outbound);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        Self {
-            address,
-            down,
-            cuts,
-        }
-    }
-
-    /// Drops every open connection, and refuses new ones until [`Proxy::restore`].
-    fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        self.cuts.send_modify(|n| *n += 1);
-    }
-
-    fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
 }
 
 /// `url` with its `host:port` replaced.
@@ -114,7 +61,7 @@ pub async fn database_outage() {
     )
     .await;
     txbus::migrate(&db.pool).await.unwrap();
-    let proxy = Proxy::start(authority(&db.url)).await;
+    let proxy = Proxy::start(authority(&db.url).to_string()).await;
     let pool = Pool::<Postgres>::builder(through(&db.url, proxy.address))
         .max_size(8)
         .connect_timeout(Duration::from_secs(1))

@@ -6,22 +6,18 @@
 //! Needs NATS with JetStream at `TXBUS_TEST_NATS_URL` (default `127.0.0.1:4222`).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use txbus::nats::{EVENT_HEADER, JetStreamInbox, JetStreamRelay};
 use txbus::{DeadLetterQuery, DeadReason, EventBus, EventSettings, Pool, persist};
 
 use crate::support::backends::exec;
 use crate::support::process::{run, runtime};
+use crate::support::proxy::Proxy;
 use crate::support::{PATIENCE, TestBackend, TestDb, unique};
 
 diesel::table! {
@@ -451,56 +447,6 @@ async fn survives_kills<B: TestBackend>(n: i64) {
     assert_eq!(stream.messages().await, n as u64, "one message per order");
     relay.stop();
     consumer.stop();
-}
-
-/// A TCP proxy in front of NATS that can cut every connection and refuse new ones.
-struct Proxy {
-    address: SocketAddr,
-    down: Arc<AtomicBool>,
-    cuts: watch::Sender<u64>,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let down = Arc::new(AtomicBool::new(false));
-        let cuts = watch::Sender::new(0u64);
-        let (refusing, cut) = (down.clone(), cuts.clone());
-        tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                if refusing.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let (mut cut, target) = (cut.subscribe(), target.clone());
-                tokio::spawn(async move {
-                    let Ok(outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let (mut inbound, mut outbound) = (inbound, outbound);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        Self {
-            address,
-            down,
-            cuts,
-        }
-    }
-
-    fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        self.cuts.send_modify(|n| *n += 1);
-    }
-
-    fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
 }
 
 /// NATS unreachable from A for three seconds: A's emits keep committing, its relay deliveries

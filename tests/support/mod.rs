@@ -20,6 +20,7 @@ use txbus::{Backend, Context, EventId, Pool};
 
 pub mod backends;
 pub mod process;
+pub mod proxy;
 
 pub use backends::TestBackend;
 

@@ -7,12 +7,12 @@
 use std::time::Duration;
 
 use diesel::QueryResult;
-use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl, SimpleAsyncConnection};
 
 use super::{KeyRow, LockRow, READ_COMMITTED, key_json, query};
 use crate::store::{
-    DeadFilter, DeadRow, DeliveryRef, ListenerRow, Retention, StatsRows, limit_i64, micros,
+    DeadFilter, DeadRow, DeliveryRef, Retention, StatsRow, StatsRows, limit_i64, micros,
 };
 
 // Every pending delivery is in exactly one of due, running, stale, retrying. SUM is DECIMAL in
@@ -147,74 +147,9 @@ const DATETIME_MIN_US: i64 = -30_610_224_000_000_000;
 /// `TIMESTAMPDIFF(MICROSECOND, '1970-01-01', '9999-12-31 23:59:59.999999')`: its end.
 const DATETIME_MAX_US: i64 = 253_402_300_799_999_999;
 
-#[derive(diesel::QueryableByName)]
-struct StatsRow {
-    #[diesel(sql_type = Nullable<Text>)]
-    listener: Option<String>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    due: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    running: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    stale: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    retrying: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    dead: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    delivered: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    oldest_us: Option<i64>,
-    #[diesel(sql_type = BigInt)]
-    inbox_ids: i64,
-    #[diesel(sql_type = BigInt)]
-    inbox_messages: i64,
-    #[diesel(sql_type = BigInt)]
-    now_us: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct DeadLetterRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    event_name: String,
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = Integer)]
-    attempts: i32,
-    #[diesel(sql_type = Text)]
-    reason: String,
-    #[diesel(sql_type = Nullable<Text>)]
-    last_error: Option<String>,
-    #[diesel(sql_type = BigInt)]
-    emitted_at_us: i64,
-    #[diesel(sql_type = BigInt)]
-    dead_at_us: i64,
-    #[diesel(sql_type = Text)]
-    payload: String,
-}
-
 pub(super) async fn stats(conn: &mut AsyncMysqlConnection) -> QueryResult<StatsRows> {
     let rows: Vec<StatsRow> = query(STATS).load(conn).await?;
-    let mut stats = StatsRows::default();
-    for row in rows {
-        (stats.inbox_ids, stats.inbox_messages, stats.now_us) =
-            (row.inbox_ids, row.inbox_messages, row.now_us);
-        if let Some(listener) = row.listener {
-            stats.listeners.push(ListenerRow {
-                listener,
-                due: row.due.unwrap_or(0),
-                running: row.running.unwrap_or(0),
-                stale: row.stale.unwrap_or(0),
-                retrying: row.retrying.unwrap_or(0),
-                dead: row.dead.unwrap_or(0),
-                delivered: row.delivered.unwrap_or(0),
-                oldest_pending_us: row.oldest_us,
-            });
-        }
-    }
-    Ok(stats)
+    Ok(StatsRows::from_rows(rows))
 }
 
 /// A time bound of a filter, within the `DATETIME` range: past its ends, MySQL's date arithmetic
@@ -240,24 +175,11 @@ pub(super) async fn dead_letters(
     filter: &DeadFilter<'_>,
     limit: usize,
 ) -> QueryResult<Vec<DeadRow>> {
-    let rows: Vec<DeadLetterRow> = bind_filter!(query(DEAD_LETTERS), filter)
+    let rows: Vec<DeadRow> = bind_filter!(query(DEAD_LETTERS), filter)
         .bind::<BigInt, _>(limit_i64(limit))
         .load(conn)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| DeadRow {
-            event_id: r.event_id,
-            event_name: r.event_name,
-            listener: r.listener,
-            attempts: r.attempts,
-            reason: r.reason,
-            last_error: r.last_error,
-            emitted_at_us: r.emitted_at_us,
-            dead_at_us: r.dead_at_us,
-            payload: r.payload,
-        })
-        .collect())
+    Ok(rows)
 }
 
 // MySQL has no RETURNING: the keys are selected and locked first, then updated by key, in one

@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use diesel::QueryResult;
-use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
 
 use super::query;
 use crate::store::{
-    DeadFilter, DeadRow, DeliveryRef, ListenerRow, Retention, StatsRows, limit_i64, micros,
+    DeadFilter, DeadRow, DeliveryRef, Retention, StatsRow, StatsRows, limit_i64, micros,
 };
 
 // Every pending delivery is in exactly one of due, running, stale, retrying.
@@ -115,62 +115,6 @@ WHERE dead_at IS NULL AND delivered_at IS NULL AND leased_at IS NOT NULL
   AND available_at <= now()";
 
 #[derive(diesel::QueryableByName)]
-struct StatsRow {
-    #[diesel(sql_type = Nullable<Text>)]
-    listener: Option<String>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    due: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    running: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    stale: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    retrying: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    dead: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    delivered: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    oldest_us: Option<i64>,
-    #[diesel(sql_type = BigInt)]
-    inbox_ids: i64,
-    #[diesel(sql_type = BigInt)]
-    inbox_messages: i64,
-    #[diesel(sql_type = BigInt)]
-    now_us: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct DeadLetterRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    event_name: String,
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = Integer)]
-    attempts: i32,
-    #[diesel(sql_type = Text)]
-    reason: String,
-    #[diesel(sql_type = Nullable<Text>)]
-    last_error: Option<String>,
-    #[diesel(sql_type = BigInt)]
-    emitted_at_us: i64,
-    #[diesel(sql_type = BigInt)]
-    dead_at_us: i64,
-    #[diesel(sql_type = Text)]
-    payload: String,
-}
-
-#[derive(diesel::QueryableByName)]
-struct KeyRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    listener: String,
-}
-
-#[derive(diesel::QueryableByName)]
 struct Locked {
     #[diesel(sql_type = Bool)]
     locked: bool,
@@ -178,24 +122,7 @@ struct Locked {
 
 pub(super) async fn stats(conn: &mut AsyncPgConnection) -> QueryResult<StatsRows> {
     let rows: Vec<StatsRow> = query(STATS).load(conn).await?;
-    let mut stats = StatsRows::default();
-    for row in rows {
-        (stats.inbox_ids, stats.inbox_messages, stats.now_us) =
-            (row.inbox_ids, row.inbox_messages, row.now_us);
-        if let Some(listener) = row.listener {
-            stats.listeners.push(ListenerRow {
-                listener,
-                due: row.due.unwrap_or(0),
-                running: row.running.unwrap_or(0),
-                stale: row.stale.unwrap_or(0),
-                retrying: row.retrying.unwrap_or(0),
-                dead: row.dead.unwrap_or(0),
-                delivered: row.delivered.unwrap_or(0),
-                oldest_pending_us: row.oldest_us,
-            });
-        }
-    }
-    Ok(stats)
+    Ok(StatsRows::from_rows(rows))
 }
 
 /// Binds a [`DeadFilter`] to `$1` to `$5`.
@@ -215,24 +142,11 @@ pub(super) async fn dead_letters(
     filter: &DeadFilter<'_>,
     limit: usize,
 ) -> QueryResult<Vec<DeadRow>> {
-    let rows: Vec<DeadLetterRow> = bind_filter!(query(DEAD_LETTERS), filter)
+    let rows: Vec<DeadRow> = bind_filter!(query(DEAD_LETTERS), filter)
         .bind::<BigInt, _>(limit_i64(limit))
         .load(conn)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| DeadRow {
-            event_id: r.event_id,
-            event_name: r.event_name,
-            listener: r.listener,
-            attempts: r.attempts,
-            reason: r.reason,
-            last_error: r.last_error,
-            emitted_at_us: r.emitted_at_us,
-            dead_at_us: r.dead_at_us,
-            payload: r.payload,
-        })
-        .collect())
+    Ok(rows)
 }
 
 pub(super) async fn replay(
@@ -241,19 +155,13 @@ pub(super) async fn replay(
     after: &DeliveryRef,
     limit: usize,
 ) -> QueryResult<Vec<DeliveryRef>> {
-    let rows: Vec<KeyRow> = bind_filter!(query(REPLAY), filter)
+    let rows: Vec<DeliveryRef> = bind_filter!(query(REPLAY), filter)
         .bind::<BigInt, _>(after.event_id)
         .bind::<Text, _>(after.listener.as_str())
         .bind::<BigInt, _>(limit_i64(limit))
         .load(conn)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| DeliveryRef {
-            event_id: r.event_id,
-            listener: r.listener,
-        })
-        .collect())
+    Ok(rows)
 }
 
 pub(super) async fn purge_dead(

@@ -7,14 +7,12 @@
 use std::time::Duration;
 
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
-use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::sqlite::SqliteConnection;
 use diesel::{QueryResult, RunQueryDsl};
 
 use super::{Conn, millis, query};
-use crate::store::{
-    DeadFilter, DeadRow, DeliveryRef, ListenerRow, Retention, StatsRows, limit_i64,
-};
+use crate::store::{DeadFilter, DeadRow, DeliveryRef, Retention, StatsRow, StatsRows, limit_i64};
 
 // Every pending delivery is in exactly one of due, running, stale, retrying. SQLite treats its
 // clock as a constant of the statement (evaluated once, before the first row), so every count
@@ -130,62 +128,6 @@ WHERE dead_at IS NULL AND delivered_at IS NULL AND leased_at IS NOT NULL
     now_ms!()
 );
 
-#[derive(diesel::QueryableByName)]
-struct StatsRow {
-    #[diesel(sql_type = Nullable<Text>)]
-    listener: Option<String>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    due: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    running: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    stale: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    retrying: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    dead: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    delivered: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    oldest_us: Option<i64>,
-    #[diesel(sql_type = BigInt)]
-    inbox_ids: i64,
-    #[diesel(sql_type = BigInt)]
-    inbox_messages: i64,
-    #[diesel(sql_type = BigInt)]
-    now_us: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct DeadLetterRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    event_name: String,
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = Integer)]
-    attempts: i32,
-    #[diesel(sql_type = Text)]
-    reason: String,
-    #[diesel(sql_type = Nullable<Text>)]
-    last_error: Option<String>,
-    #[diesel(sql_type = BigInt)]
-    emitted_at_us: i64,
-    #[diesel(sql_type = BigInt)]
-    dead_at_us: i64,
-    #[diesel(sql_type = Text)]
-    payload: String,
-}
-
-#[derive(diesel::QueryableByName)]
-struct KeyRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    listener: String,
-}
-
 /// A [`DeadFilter`], owned for the blocking pool, with its time bounds in milliseconds.
 struct DeadBounds {
     event_id: Option<i64>,
@@ -229,24 +171,7 @@ macro_rules! bind_filter {
 
 pub(super) async fn stats(conn: &mut Conn) -> QueryResult<StatsRows> {
     let rows: Vec<StatsRow> = conn.spawn_blocking(|c| query(STATS).load(c)).await?;
-    let mut stats = StatsRows::default();
-    for row in rows {
-        (stats.inbox_ids, stats.inbox_messages, stats.now_us) =
-            (row.inbox_ids, row.inbox_messages, row.now_us);
-        if let Some(listener) = row.listener {
-            stats.listeners.push(ListenerRow {
-                listener,
-                due: row.due.unwrap_or(0),
-                running: row.running.unwrap_or(0),
-                stale: row.stale.unwrap_or(0),
-                retrying: row.retrying.unwrap_or(0),
-                dead: row.dead.unwrap_or(0),
-                delivered: row.delivered.unwrap_or(0),
-                oldest_pending_us: row.oldest_us,
-            });
-        }
-    }
-    Ok(stats)
+    Ok(StatsRows::from_rows(rows))
 }
 
 pub(super) async fn dead_letters(
@@ -255,27 +180,14 @@ pub(super) async fn dead_letters(
     limit: usize,
 ) -> QueryResult<Vec<DeadRow>> {
     let (filter, limit) = (DeadBounds::new(filter), limit_i64(limit));
-    let rows: Vec<DeadLetterRow> = conn
+    let rows: Vec<DeadRow> = conn
         .spawn_blocking(move |c| {
             bind_filter!(query(DEAD_LETTERS), filter)
                 .bind::<BigInt, _>(limit)
                 .load(c)
         })
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| DeadRow {
-            event_id: r.event_id,
-            event_name: r.event_name,
-            listener: r.listener,
-            attempts: r.attempts,
-            reason: r.reason,
-            last_error: r.last_error,
-            emitted_at_us: r.emitted_at_us,
-            dead_at_us: r.dead_at_us,
-            payload: r.payload,
-        })
-        .collect())
+    Ok(rows)
 }
 
 pub(super) async fn replay(
@@ -286,7 +198,7 @@ pub(super) async fn replay(
 ) -> QueryResult<Vec<DeliveryRef>> {
     let (filter, limit) = (DeadBounds::new(filter), limit_i64(limit));
     let after = after.clone();
-    let rows: Vec<KeyRow> = conn
+    let rows: Vec<DeliveryRef> = conn
         .spawn_blocking(move |c| {
             bind_filter!(query(REPLAY), filter)
                 .bind::<BigInt, _>(after.event_id)
@@ -295,13 +207,7 @@ pub(super) async fn replay(
                 .load(c)
         })
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| DeliveryRef {
-            event_id: r.event_id,
-            listener: r.listener,
-        })
-        .collect())
+    Ok(rows)
 }
 
 pub(super) async fn purge_dead(
