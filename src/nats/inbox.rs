@@ -129,7 +129,9 @@ impl<B: Backend> JetStreamInbox<B> {
     ///
     /// Fails at once when no event type was accepted or the consumer's messages cannot be
     /// requested (the stream or consumer was deleted, the server is unreachable for longer
-    /// than the client's request timeout).
+    /// than the client's request timeout), and after the receipts under way when the consumer
+    /// is deleted or its message stream ends by itself. Other read errors (missed heartbeats,
+    /// a reconnect) are logged and the reading goes on.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
         if self.events.is_empty() {
             return Err(Error::Config(
@@ -149,6 +151,7 @@ impl<B: Backend> JetStreamInbox<B> {
         });
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
         let mut running = JoinSet::new();
+        let (mut ended, mut failed) = (false, None);
         tokio::pin!(shutdown);
         loop {
             while running.try_join_next().is_some() {}
@@ -171,15 +174,31 @@ impl<B: Backend> JetStreamInbox<B> {
                         drop(permit);
                     });
                 }
+                Some(Err(error)) if lasting(&error) => {
+                    failed = Some(error);
+                    break;
+                }
                 Some(Err(error)) => {
                     // Missed heartbeats, a server restart: the stream asks again by itself.
                     tracing::warn!(error = %Chain(&error), "reading the JetStream consumer failed; retrying");
                     tokio::time::sleep(STREAM_PAUSE).await;
                 }
-                None => break,
+                None => {
+                    ended = true;
+                    break;
+                }
             }
         }
         while running.join_next().await.is_some() {}
+        if let Some(error) = failed {
+            return Err(nats_error("reading the consumer's messages", error));
+        }
+        if ended {
+            return Err(Error::Connection {
+                context: "NATS JetStream: the consumer's message stream ended".into(),
+                source: "was the consumer or its stream deleted?".into(),
+            });
+        }
         Ok(())
     }
 }
@@ -251,6 +270,15 @@ impl<B: Backend> Shared<B> {
                 "acknowledging a JetStream message failed; it will be redelivered");
         }
     }
+}
+
+/// Whether reading the consumer cannot succeed by asking again.
+fn lasting(error: &async_nats::jetstream::consumer::pull::MessagesError) -> bool {
+    use async_nats::jetstream::consumer::pull::MessagesErrorKind as Kind;
+    matches!(
+        error.kind(),
+        Kind::ConsumerDeleted | Kind::PushBasedConsumer | Kind::RequestLimitExceeded
+    )
 }
 
 fn receive<'a, B: Backend, E: Event>(

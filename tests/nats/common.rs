@@ -599,6 +599,38 @@ async fn poison_messages_are_terminated<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// Deleting the consumer under a running inbox ends it with an error, not a silent loop.
+async fn a_deleted_consumer_stops_the_inbox<B: TestBackend>() {
+    let (_a, b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    let consumer = stream.consumer(Duration::from_secs(1)).await;
+    let bus = EventBus::builder(b.another_pool().await)
+        .build()
+        .await
+        .unwrap();
+    let inbox = tokio::spawn(
+        JetStreamInbox::new(bus.clone(), consumer)
+            .event_as::<OrderReceived>("nats.order_placed")
+            .run_until(std::future::pending()),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream
+        .jetstream
+        .get_stream(&stream.name)
+        .await
+        .unwrap()
+        .delete_consumer("b")
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(PATIENCE, inbox)
+        .await
+        .expect("the inbox stopped")
+        .unwrap()
+        .unwrap_err();
+    assert!(error.to_string().contains("NATS JetStream"), "{error}");
+    bus.shutdown().await;
+}
+
 /// A relay route shows in stats like a listener; its publishes die when no stream captures the
 /// subject; once one does, a replay publishes with the documented headers.
 async fn relay_deliveries_are_listeners<B: TestBackend>()
@@ -748,6 +780,10 @@ where
         (
             format!("{name}::relay_deliveries_are_listeners"),
             Box::new(|| runtime().block_on(relay_deliveries_are_listeners::<B>())),
+        ),
+        (
+            format!("{name}::a_deleted_consumer_stops_the_inbox"),
+            Box::new(|| runtime().block_on(a_deleted_consumer_stops_the_inbox::<B>())),
         ),
         (
             format!("{name}::bad_subjects_fail_the_build"),
