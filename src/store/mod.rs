@@ -29,6 +29,7 @@ use crate::{DeadReason, Error, EventId, MessageId, Operation};
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+mod rows;
 mod sql;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
@@ -433,13 +434,19 @@ impl StatsRows {
     }
 }
 
-/// A message of the `InboxStore`, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A message of the `InboxStore`, as stored (read by every backend with columns named as the
+/// fields).
+#[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName)]
 pub struct StoredMessage {
+    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) source: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) key: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) payload: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub(crate) received_at_us: i64,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
     pub(crate) deliveries: i32,
 }
 

@@ -1,5 +1,6 @@
 //! MySQL / MariaDB: the inbox's receipts and the `InboxStore`.
 
+use crate::store::rows::Count;
 use std::time::Duration;
 
 use diesel::QueryResult;
@@ -71,31 +72,11 @@ struct Expired {
 }
 
 #[derive(diesel::QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(diesel::QueryableByName)]
 struct KeyRow {
     #[diesel(sql_type = Text)]
     source: String,
     #[diesel(sql_type = Text)]
     key: String,
-}
-
-#[derive(diesel::QueryableByName)]
-struct MessageRow {
-    #[diesel(sql_type = Text)]
-    source: String,
-    #[diesel(sql_type = Text)]
-    key: String,
-    #[diesel(sql_type = Text)]
-    payload: String,
-    #[diesel(sql_type = BigInt)]
-    received_at_us: i64,
-    #[diesel(sql_type = Integer)]
-    deliveries: i32,
 }
 
 // Taking a shared lock (a duplicate `INSERT IGNORE`) and then an exclusive one (the update) would
@@ -184,7 +165,7 @@ pub(super) async fn next(
     lease: Duration,
 ) -> QueryResult<Option<StoredMessage>> {
     conn.batch_execute(READ_COMMITTED).await?;
-    let row: Option<MessageRow> = conn
+    let row: Option<StoredMessage> = conn
         .transaction(async |conn| {
             let Some(key) = query(NEXT_SELECT)
                 .load::<KeyRow>(conn)
@@ -200,7 +181,7 @@ pub(super) async fn next(
                 .bind::<Text, _>(&key.key)
                 .execute(conn)
                 .await?;
-            let rows: Vec<MessageRow> = query(NEXT_LOAD)
+            let rows: Vec<StoredMessage> = query(NEXT_LOAD)
                 .bind::<Text, _>(&key.source)
                 .bind::<Text, _>(&key.key)
                 .load(conn)
@@ -208,13 +189,7 @@ pub(super) async fn next(
             QueryResult::Ok(rows.into_iter().next())
         })
         .await?;
-    Ok(row.map(|row| StoredMessage {
-        source: row.source,
-        key: row.key,
-        payload: row.payload,
-        received_at_us: row.received_at_us,
-        deliveries: row.deliveries,
-    }))
+    Ok(row)
 }
 
 pub(super) async fn delete(

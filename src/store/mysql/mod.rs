@@ -2,10 +2,11 @@
 //! (`SELECT ... FOR UPDATE SKIP LOCKED`, then `UPDATE`), lists passed as one JSON parameter
 //! and opened with `JSON_TABLE`, times as `DATETIME(6)` in UTC.
 
+use crate::store::rows::{ClaimedRow, ListenerCountRow, VersionRow};
 use std::time::Duration;
 
 use diesel::QueryResult;
-use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
+use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
@@ -252,24 +253,6 @@ struct KeyRow {
     listener: String,
 }
 
-#[derive(diesel::QueryableByName)]
-struct ClaimedRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = Integer)]
-    attempts: i32,
-    #[diesel(sql_type = Text)]
-    payload: String,
-    #[diesel(sql_type = BigInt)]
-    emitted_at_us: i64,
-    #[diesel(sql_type = BigInt)]
-    lease_ms: i64,
-    #[diesel(sql_type = Bool)]
-    expired: bool,
-}
-
 /// A delivery LOCK_FAILED holds for a result, and whether the result makes it dead.
 #[derive(diesel::QueryableByName)]
 struct HeldRow {
@@ -284,14 +267,6 @@ struct HeldRow {
 }
 
 #[derive(diesel::QueryableByName)]
-struct ListenerCountRow {
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(diesel::QueryableByName)]
 struct LockRow {
     #[diesel(sql_type = Nullable<BigInt>)]
     n: Option<i64>,
@@ -301,12 +276,6 @@ struct LockRow {
 struct IdRow {
     #[diesel(sql_type = BigInt)]
     id: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct VersionRow {
-    #[diesel(sql_type = Text)]
-    version: String,
 }
 
 impl Backend for Mysql {

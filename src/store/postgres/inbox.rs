@@ -1,5 +1,6 @@
 //! PostgreSQL: the inbox's receipts and the `InboxStore`.
 
+use crate::store::rows::{Count, One};
 use std::time::Duration;
 
 use diesel::QueryResult;
@@ -59,33 +60,6 @@ RETURNING m.source, m.message_key AS key, m.payload,
 
 const DELETE: &str =
     "DELETE FROM txbus_inbox_messages WHERE source = $1 AND message_key = $2 AND deliveries = $3";
-
-#[derive(diesel::QueryableByName)]
-struct One {
-    #[diesel(sql_type = Integer)]
-    #[allow(dead_code)]
-    n: i32,
-}
-
-#[derive(diesel::QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct MessageRow {
-    #[diesel(sql_type = Text)]
-    source: String,
-    #[diesel(sql_type = Text)]
-    key: String,
-    #[diesel(sql_type = Text)]
-    payload: String,
-    #[diesel(sql_type = BigInt)]
-    received_at_us: i64,
-    #[diesel(sql_type = Integer)]
-    deliveries: i32,
-}
 
 pub(super) async fn reserve(
     conn: &mut AsyncPgConnection,
@@ -147,17 +121,11 @@ pub(super) async fn next(
     conn: &mut AsyncPgConnection,
     lease: Duration,
 ) -> QueryResult<Option<StoredMessage>> {
-    let rows: Vec<MessageRow> = query(NEXT)
+    let rows: Vec<StoredMessage> = query(NEXT)
         .bind::<BigInt, _>(micros(lease))
         .load(conn)
         .await?;
-    Ok(rows.into_iter().next().map(|row| StoredMessage {
-        source: row.source,
-        key: row.key,
-        payload: row.payload,
-        received_at_us: row.received_at_us,
-        deliveries: row.deliveries,
-    }))
+    Ok(rows.into_iter().next())
 }
 
 pub(super) async fn delete(

@@ -1,5 +1,6 @@
 //! PostgreSQL: `AsyncPgConnection`, claims with `FOR UPDATE SKIP LOCKED`, batches as arrays.
 
+use crate::store::rows::{ClaimedRow, DiedRow, ListenerCountRow, VersionRow};
 use std::time::Duration;
 
 use diesel::QueryResult;
@@ -153,48 +154,6 @@ struct InsertedRow {
     id: i64,
     #[diesel(sql_type = BigInt)]
     emitted_at_us: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct ClaimedRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = Integer)]
-    attempts: i32,
-    #[diesel(sql_type = Text)]
-    payload: String,
-    #[diesel(sql_type = BigInt)]
-    emitted_at_us: i64,
-    #[diesel(sql_type = BigInt)]
-    lease_ms: i64,
-    #[diesel(sql_type = Bool)]
-    expired: bool,
-}
-
-#[derive(diesel::QueryableByName)]
-struct DiedRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = Nullable<Text>)]
-    dead_reason: Option<String>,
-}
-
-#[derive(diesel::QueryableByName)]
-struct ListenerCountRow {
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct VersionRow {
-    #[diesel(sql_type = Text)]
-    version: String,
 }
 
 /// The insert of an event's deliveries, bound.

@@ -1,5 +1,6 @@
 //! SQLite: the inbox's receipts and the `InboxStore`.
 
+use crate::store::rows::{Count, One};
 use std::time::Duration;
 
 use diesel::sql_types::{BigInt, Integer, Text};
@@ -70,33 +71,6 @@ const NEXT: &str = concat!(
 const DELETE: &str =
     "DELETE FROM txbus_inbox_messages WHERE source = ? AND message_key = ? AND deliveries = ?";
 
-#[derive(diesel::QueryableByName)]
-struct One {
-    #[diesel(sql_type = Integer)]
-    #[allow(dead_code)]
-    n: i32,
-}
-
-#[derive(diesel::QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct MessageRow {
-    #[diesel(sql_type = Text)]
-    source: String,
-    #[diesel(sql_type = Text)]
-    key: String,
-    #[diesel(sql_type = Text)]
-    payload: String,
-    #[diesel(sql_type = BigInt)]
-    received_at_us: i64,
-    #[diesel(sql_type = Integer)]
-    deliveries: i32,
-}
-
 pub(super) async fn reserve(
     conn: &mut Conn,
     id: &MessageId,
@@ -163,14 +137,8 @@ pub(super) async fn store(conn: &mut Conn, id: &MessageId, payload: &str) -> Que
 pub(super) async fn next(conn: &mut Conn, lease: Duration) -> QueryResult<Option<StoredMessage>> {
     let lease = millis(lease);
     conn.spawn_blocking(move |c| {
-        let rows: Vec<MessageRow> = query(NEXT).bind::<BigInt, _>(lease).load(c)?;
-        Ok(rows.into_iter().next().map(|row| StoredMessage {
-            source: row.source,
-            key: row.key,
-            payload: row.payload,
-            received_at_us: row.received_at_us,
-            deliveries: row.deliveries,
-        }))
+        let rows: Vec<StoredMessage> = query(NEXT).bind::<BigInt, _>(lease).load(c)?;
+        Ok(rows.into_iter().next())
     })
     .await
 }

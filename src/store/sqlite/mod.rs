@@ -1,6 +1,7 @@
 //! SQLite: one writer at a time, so every write is a short `BEGIN IMMEDIATE` transaction run on
 //! the blocking pool; times are milliseconds since the Unix epoch.
 
+use crate::store::rows::{DiedRow, ListenerCountRow, VersionRow};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -202,30 +203,6 @@ struct ClaimedRow {
     lease_ms: i64,
     #[diesel(sql_type = Bool)]
     expired: bool,
-}
-
-#[derive(diesel::QueryableByName)]
-struct DiedRow {
-    #[diesel(sql_type = BigInt)]
-    event_id: i64,
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = Nullable<Text>)]
-    dead_reason: Option<String>,
-}
-
-#[derive(diesel::QueryableByName)]
-struct ListenerCountRow {
-    #[diesel(sql_type = Text)]
-    listener: String,
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-#[derive(diesel::QueryableByName)]
-struct VersionRow {
-    #[diesel(sql_type = Text)]
-    version: String,
 }
 
 impl Backend for Sqlite {
