@@ -4,7 +4,6 @@
 //! delivers every event that was committed.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use txbus::{Context, EventBus, EventSettings, ListenerError, Pool, Postgres, persist};
 
 use crate::support::backends::exec;
-use crate::support::proxy::Proxy;
+use crate::support::proxy::{Proxy, authority, through};
 use crate::support::{Probe, TestBackend, eventually};
 use crate::{Order, scale};
 
@@ -27,29 +26,6 @@ async fn ship(event: OutageOrder, ctx: Context) -> Result<(), ListenerError> {
     ctx.state::<Arc<Probe>>()?
         .record(&ctx, event.id.to_string());
     Ok(())
-}
-
-/// `url` with its `host:port` replaced.
-fn through(url: &str, address: SocketAddr) -> String {
-    let start = url
-        .find('@')
-        .map_or_else(|| url.find("://").unwrap() + 3, |i| i + 1);
-    let end = start + url[start..].find('/').unwrap();
-    format!("{}{address}{}", &url[..start], &url[end..])
-}
-
-fn authority(url: &str) -> SocketAddr {
-    let start = url
-        .find('@')
-        .map_or_else(|| url.find("://").unwrap() + 3, |i| i + 1);
-    let end = start + url[start..].find('/').unwrap();
-    let host = &url[start..end];
-    let host = if host.contains(':') {
-        host.to_owned()
-    } else {
-        format!("{host}:5432")
-    };
-    host.replace("localhost", "127.0.0.1").parse().unwrap()
 }
 
 pub async fn database_outage() {

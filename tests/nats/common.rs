@@ -17,7 +17,7 @@ use txbus::{DeadLetterQuery, DeadReason, EventBus, EventSettings, Pool, persist}
 
 use crate::support::backends::exec;
 use crate::support::process::{run, runtime};
-use crate::support::proxy::Proxy;
+use crate::support::proxy::{Proxy, authority, through};
 use crate::support::{PATIENCE, TestBackend, TestDb, unique};
 
 diesel::table! {
@@ -599,6 +599,76 @@ async fn poison_messages_are_terminated<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// B's database unreachable while messages arrive: the receipts fail, the messages are
+/// negatively acknowledged and redelivered, and after the outage each is received once.
+/// PostgreSQL only: a TCP proxy stands between B and its database.
+async fn a_failed_receipt_is_redelivered<B: TestBackend>() {
+    let (_a, b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    let consumer = stream.consumer(Duration::from_secs(1)).await;
+    let proxy = Proxy::start(authority(&b.url).to_string()).await;
+    let pool = Pool::<B>::builder(through(&b.url, proxy.address))
+        .max_size(4)
+        .connect()
+        .await
+        .unwrap();
+    let bus = EventBus::builder(pool)
+        .retry_every(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let inbox = tokio::spawn(
+        JetStreamInbox::new(bus.clone(), consumer.clone())
+            .event_as::<OrderReceived>("nats.order_placed")
+            .run_until(async move {
+                let _ = stopped.await;
+            }),
+    );
+    proxy.cut();
+    for id in 1..=20 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(EVENT_HEADER, "nats.order_placed");
+        stream
+            .jetstream
+            .publish_with_headers(
+                stream.subject(),
+                headers,
+                format!(r#"{{"id":{id}}}"#).into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore();
+    assert_projected_once(&b, 20).await;
+    let mut consumer = consumer;
+    let info = consumer.info().await.unwrap().clone();
+    // Each delivery takes a consumer sequence number: more of them than messages means
+    // redeliveries.
+    assert!(
+        info.delivered.consumer_sequence > info.delivered.stream_sequence,
+        "the failed receipts were redelivered: {info:?}"
+    );
+    let failed = WARNINGS
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("it will be redelivered"))
+        .count();
+    assert!(failed > 0, "the failed receipts were logged");
+    stop.send(()).unwrap();
+    tokio::time::timeout(PATIENCE, inbox)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    bus.shutdown().await;
+}
+
 /// Deleting the consumer under a running inbox ends it with an error, not a silent loop.
 async fn a_deleted_consumer_stops_the_inbox<B: TestBackend>() {
     let (_a, b) = databases::<B>().await;
@@ -764,7 +834,14 @@ where
     }
     tracing::subscriber::set_global_default(Collector).unwrap();
     let name = B::NAME;
-    run(vec![
+    let mut scenarios: Vec<(String, Box<dyn FnOnce()>)> = Vec::new();
+    if name == "postgres" {
+        scenarios.push((
+            format!("{name}::a_failed_receipt_is_redelivered"),
+            Box::new(|| runtime().block_on(a_failed_receipt_is_redelivered::<B>())),
+        ));
+    }
+    scenarios.extend::<Vec<(String, Box<dyn FnOnce()>)>>(vec![
         (
             format!("{name}::survives_kills"),
             Box::new(|| runtime().block_on(survives_kills::<B>(orders()))),
@@ -789,5 +866,6 @@ where
             format!("{name}::bad_subjects_fail_the_build"),
             Box::new(|| runtime().block_on(bad_subjects_fail_the_build::<B>())),
         ),
-    ])
+    ]);
+    run(scenarios)
 }

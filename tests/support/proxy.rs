@@ -60,3 +60,27 @@ impl Proxy {
         self.down.store(false, Ordering::SeqCst);
     }
 }
+
+/// `url` with its `host:port` replaced.
+pub fn through(url: &str, address: SocketAddr) -> String {
+    let start = url
+        .find('@')
+        .map_or_else(|| url.find("://").unwrap() + 3, |i| i + 1);
+    let end = start + url[start..].find('/').unwrap();
+    format!("{}{address}{}", &url[..start], &url[end..])
+}
+
+/// The `host:port` of a PostgreSQL `url` (port 5432 when it names none).
+pub fn authority(url: &str) -> SocketAddr {
+    let start = url
+        .find('@')
+        .map_or_else(|| url.find("://").unwrap() + 3, |i| i + 1);
+    let end = start + url[start..].find('/').unwrap();
+    let host = &url[start..end];
+    let host = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    host.replace("localhost", "127.0.0.1").parse().unwrap()
+}
