@@ -283,8 +283,11 @@ impl<B: Backend> EventBus<B> {
     ///
     /// If any operation fails (a constraint violation, say) nothing is written and the error is
     /// returned. The transaction is: `BEGIN`, each operation in order, one statement for the
-    /// event's deliveries, `COMMIT`. On PostgreSQL that last statement and the `COMMIT` travel in
-    /// one round trip, and an emit without operations is a single round trip.
+    /// event's deliveries, `COMMIT`. On PostgreSQL the whole transaction travels in one round
+    /// trip when every operation comes from `#[derive(Entity)]` and none of its columns has a
+    /// custom SQL type (an enum, an extension's type: diesel looks those up first, once per
+    /// connection); otherwise `BEGIN` travels with the first operation and the event's statement
+    /// with the `COMMIT`. An emit without operations is a single round trip.
     ///
     /// ```no_run
     /// # use diesel::prelude::*;
@@ -320,17 +323,10 @@ impl<B: Backend> EventBus<B> {
             guard.enter();
             let leased = Instant::now();
             let conn = guard.conn()?;
-            let written = if let Some(first) = ops.first() {
-                async {
-                    let first_ran = B::begin_with(conn, first).await?;
-                    for op in ops.iter().skip(usize::from(first_ran)) {
-                        op.run(conn).await?;
-                    }
-                    B::commit_with_event(conn, &prepared.new).await
-                }
-                .await
-            } else {
+            let written = if ops.is_empty() {
                 B::emit_alone(conn, &prepared.new).await
+            } else {
+                B::emit_with(conn, &ops, &prepared.new).await
             };
             if written.is_err() {
                 guard.rollback_if_open().await;

@@ -51,6 +51,14 @@ pub trait Entity<B: Backend>: Sync {
     ) -> Option<BoxFuture<'c, QueryResult<()>>> {
         None
     }
+
+    /// Whether the write of [`Entity::__pipelined`] goes on the wire at its first poll, so that
+    /// statements polled after it follow it: its SQL and its values serialize, and it needs no
+    /// custom SQL type looked up first. The derive provides it.
+    #[doc(hidden)]
+    fn __sends_at_once(&self, _remove: bool) -> bool {
+        false
+    }
 }
 
 /// A write to run with an event, in its transaction: made by [`persist`] or [`remove`] and given
@@ -82,6 +90,13 @@ impl<B: Backend> Operation<'_, B> {
     ) -> Option<BoxFuture<'c, QueryResult<()>>> {
         self.entity
             .__pipelined(conn, matches!(self.kind, Kind::Remove))
+    }
+
+    /// Whether [`Operation::pipelined`] offers a write that is sent at its first poll.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn sends_at_once(&self) -> bool {
+        self.entity
+            .__sends_at_once(matches!(self.kind, Kind::Remove))
     }
 }
 

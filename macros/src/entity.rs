@@ -2,7 +2,7 @@
 //! primary key built from diesel's `Insertable`, `AsChangeset` and `Identifiable`.
 
 use proc_macro2::{Ident, TokenStream};
-use quote::{format_ident, quote};
+use quote::{ToTokens, format_ident, quote};
 use syn::DeriveInput;
 
 use crate::errors::Errors;
@@ -24,10 +24,45 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     if let Err(errors) = errors.finish(&TokenStream::new()) {
         return errors;
     }
+    let cached = few_statement_texts(&parsed);
     backends
         .into_iter()
-        .map(|(name, marker)| implement(&parsed, name, marker))
+        .map(|(name, marker)| implement(&parsed, name, marker, cached))
         .collect()
+}
+
+/// The most `Option` fields an entity may have for its upsert to be kept prepared: each one
+/// doubles the SQL texts its upsert can take (a `None` is written as `DEFAULT` and left out of
+/// the update), and each text is one prepared statement per connection.
+const MAX_CACHED_OPTIONS: usize = 3;
+
+/// Whether the entity's upsert takes few enough SQL texts to be kept prepared: at most
+/// [`MAX_CACHED_OPTIONS`] fields whose type is an `Option`, and no embedded struct (whose fields
+/// the derive cannot see).
+fn few_statement_texts(input: &DeriveInput) -> bool {
+    let syn::Data::Struct(data) = &input.data else {
+        return false;
+    };
+    let mut options = 0;
+    for field in &data.fields {
+        let embedded = field.attrs.iter().any(|attr| {
+            attr.path().is_ident("diesel")
+                && attr.meta.to_token_stream().to_string().contains("embed")
+        });
+        if embedded {
+            return false;
+        }
+        if let syn::Type::Path(path) = &field.ty
+            && path
+                .path
+                .segments
+                .last()
+                .is_some_and(|s| s.ident == "Option")
+        {
+            options += 1;
+        }
+    }
+    options <= MAX_CACHED_OPTIONS
 }
 
 fn parse_backends(input: &DeriveInput, errors: &mut Errors) -> Vec<(&'static str, &'static str)> {
@@ -74,11 +109,17 @@ fn parse_backends(input: &DeriveInput, errors: &mut Errors) -> Vec<(&'static str
     chosen.unwrap_or_else(|| BACKENDS.to_vec())
 }
 
-fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
+fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> TokenStream {
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let gate = format_ident!("__txbus_if_{}", backend);
     let marker: Ident = format_ident!("{}", marker);
+    // Prepared once per connection when its SQL texts are few; see `few_statement_texts`.
+    let wrap = if cached {
+        quote!(::txbus::__private::CachedUpsert)
+    } else {
+        TokenStream::new()
+    };
     let upsert = if backend == "mysql" {
         // `ON DUPLICATE KEY UPDATE` would also fire on any other unique key, and an update before
         // the insert takes gap locks that deadlock concurrent inserts under REPEATABLE READ.
@@ -116,7 +157,7 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
                 .on_conflict(table.primary_key())
                 .do_update()
                 .set(self);
-            ::txbus::__private::diesel_async::RunQueryDsl::execute(upsert, conn).await?;
+            ::txbus::__private::diesel_async::RunQueryDsl::execute(#wrap(upsert), conn).await?;
         }
     };
     let pipelined = if backend == "postgres" {
@@ -141,10 +182,25 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str) -> TokenStream {
                             .on_conflict(table.primary_key())
                             .do_update()
                             .set(self);
-                        ::txbus::__private::diesel_async::RunQueryDsl::execute(upsert, &mut conn).await?;
+                        ::txbus::__private::diesel_async::RunQueryDsl::execute(#wrap(upsert), &mut conn).await?;
                     }
                     ::core::result::Result::Ok(())
                 }))
+            }
+
+            fn __sends_at_once(&self, remove: bool) -> bool {
+                if remove {
+                    ::txbus::__private::sends_at_once(&::txbus::__private::diesel::delete(self))
+                } else {
+                    use ::txbus::__private::diesel::Table as _;
+                    let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
+                    let upsert = ::txbus::__private::diesel::insert_into(table)
+                        .values(self)
+                        .on_conflict(table.primary_key())
+                        .do_update()
+                        .set(self);
+                    ::txbus::__private::sends_at_once(&#wrap(upsert))
+                }
             }
         }
     } else {
@@ -208,5 +264,24 @@ mod tests {
             expand(quote! { #[entity(backends(oracle, sqlite, sqlite))] struct User; }).to_string();
         assert!(out.contains("unknown backend"), "{out}");
         assert!(out.contains("backend listed twice"), "{out}");
+    }
+
+    #[test]
+    fn upserts_with_few_sql_texts_are_kept_prepared() {
+        let few = expand(quote! {
+            struct User { id: i64, name: Option<String>, age: Option<i32>, bio: Option<String> }
+        })
+        .to_string();
+        assert!(few.contains("CachedUpsert"), "{few}");
+        let many = expand(quote! {
+            struct User { id: i64, a: Option<i32>, b: Option<i32>, c: Option<i32>, d: Option<i32> }
+        })
+        .to_string();
+        assert!(!many.contains("CachedUpsert"), "{many}");
+        let embedded = expand(quote! {
+            struct User { id: i64, #[diesel(embed)] address: Address }
+        })
+        .to_string();
+        assert!(!embedded.contains("CachedUpsert"), "{embedded}");
     }
 }

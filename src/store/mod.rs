@@ -72,16 +72,21 @@ pub trait Backend: Sealed + Sized + Send + Sync + 'static {
     #[doc(hidden)]
     fn begin(conn: &mut Self::Connection) -> impl Future<Output = QueryResult<()>> + Send;
 
-    /// Opens a transaction for an emit, and may run its first operation in the same round trip.
-    /// Returns whether it ran that operation.
+    /// Writes an emit: a transaction of `ops` in order, then the event's deliveries, committed.
+    /// When it returns the transaction is over: committed on `Ok`; on `Err` rolled back, or
+    /// left for the caller's rollback when the transaction manager still counts it open.
     #[doc(hidden)]
-    fn begin_with(
+    fn emit_with(
         conn: &mut Self::Connection,
-        _first: &Operation<'_, Self>,
-    ) -> impl Future<Output = QueryResult<bool>> + Send {
+        ops: &[Operation<'_, Self>],
+        event: &NewEvent,
+    ) -> impl Future<Output = QueryResult<Inserted>> + Send {
         async move {
             Self::begin(conn).await?;
-            Ok(false)
+            for op in ops {
+                op.run(conn).await?;
+            }
+            Self::commit_with_event(conn, event).await
         }
     }
 

@@ -6,7 +6,10 @@
 //! or plain `?` in order), and writes it back with the placeholders diesel generates for the
 //! backend, each bound to its value. Cached per connection by its text.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use diesel::QueryResult;
 use diesel::backend::{Backend as DieselBackend, DieselReserveSpecialization};
@@ -16,20 +19,38 @@ use diesel::sql_types::{HasSqlType, Untyped};
 
 /// A statement with its bound values; see the module docs.
 pub(crate) struct Sql<'a, DB: DieselBackend> {
+    split: Arc<Split>,
+    binds: Vec<Box<dyn Bind<DB> + Send + Sync + 'a>>,
+}
+
+/// A statement's text cut at its placeholders.
+struct Split {
     /// The text between placeholders: one more than `slots`.
     pieces: Vec<&'static str>,
     /// For each placeholder in the text, which bound value it takes.
     slots: Vec<usize>,
-    binds: Vec<Box<dyn Bind<DB> + Send + Sync + 'a>>,
+}
+
+thread_local! {
+    /// Each statement text is cut once per thread: the texts are the store's constants.
+    static SPLITS: RefCell<HashMap<(usize, usize), Arc<Split>>> = RefCell::default();
 }
 
 /// Parses `text` into a statement to bind values to, in the order of their numbers.
 pub(crate) fn sql<'a, DB: DieselBackend>(text: &'static str) -> Sql<'a, DB> {
-    let (pieces, slots) = split(text);
+    let key = (text.as_ptr() as usize, text.len());
+    let split = SPLITS.with_borrow_mut(|splits| {
+        splits
+            .entry(key)
+            .or_insert_with(|| {
+                let (pieces, slots) = split(text);
+                Arc::new(Split { pieces, slots })
+            })
+            .clone()
+    });
     Sql {
-        pieces,
-        slots,
-        binds: Vec::new(),
+        split,
+        binds: Vec::with_capacity(8),
     }
 }
 
@@ -110,9 +131,9 @@ where
     DB: DieselBackend + DieselReserveSpecialization,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        for (i, piece) in self.pieces.iter().enumerate() {
+        for (i, piece) in self.split.pieces.iter().enumerate() {
             out.push_sql(piece);
-            if let Some(&slot) = self.slots.get(i) {
+            if let Some(&slot) = self.split.slots.get(i) {
                 let bind = self.binds.get(slot).ok_or_else(|| {
                     diesel::result::Error::QueryBuilderError(
                         format!("no value bound to parameter {}", slot + 1).into(),

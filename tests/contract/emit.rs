@@ -166,7 +166,17 @@ where
         )
         .await
         .unwrap_err();
-    assert!(matches!(error, Error::Database(_)), "{error:?}");
+    // The violation itself, not what followed from it (a statement in an aborted transaction).
+    assert!(
+        matches!(
+            error,
+            Error::Database(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _
+            ))
+        ),
+        "{error:?}"
+    );
     assert!(
         !B::user_exists(&db.pool, 2).await,
         "the first operation was rolled back"

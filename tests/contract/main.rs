@@ -15,6 +15,8 @@ mod emit;
 mod expiry;
 mod inbox;
 mod ops;
+#[cfg(feature = "postgres")]
+mod pipeline;
 mod retry;
 mod sharing;
 
@@ -81,8 +83,11 @@ macro_rules! backend_tests {
 
 // Backends with row locks also show that a claimer skips the rows another transaction holds,
 // and that retention rounds of two instances never overlap (SQLite's rounds wait their turn).
+// PostgreSQL also sends an emit in one round trip, and shows that it stays atomic.
 scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
-    extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap));
+    extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap,
+        pipeline::entities_with_custom_types_are_written_atomically,
+        pipeline::a_write_that_fails_before_it_is_sent_leaves_nothing));
 scenarios!(backend_tests!("mysql", mysql, txbus::Mysql,
     extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap));
 scenarios!(backend_tests!("sqlite", sqlite, txbus::Sqlite));

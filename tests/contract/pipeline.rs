@@ -1,0 +1,249 @@
+//! PostgreSQL sends an emit whose entities are derived in one round trip, and falls back to
+//! more when an entity needs a custom type looked up first. Either way the emit stays atomic.
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::serialize::{IsNull, Output, ToSql};
+use serde::{Deserialize, Serialize};
+use txbus::{BoxFuture, Context, Entity, Error, ListenerError, Pool, persist};
+
+use crate::emit::User;
+use crate::support::backends::{create_users_table, exec};
+use crate::support::{Probe, TestBackend, bus};
+
+/// A PostgreSQL enum: a custom SQL type, which diesel-async looks up once per connection.
+#[derive(diesel::sql_types::SqlType, diesel::query_builder::QueryId)]
+#[diesel(postgres_type(name = "pipeline_mood"))]
+pub struct MoodType;
+
+#[derive(Debug, Clone, Copy, diesel::expression::AsExpression)]
+#[diesel(sql_type = MoodType)]
+pub enum Mood {
+    Calm,
+    Cross,
+}
+
+impl ToSql<MoodType, Pg> for Mood {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> diesel::serialize::Result {
+        out.write_all(match self {
+            Mood::Calm => b"calm",
+            Mood::Cross => b"cross",
+        })?;
+        Ok(IsNull::No)
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::BigInt;
+    use super::MoodType;
+
+    pipeline_moods (id) {
+        id -> BigInt,
+        mood -> MoodType,
+    }
+}
+
+#[derive(Insertable, AsChangeset, Identifiable, txbus::Entity)]
+#[diesel(table_name = pipeline_moods)]
+#[entity(backends(postgres))]
+pub struct Moody {
+    id: i64,
+    mood: Mood,
+}
+
+/// An entity whose write fails in the client, before anything of it is sent, although it says
+/// it would be sent at once.
+pub struct Refused;
+
+fn refused<'c>() -> BoxFuture<'c, QueryResult<()>> {
+    Box::pin(async { Err(DieselError::QueryBuilderError("refused by the test".into())) })
+}
+
+impl Entity<txbus::Postgres> for Refused {
+    fn persist<'c>(
+        &'c self,
+        _conn: &'c mut <txbus::Postgres as txbus::Backend>::Connection,
+    ) -> BoxFuture<'c, QueryResult<()>> {
+        refused()
+    }
+
+    fn remove<'c>(
+        &'c self,
+        _conn: &'c mut <txbus::Postgres as txbus::Backend>::Connection,
+    ) -> BoxFuture<'c, QueryResult<()>> {
+        refused()
+    }
+
+    fn __pipelined<'c>(
+        &'c self,
+        _conn: &'c <txbus::Postgres as txbus::Backend>::Connection,
+        _remove: bool,
+    ) -> Option<BoxFuture<'c, QueryResult<()>>> {
+        Some(refused())
+    }
+
+    fn __sends_at_once(&self, _remove: bool) -> bool {
+        true
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.pipelined")]
+struct Pipelined {
+    n: i64,
+}
+
+#[txbus::listener]
+async fn record_pipelined(event: Pipelined, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?.record(&ctx, event.n.to_string());
+    Ok(())
+}
+
+fn user(id: i64, email: &str) -> User {
+    User {
+        id,
+        email: email.to_owned(),
+    }
+}
+
+fn is_unique_violation(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Database(DieselError::DatabaseError(
+            DatabaseErrorKind::UniqueViolation,
+            _
+        ))
+    )
+}
+
+async fn deliveries<B: TestBackend>(pool: &Pool<B>) -> i64 {
+    B::count(pool, "SELECT count(*) AS n FROM txbus_deliveries").await
+}
+
+pub async fn entities_with_custom_types_are_written_atomically<B: TestBackend>()
+where
+    User: Entity<B>,
+    Moody: Entity<B>,
+{
+    let db = B::open().await;
+    create_users_table(&db.pool).await;
+    exec(
+        &db.pool,
+        "CREATE TYPE pipeline_mood AS ENUM ('calm', 'cross');
+         CREATE TABLE pipeline_moods (id BIGINT PRIMARY KEY, mood pipeline_mood NOT NULL)",
+    )
+    .await;
+    let calm = Moody {
+        id: 1,
+        mood: Mood::Calm,
+    };
+    assert!(
+        !Entity::<B>::__sends_at_once(&calm, false),
+        "an enum needs a type lookup"
+    );
+    assert!(Entity::<B>::__sends_at_once(&user(1, "a"), false));
+    assert!(Entity::<B>::__sends_at_once(&user(1, "a"), true));
+
+    // One connection, so that the first emit is also its first use of the enum: the type is
+    // looked up inside the transaction.
+    let pool = Pool::<B>::builder(db.url.clone())
+        .max_size(1)
+        .connect()
+        .await
+        .unwrap();
+    let probe = Probe::new();
+    let bus = bus(pool, &probe).build().await.unwrap();
+
+    // A failure behind the lookup leaves nothing.
+    let error = bus
+        .emit(
+            Pipelined { n: 0 },
+            [
+                persist(&calm),
+                persist(&user(1, "a")),
+                persist(&user(2, "a")),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(is_unique_violation(&error), "{error:?}");
+    assert_eq!(
+        B::count(&db.pool, "SELECT count(*) AS n FROM pipeline_moods").await,
+        0
+    );
+    assert!(!B::user_exists(&db.pool, 1).await);
+    assert_eq!(deliveries(&db.pool).await, 0);
+
+    // Either order of entities with and without the lookup.
+    bus.emit(Pipelined { n: 1 }, [persist(&calm), persist(&user(1, "a"))])
+        .await
+        .unwrap();
+    let cross = Moody {
+        id: 2,
+        mood: Mood::Cross,
+    };
+    bus.emit(
+        Pipelined { n: 2 },
+        [persist(&user(2, "b")), persist(&cross)],
+    )
+    .await
+    .unwrap();
+    probe.wait_until("both deliveries", |c| c.len() == 2).await;
+    assert_eq!(
+        B::count(
+            &db.pool,
+            "SELECT count(*) AS n FROM pipeline_moods WHERE (id = 1 AND mood = 'calm') \
+             OR (id = 2 AND mood = 'cross')"
+        )
+        .await,
+        2
+    );
+    assert!(B::user_exists(&db.pool, 1).await && B::user_exists(&db.pool, 2).await);
+    crate::support::idle(&bus).await;
+    bus.shutdown().await;
+}
+
+pub async fn a_write_that_fails_before_it_is_sent_leaves_nothing<B: TestBackend>()
+where
+    User: Entity<B>,
+    Refused: Entity<B>,
+{
+    let db = B::open().await;
+    create_users_table(&db.pool).await;
+    // One connection: the emits after the failures reuse the one they ran on.
+    let pool = Pool::<B>::builder(db.url.clone())
+        .max_size(1)
+        .connect()
+        .await
+        .unwrap();
+    let probe = Probe::new();
+    let bus = bus(pool, &probe).build().await.unwrap();
+
+    // Sent at once: BEGIN and user 1 went out before the refusal; the event and COMMIT must not.
+    for (n, ops) in [
+        (1, vec![persist(&user(1, "a")), persist(&Refused)]),
+        (2, vec![persist(&Refused), persist(&user(1, "a"))]),
+    ] {
+        let error = bus.emit(Pipelined { n }, ops).await.unwrap_err();
+        assert!(
+            format!("{error:?}").contains("refused by the test"),
+            "the refusal is the error: {error:?}"
+        );
+        assert!(!B::user_exists(&db.pool, 1).await, "user 1 was rolled back");
+        assert_eq!(deliveries(&db.pool).await, 0);
+    }
+
+    // The connection is out of the transaction and usable.
+    bus.emit(Pipelined { n: 3 }, [persist(&user(1, "a"))])
+        .await
+        .unwrap();
+    let calls = probe.wait_until("the delivery", |c| c.len() == 1).await;
+    assert_eq!(calls[0].note, "3");
+    assert!(B::user_exists(&db.pool, 1).await);
+    crate::support::idle(&bus).await;
+    bus.shutdown().await;
+}
