@@ -165,17 +165,32 @@ impl Runner {
 
     /// Queues a delivery; when the queue is full or closed, hands it back to the database at once
     /// so that any instance's poller runs it.
-    pub(crate) fn submit(self: &Arc<Self>, job: Job) {
+    ///
+    /// When nothing waits ahead of it and a permit is free, the listener starts right here:
+    /// with `inline`, in the caller's task until it first waits (and a task of its own takes it
+    /// from there), otherwise in a task of its own.
+    pub(crate) fn submit(self: &Arc<Self>, job: Job, inline: bool) {
         if self.phase() >= Phase::Draining {
             self.release(job);
             return;
         }
-        // Nothing waits ahead of it and a permit is free: start it right here, one hop sooner.
         if self.queue.capacity() == self.queue_capacity
             && let Ok(permit) = self.permits.clone().try_acquire_owned()
             && let Some(reports) = self.reports_sender()
         {
-            tokio::spawn(run(job, permit, self.clone(), reports));
+            let mut task = Box::pin(run(job, permit, self.clone(), reports));
+            // A spawned task would wait for its worker's queue: behind every task ready there,
+            // as soon as the caller's next statement wakes its connection's task. The first
+            // poll's waker may be a no-op: the spawned task polls it again before anything
+            // could be missed, and every future keeps the waker of its latest poll.
+            if !inline
+                || task
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+                    .is_pending()
+            {
+                tokio::spawn(task);
+            }
             return;
         }
         if let Err(error) = self.queue.try_send(job) {
@@ -301,7 +316,9 @@ async fn run(
     runner: Arc<Runner>,
     reports: mpsc::Sender<Report>,
 ) {
+    // A root of its own, even when its first stretch runs inside the emitter's span.
     let span = tracing::info_span!(
+        parent: None,
         "txbus.listener",
         event = job.def.event,
         event_id = %job.key.event_id,

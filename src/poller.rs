@@ -173,19 +173,22 @@ fn submit<B: Backend>(
         tracing::warn!(listener = %delivery.listener, "claimed a delivery of an unknown listener; it will be retried after its lease");
         return;
     };
-    shared.runner.submit(Job {
-        key: DeliveryKey {
-            event_id: delivery.event_id,
-            listener: stored_as,
-            attempt: delivery.attempt,
+    shared.runner.submit(
+        Job {
+            key: DeliveryKey {
+                event_id: delivery.event_id,
+                listener: stored_as,
+                attempt: delivery.attempt,
+            },
+            def,
+            payload: delivery.payload,
+            emitted_at: delivery.emitted_at,
+            deadline: dispatch::deadline(leased, delivery.lease),
+            ready,
+            settings: shared.settings_for(def.event),
+            in_flight: shared.runner.tracker.enter(),
+            parent,
         },
-        def,
-        payload: delivery.payload,
-        emitted_at: delivery.emitted_at,
-        deadline: dispatch::deadline(leased, delivery.lease),
-        ready,
-        settings: shared.settings_for(def.event),
-        in_flight: shared.runner.tracker.enter(),
-        parent,
-    });
+        false,
+    );
 }

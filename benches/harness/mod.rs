@@ -248,7 +248,6 @@ fn print_table(rows: &[Row]) {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for row in rows {
-        let ratio = median(&row.txbus) / median(&row.baseline);
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             row.backend,
@@ -258,12 +257,37 @@ fn print_table(rows: &[Row]) {
             spread(&row.txbus),
             row.baseline_name,
             spread(&row.baseline),
-            if ratio.is_finite() {
-                format!("{ratio:.2}")
-            } else {
-                "–".to_owned()
-            },
+            ratio(row),
         );
+    }
+}
+
+/// txbus ÷ baseline: with a measurement of each per round, the median of the rounds' ratios and
+/// their range (each round measures both back to back, so drift between rounds cancels out);
+/// otherwise the ratio of the medians.
+fn ratio(row: &Row) -> String {
+    let paired = row.txbus.len() == row.baseline.len() && row.txbus.len() > 1;
+    let ratios: Vec<f64> = if paired {
+        row.txbus
+            .iter()
+            .zip(&row.baseline)
+            .map(|(txbus, baseline)| txbus / baseline)
+            .collect()
+    } else {
+        vec![median(&row.txbus) / median(&row.baseline)]
+    };
+    if !ratios.iter().all(|r| r.is_finite()) {
+        return "–".to_owned();
+    }
+    let (low, high) = ratios
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), &r| {
+            (low.min(r), high.max(r))
+        });
+    if ratios.len() > 1 {
+        format!("{:.2} [{low:.2}–{high:.2}]", median(&ratios))
+    } else {
+        format!("{:.2}", ratios[0])
     }
 }
 
