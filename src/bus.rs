@@ -295,11 +295,16 @@ impl<B: Backend> EventBus<B> {
     ///
     /// If any operation fails (a constraint violation, say) nothing is written and the error is
     /// returned. The transaction is: `BEGIN`, each operation in order, one statement for the
-    /// event's deliveries, `COMMIT`. On PostgreSQL the whole transaction travels in one round
-    /// trip when every operation comes from `#[derive(Entity)]` and none of its columns has a
-    /// custom SQL type (an enum, an extension's type: diesel looks those up first, once per
-    /// connection); otherwise `BEGIN` travels with the first operation and the event's statement
-    /// with the `COMMIT`. An emit without operations is a single round trip.
+    /// event's deliveries, `COMMIT`. On PostgreSQL, with operations from `#[derive(Entity)]`:
+    /// - one operation and the event are a single statement,
+    ///   `WITH txbus_write AS (<the write>) INSERT INTO txbus_deliveries ...`, atomic by itself:
+    ///   one round trip, one commit, prepared once per connection;
+    /// - several (which one statement could not apply in order: they may touch the same row)
+    ///   travel in one round trip when none of their columns has a custom SQL type (an enum, an
+    ///   extension's type: diesel looks those up first, once per connection); otherwise `BEGIN`
+    ///   travels with the first operation and the event's statement with the `COMMIT`.
+    ///
+    /// An emit without operations is a single round trip.
     ///
     /// ```no_run
     /// # use diesel::prelude::*;

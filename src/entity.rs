@@ -14,6 +14,13 @@ use crate::{Backend, BoxFuture};
 /// diesel-async queries on `conn`; they run inside the emit's transaction, so they must not begin,
 /// commit or roll back one themselves.
 ///
+/// On PostgreSQL the derive's writes travel with the event (see
+/// [`EventBus::emit`](crate::EventBus::emit)); an emit with one of them is one statement,
+/// `WITH txbus_write AS (<the write>) INSERT ...`. PostgreSQL refuses a write in `WITH` to a table
+/// with rules (`CREATE RULE`); for such a table implement `Entity` by hand. The upsert is kept
+/// prepared per connection when the struct has at most three `Option` fields (each one doubles
+/// the SQL texts the upsert can take); otherwise it is prepared at each emit.
+///
 /// ```
 /// use diesel::prelude::*;
 ///
@@ -59,6 +66,15 @@ pub trait Entity<B: Backend>: Sync {
     fn __sends_at_once(&self, _remove: bool) -> bool {
         false
     }
+
+    /// The write as one statement, which PostgreSQL runs together with the event's insert as a
+    /// single statement (`WITH write AS (...) INSERT ...`), or `None`. The derive provides it;
+    /// it must be a plain `INSERT`, `UPDATE` or `DELETE` without a `RETURNING` clause.
+    #[cfg(feature = "postgres")]
+    #[doc(hidden)]
+    fn __statement(&self, _remove: bool) -> Option<crate::__private::PgStatement<'_>> {
+        None
+    }
 }
 
 /// A write to run with an event, in its transaction: made by [`persist`] or [`remove`] and given
@@ -90,6 +106,12 @@ impl<B: Backend> Operation<'_, B> {
     ) -> Option<BoxFuture<'c, QueryResult<()>>> {
         self.entity
             .__pipelined(conn, matches!(self.kind, Kind::Remove))
+    }
+
+    /// The write as one statement, when the entity offers it.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn statement(&self) -> Option<crate::__private::PgStatement<'_>> {
+        self.entity.__statement(matches!(self.kind, Kind::Remove))
     }
 
     /// Whether [`Operation::pipelined`] offers a write that is sent at its first poll.

@@ -192,3 +192,8 @@ where
         && query.to_sql(&mut sql, &Pg).is_ok()
         && query.is_safe_to_cache_prepared(&Pg).is_ok()
 }
+
+/// An entity's write as a PostgreSQL statement, for [`Entity::__statement`](crate::Entity).
+#[cfg(feature = "postgres")]
+pub type PgStatement<'a> =
+    Box<dyn diesel::query_builder::QueryFragment<diesel::pg::Pg> + Send + 'a>;

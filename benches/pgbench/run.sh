@@ -7,11 +7,11 @@ cd "$(dirname "$0")"
 ROUNDS=${1:-3}; SECS=${2:-8}; CLIENTS=${CLIENTS:-16}
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres} PGDATABASE=${PGDATABASE:-test}
 psql -X -q -v ON_ERROR_STOP=1 -f schema.sql
-SCRIPTS="plain two_tables one_table two_tables_pipelined_commit one_table_pipelined_commit one_table_two_trips one_table_one_trip"
+SCRIPTS="plain two_tables one_table two_tables_pipelined_commit one_table_pipelined_commit one_table_two_trips one_table_one_trip one_statement"
 for round in $(seq 1 "$ROUNDS"); do
   for s in $SCRIPTS; do
     psql -X -q -c "TRUNCATE txbus_pgbench.users, txbus_pgbench.events, txbus_pgbench.deliveries, txbus_pgbench.one" -c "CHECKPOINT"
-    tps=$(pgbench -n -M extended -f "$s.sql" -T "$SECS" -c "$CLIENTS" -j 2 2>&1 | awk -F'= ' '/^tps/ {print $2+0}')
+    tps=$(pgbench -n -M prepared -f "$s.sql" -T "$SECS" -c "$CLIENTS" -j 2 2>&1 | awk -F'= ' '/^tps/ {print $2+0}')
     echo "$round $s $tps"
   done
 done | tee /tmp/txbus-pgbench.out
@@ -23,7 +23,8 @@ for _, s, t in rows: tps[s].append(float(t))
 base = statistics.median(tps['plain'])
 print('\n| script | round trips | tps median [min-max] | ÷ plain |\n|---|---|---|---|')
 trips = {'plain': 3, 'two_tables': 4, 'one_table': 4, 'two_tables_pipelined_commit': 3,
-         'one_table_pipelined_commit': 3, 'one_table_two_trips': 2, 'one_table_one_trip': 1}
+         'one_table_pipelined_commit': 3, 'one_table_two_trips': 2, 'one_table_one_trip': 1,
+         'one_statement': 1}
 for s, v in tps.items():
     m = statistics.median(v)
     print(f'| {s} | {trips[s]} | {m:.0f} [{min(v):.0f}-{max(v):.0f}] | {m/base:.2f} |')

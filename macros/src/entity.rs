@@ -188,6 +188,21 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> 
                 }))
             }
 
+            fn __statement(&self, remove: bool) -> ::core::option::Option<::txbus::__private::PgStatement<'_>> {
+                if remove {
+                    ::core::option::Option::Some(::std::boxed::Box::new(::txbus::__private::diesel::delete(self)))
+                } else {
+                    use ::txbus::__private::diesel::Table as _;
+                    let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
+                    let upsert = ::txbus::__private::diesel::insert_into(table)
+                        .values(self)
+                        .on_conflict(table.primary_key())
+                        .do_update()
+                        .set(self);
+                    ::core::option::Option::Some(::std::boxed::Box::new(#wrap(upsert)))
+                }
+            }
+
             fn __sends_at_once(&self, remove: bool) -> bool {
                 if remove {
                     ::txbus::__private::sends_at_once(&::txbus::__private::diesel::delete(self))

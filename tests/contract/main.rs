@@ -86,6 +86,7 @@ macro_rules! backend_tests {
 // PostgreSQL also sends an emit in one round trip, and shows that it stays atomic.
 scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
     extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap,
+        pipeline::one_entity_is_one_statement_prepared_once,
         pipeline::entities_with_custom_types_are_written_atomically,
         pipeline::a_write_that_fails_before_it_is_sent_leaves_nothing));
 scenarios!(backend_tests!("mysql", mysql, txbus::Mysql,

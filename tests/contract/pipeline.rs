@@ -1,5 +1,7 @@
-//! PostgreSQL sends an emit whose entities are derived in one round trip, and falls back to
-//! more when an entity needs a custom type looked up first. Either way the emit stays atomic.
+//! PostgreSQL writes an emit with one derived entity as one statement (`WITH write AS (...)
+//! INSERT ...`), sends one with several in one round trip, and falls back to more when an entity
+//! needs a custom type looked up first. Every way the emit stays atomic, and its statements are
+//! prepared once per connection.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -53,6 +55,28 @@ diesel::table! {
 pub struct Moody {
     id: i64,
     mood: Mood,
+}
+
+diesel::table! {
+    pipeline_profiles (id) {
+        id -> BigInt,
+        a -> Nullable<Text>,
+        b -> Nullable<Text>,
+        c -> Nullable<Text>,
+        d -> Nullable<Text>,
+    }
+}
+
+/// Four `Option` fields: up to 16 texts of its upsert, so the derive does not keep it prepared.
+#[derive(Insertable, AsChangeset, Identifiable, txbus::Entity)]
+#[diesel(table_name = pipeline_profiles)]
+#[entity(backends(postgres))]
+pub struct Profile {
+    id: i64,
+    a: Option<String>,
+    b: Option<String>,
+    c: Option<String>,
+    d: Option<String>,
 }
 
 /// An entity whose write fails in the client, before anything of it is sent, although it says
@@ -245,5 +269,121 @@ where
     assert_eq!(calls[0].note, "3");
     assert!(B::user_exists(&db.pool, 1).await);
     crate::support::idle(&bus).await;
+    bus.shutdown().await;
+}
+
+/// How many emit statements (`WITH txbus_write AS (...) ...`) the connection of `pool` keeps
+/// prepared; `pool` has one connection, the bus's.
+async fn prepared<B: TestBackend>(pool: &Pool<B>) -> i64 {
+    B::count(
+        pool,
+        "SELECT count(*) AS n FROM pg_prepared_statements \
+         WHERE statement LIKE 'WITH txbus_write AS (%'",
+    )
+    .await
+}
+
+pub async fn one_entity_is_one_statement_prepared_once<B: TestBackend>()
+where
+    User: Entity<B>,
+    Moody: Entity<B>,
+    Profile: Entity<B>,
+{
+    let db = B::open().await;
+    create_users_table(&db.pool).await;
+    exec(
+        &db.pool,
+        "CREATE TYPE pipeline_mood AS ENUM ('calm', 'cross');
+         CREATE TABLE pipeline_moods (id BIGINT PRIMARY KEY, mood pipeline_mood NOT NULL);
+         CREATE TABLE pipeline_profiles (id BIGINT PRIMARY KEY, a TEXT, b TEXT, c TEXT, d TEXT)",
+    )
+    .await;
+    // One connection: its prepared statements are what the bus prepared.
+    let pool = Pool::<B>::builder(db.url.clone())
+        .max_size(1)
+        .connect()
+        .await
+        .unwrap();
+    let probe = Probe::new();
+    let bus = bus(pool.clone(), &probe).build().await.unwrap();
+
+    for i in 1..=5 {
+        bus.emit(Pipelined { n: i }, [persist(&user(i, &format!("{i}@x")))])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        prepared(&pool).await,
+        1,
+        "the upsert with the event is prepared once and reused"
+    );
+    bus.emit(Pipelined { n: 6 }, [txbus::remove(&user(1, "1@x"))])
+        .await
+        .unwrap();
+    bus.emit(Pipelined { n: 7 }, [txbus::remove(&user(2, "2@x"))])
+        .await
+        .unwrap();
+    assert_eq!(prepared(&pool).await, 2, "and the delete with it");
+    assert!(!B::user_exists(&db.pool, 1).await && !B::user_exists(&db.pool, 2).await);
+
+    // A custom type is looked up before the one statement goes out.
+    let calm = Moody {
+        id: 1,
+        mood: Mood::Calm,
+    };
+    bus.emit(Pipelined { n: 8 }, [persist(&calm)])
+        .await
+        .unwrap();
+    assert_eq!(
+        B::count(
+            &db.pool,
+            "SELECT count(*) AS n FROM pipeline_moods WHERE mood = 'calm'"
+        )
+        .await,
+        1
+    );
+
+    // Too many SQL texts to keep: prepared for each emit and closed after it.
+    for (i, a) in [
+        (10, None),
+        (11, Some("a".to_owned())),
+        (10, Some("b".to_owned())),
+    ] {
+        let profile = Profile {
+            id: i,
+            a,
+            b: None,
+            c: Some("c".into()),
+            d: None,
+        };
+        bus.emit(Pipelined { n: i }, [persist(&profile)])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        prepared(&pool).await,
+        3,
+        "only the enum's statement was added"
+    );
+    assert_eq!(
+        B::count(
+            &db.pool,
+            "SELECT count(*) AS n FROM pipeline_profiles \
+             WHERE (id = 10 AND a = 'b' AND c = 'c') OR (id = 11 AND a = 'a')"
+        )
+        .await,
+        2
+    );
+
+    // A failing write leaves nothing, and the connection works on.
+    let error = bus
+        .emit(Pipelined { n: 20 }, [persist(&user(20, "3@x"))])
+        .await
+        .unwrap_err();
+    assert!(is_unique_violation(&error), "{error:?}");
+    assert!(!B::user_exists(&db.pool, 20).await);
+    probe.wait_until("every delivery", |c| c.len() == 11).await;
+    crate::support::idle(&bus).await;
+    assert_eq!(deliveries(&db.pool).await, 0);
     bus.shutdown().await;
 }

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use diesel::QueryResult;
 use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::Untyped;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
@@ -24,6 +27,7 @@ use super::{
     Outcome, Recorded, Retention, Sealed, StatsRows, StoredMessage, UpdateRow, attempt_i32,
     attempt_u32, micros, split_done, system_time_from_micros,
 };
+use crate::__private::PgStatement;
 use crate::migrate::{self, Migration};
 use crate::{Error, EventId, MessageId, Operation};
 
@@ -167,11 +171,10 @@ struct InsertedRow {
     emitted_at_us: i64,
 }
 
-/// The insert of an event's deliveries, or without listeners the reservation of its id, through
-/// a shared connection (so that it can be pipelined). It goes on the wire at its first poll.
-async fn insert_rows(conn: &AsyncPgConnection, event: &NewEvent) -> QueryResult<Vec<InsertedRow>> {
+/// The insert of an event's deliveries, or without listeners the reservation of its id.
+fn insert_statement(event: &NewEvent) -> Sql<'_, Pg> {
     let statement = match &*event.listeners {
-        [] => return query(RESERVE_ID).load(&mut &*conn).await,
+        [] => return query(RESERVE_ID),
         [_] => INSERT_EVENT_ONE,
         _ => INSERT_EVENT,
     };
@@ -184,8 +187,49 @@ async fn insert_rows(conn: &AsyncPgConnection, event: &NewEvent) -> QueryResult<
         [one] => statement.bind::<Text, _>(*one),
         all => statement.bind::<Array<Text>, _>(all),
     }
-    .load(&mut &*conn)
-    .await
+}
+
+/// [`insert_statement`] through a shared connection (so that it can be pipelined). It goes on
+/// the wire at its first poll.
+async fn insert_rows(conn: &AsyncPgConnection, event: &NewEvent) -> QueryResult<Vec<InsertedRow>> {
+    insert_statement(event).load(&mut &*conn).await
+}
+
+/// An entity's write and the event's insert as one statement:
+/// `WITH txbus_write AS (<write>) <insert>`. PostgreSQL runs every data-modifying statement in
+/// `WITH` to completion, and a statement is atomic by itself: the emit needs no transaction, and
+/// takes one round trip, one statement and one commit.
+struct WithEvent<'a> {
+    write: PgStatement<'a>,
+    event: Sql<'a, Pg>,
+}
+
+impl QueryFragment<Pg> for WithEvent<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH txbus_write AS (");
+        self.write.walk_ast(out.reborrow())?;
+        out.push_sql(") ");
+        self.event.walk_ast(out.reborrow())
+    }
+
+    // The write decides for itself (a derived upsert is cached when its SQL texts are few); a
+    // walk of the whole tree would find the upsert's clause that diesel marks as not cacheable.
+    // Through the trait object: `Box`'s own implementation would walk the tree.
+    fn is_safe_to_cache_prepared(&self, backend: &Pg) -> QueryResult<bool> {
+        Ok((*self.write).is_safe_to_cache_prepared(backend)?
+            && self.event.is_safe_to_cache_prepared(backend)?)
+    }
+}
+
+/// Keyed by its SQL text in the statement cache.
+impl QueryId for WithEvent<'_> {
+    type QueryId = ();
+
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for WithEvent<'_> {
+    type SqlType = Untyped;
 }
 
 impl Backend for Postgres {
@@ -207,7 +251,9 @@ impl Backend for Postgres {
         AnsiTransactionManager::begin_transaction(conn).await
     }
 
-    // In one round trip when every operation can be sent so (see `pipeline`). Otherwise BEGIN
+    // One operation: one statement with the event's insert (see `WithEvent`). Several (whose
+    // statements could touch the same row, which one statement cannot do twice): in one round
+    // trip when every operation can be sent so (see `pipeline`). Otherwise BEGIN
     // and the first operation travel together when the entity can write through a shared
     // connection: both go through the prepared-statement path, whose statement-cache lock keeps
     // BEGIN first on the wire even if the write looks a type up first. BEGIN cannot fail on a
@@ -218,6 +264,15 @@ impl Backend for Postgres {
         ops: &[Operation<'_, Self>],
         event: &NewEvent,
     ) -> QueryResult<Inserted> {
+        if let [op] = ops
+            && let Some(write) = op.statement()
+        {
+            let statement = WithEvent {
+                write,
+                event: insert_statement(event),
+            };
+            return inserted(statement.load(conn).await?);
+        }
         if let Some(result) = pipeline::emit(conn, ops, event).await {
             return result;
         }
