@@ -120,6 +120,16 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> 
     } else {
         TokenStream::new()
     };
+    // The upsert statement (PostgreSQL and SQLite), as an expression.
+    let build_upsert = quote! {{
+        use ::txbus::__private::diesel::Table as _;
+        let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
+        #wrap(::txbus::__private::diesel::insert_into(table)
+            .values(self)
+            .on_conflict(table.primary_key())
+            .do_update()
+            .set(self))
+    }};
     let upsert = if backend == "mysql" {
         // `ON DUPLICATE KEY UPDATE` would also fire on any other unique key, and an update before
         // the insert takes gap locks that deadlock concurrent inserts under REPEATABLE READ.
@@ -150,14 +160,7 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> 
         }
     } else {
         quote! {
-            use ::txbus::__private::diesel::Table as _;
-            let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
-            let upsert = ::txbus::__private::diesel::insert_into(table)
-                .values(self)
-                .on_conflict(table.primary_key())
-                .do_update()
-                .set(self);
-            ::txbus::__private::diesel_async::RunQueryDsl::execute(#wrap(upsert), conn).await?;
+            ::txbus::__private::diesel_async::RunQueryDsl::execute(#build_upsert, conn).await?;
         }
     };
     let pipelined = if backend == "postgres" {
@@ -175,14 +178,7 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> 
                         let delete = ::txbus::__private::diesel::delete(self);
                         ::txbus::__private::diesel_async::RunQueryDsl::execute(delete, &mut conn).await?;
                     } else {
-                        use ::txbus::__private::diesel::Table as _;
-                        let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
-                        let upsert = ::txbus::__private::diesel::insert_into(table)
-                            .values(self)
-                            .on_conflict(table.primary_key())
-                            .do_update()
-                            .set(self);
-                        ::txbus::__private::diesel_async::RunQueryDsl::execute(#wrap(upsert), &mut conn).await?;
+                        ::txbus::__private::diesel_async::RunQueryDsl::execute(#build_upsert, &mut conn).await?;
                     }
                     ::core::result::Result::Ok(())
                 }))
@@ -192,14 +188,7 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> 
                 if remove {
                     ::core::option::Option::Some(::std::boxed::Box::new(::txbus::__private::diesel::delete(self)))
                 } else {
-                    use ::txbus::__private::diesel::Table as _;
-                    let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
-                    let upsert = ::txbus::__private::diesel::insert_into(table)
-                        .values(self)
-                        .on_conflict(table.primary_key())
-                        .do_update()
-                        .set(self);
-                    ::core::option::Option::Some(::std::boxed::Box::new(#wrap(upsert)))
+                    ::core::option::Option::Some(::std::boxed::Box::new(#build_upsert))
                 }
             }
 
@@ -207,14 +196,7 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> 
                 if remove {
                     ::txbus::__private::sends_at_once(&::txbus::__private::diesel::delete(self))
                 } else {
-                    use ::txbus::__private::diesel::Table as _;
-                    let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
-                    let upsert = ::txbus::__private::diesel::insert_into(table)
-                        .values(self)
-                        .on_conflict(table.primary_key())
-                        .do_update()
-                        .set(self);
-                    ::txbus::__private::sends_at_once(&#wrap(upsert))
+                    ::txbus::__private::sends_at_once(&#build_upsert)
                 }
             }
         }

@@ -15,7 +15,7 @@ use txbus::{BoxFuture, Context, Entity, Error, ListenerError, Pool, persist};
 
 use crate::emit::User;
 use crate::support::backends::{create_users_table, exec};
-use crate::support::{Probe, TestBackend, bus};
+use crate::support::{Probe, TestBackend, TestDb, bus};
 
 /// A PostgreSQL enum: a custom SQL type, which diesel-async looks up once per connection.
 #[derive(diesel::sql_types::SqlType, diesel::query_builder::QueryId)]
@@ -148,19 +148,36 @@ async fn deliveries<B: TestBackend>(pool: &Pool<B>) -> i64 {
     B::count(pool, "SELECT count(*) AS n FROM txbus_deliveries").await
 }
 
-pub async fn entities_with_custom_types_are_written_atomically<B: TestBackend>()
-where
-    User: Entity<B>,
-    Moody: Entity<B>,
-{
+/// A database with the tables of these scenarios, and a bus on a pool of one connection: the
+/// statements that connection keeps prepared, and its first use of a type, are the bus's.
+async fn setup<B: TestBackend>() -> (TestDb<B>, Pool<B>, Arc<Probe>, txbus::EventBus<B>) {
     let db = B::open().await;
     create_users_table(&db.pool).await;
     exec(
         &db.pool,
         "CREATE TYPE pipeline_mood AS ENUM ('calm', 'cross');
-         CREATE TABLE pipeline_moods (id BIGINT PRIMARY KEY, mood pipeline_mood NOT NULL)",
+         CREATE TABLE pipeline_moods (id BIGINT PRIMARY KEY, mood pipeline_mood NOT NULL);
+         CREATE TABLE pipeline_profiles (id BIGINT PRIMARY KEY, a TEXT, b TEXT, c TEXT, d TEXT)",
     )
     .await;
+    let pool = Pool::<B>::builder(db.url.clone())
+        .max_size(1)
+        .connect()
+        .await
+        .unwrap();
+    let probe = Probe::new();
+    let bus = bus(pool.clone(), &probe).build().await.unwrap();
+    (db, pool, probe, bus)
+}
+
+pub async fn entities_with_custom_types_are_written_atomically<B: TestBackend>()
+where
+    User: Entity<B>,
+    Moody: Entity<B>,
+{
+    // The first emit is also the connection's first use of the enum: the type is looked up
+    // inside the transaction.
+    let (db, _, probe, bus) = setup::<B>().await;
     let calm = Moody {
         id: 1,
         mood: Mood::Calm,
@@ -171,16 +188,6 @@ where
     );
     assert!(Entity::<B>::__sends_at_once(&user(1, "a"), false));
     assert!(Entity::<B>::__sends_at_once(&user(1, "a"), true));
-
-    // One connection, so that the first emit is also its first use of the enum: the type is
-    // looked up inside the transaction.
-    let pool = Pool::<B>::builder(db.url.clone())
-        .max_size(1)
-        .connect()
-        .await
-        .unwrap();
-    let probe = Probe::new();
-    let bus = bus(pool, &probe).build().await.unwrap();
 
     // A failure behind the lookup leaves nothing.
     let error = bus
@@ -236,16 +243,8 @@ where
     User: Entity<B>,
     Refused: Entity<B>,
 {
-    let db = B::open().await;
-    create_users_table(&db.pool).await;
-    // One connection: the emits after the failures reuse the one they ran on.
-    let pool = Pool::<B>::builder(db.url.clone())
-        .max_size(1)
-        .connect()
-        .await
-        .unwrap();
-    let probe = Probe::new();
-    let bus = bus(pool, &probe).build().await.unwrap();
+    // The emits after the failures reuse the one connection they ran on.
+    let (db, _, probe, bus) = setup::<B>().await;
 
     // Sent at once: BEGIN and user 1 went out before the refusal; the event and COMMIT must not.
     for (n, ops) in [
@@ -289,23 +288,7 @@ where
     Moody: Entity<B>,
     Profile: Entity<B>,
 {
-    let db = B::open().await;
-    create_users_table(&db.pool).await;
-    exec(
-        &db.pool,
-        "CREATE TYPE pipeline_mood AS ENUM ('calm', 'cross');
-         CREATE TABLE pipeline_moods (id BIGINT PRIMARY KEY, mood pipeline_mood NOT NULL);
-         CREATE TABLE pipeline_profiles (id BIGINT PRIMARY KEY, a TEXT, b TEXT, c TEXT, d TEXT)",
-    )
-    .await;
-    // One connection: its prepared statements are what the bus prepared.
-    let pool = Pool::<B>::builder(db.url.clone())
-        .max_size(1)
-        .connect()
-        .await
-        .unwrap();
-    let probe = Probe::new();
-    let bus = bus(pool.clone(), &probe).build().await.unwrap();
+    let (db, pool, probe, bus) = setup::<B>().await;
 
     for i in 1..=5 {
         bus.emit(Pipelined { n: i }, [persist(&user(i, &format!("{i}@x")))])

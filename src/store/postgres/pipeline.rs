@@ -1,5 +1,6 @@
-//! An emit in one round trip: `BEGIN`, the entity writes, the event's insert and `COMMIT` go out
-//! together, and their replies come back together.
+//! An emit with several entity writes in one round trip: `BEGIN`, the writes, the event's insert
+//! and `COMMIT` go out together, and their replies come back together. (An emit with one write is
+//! a single statement instead; see `WithEvent` in the parent module.)
 //!
 //! Every statement goes through diesel-async's prepared-statement path. A statement that needs
 //! no custom type looked up takes the connection's statement-cache lock at its first poll, and
