@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use txbus::{Context, EventSettings, ListenerError};
@@ -106,6 +106,7 @@ impl Drop for Running {
         self.probe.running.fetch_sub(1, Ordering::SeqCst);
         if !self.finished {
             self.probe.cancelled.fetch_add(1, Ordering::SeqCst);
+            self.probe.cancelled_at.lock().unwrap().push(Instant::now());
         }
     }
 }
@@ -171,11 +172,21 @@ pub async fn timeouts_cancel_the_listener_without_overlap<B: TestBackend>() {
         runs.iter().map(|c| c.attempt).collect::<Vec<_>>(),
         [1, 2, 3]
     );
-    // Each attempt started only after the previous one was cancelled at its deadline.
-    for pair in runs.windows(2) {
+    // Each attempt ran until its deadline (300 ms after its lease began, less a tenth kept
+    // back; the lease begins a little before the run starts), and the next one started only
+    // after it was cancelled.
+    let cancelled_at = probe.cancelled_at.lock().unwrap().clone();
+    assert_eq!(cancelled_at.len(), 2, "{runs:?}");
+    for (i, cancelled) in cancelled_at.iter().enumerate() {
+        let ran = *cancelled - runs[i].started;
         assert!(
-            pair[1].started - pair[0].started >= Duration::from_millis(270),
-            "{runs:?}"
+            ran >= Duration::from_millis(150) && ran < Duration::from_millis(1000),
+            "attempt {} ran {ran:?} before it was cancelled",
+            i + 1
+        );
+        assert!(
+            runs[i + 1].started >= *cancelled,
+            "{runs:?} {cancelled_at:?}"
         );
     }
     assert_eq!(

@@ -113,6 +113,8 @@ pub struct Probe {
     pub running: AtomicUsize,
     pub most_running: AtomicUsize,
     pub cancelled: AtomicUsize,
+    /// When each dropped run was dropped, in order.
+    pub cancelled_at: Mutex<Vec<Instant>>,
     /// Checks whether a user row exists, for listeners that must see the committed entity.
     pub user_exists: Mutex<Option<UserCheck>>,
 }
