@@ -328,9 +328,26 @@ async fn run(
     span.follows_from(job.parent.clone());
     let started = Instant::now();
     if started >= job.deadline {
-        // The lease ran out while it waited: another instance may hold the delivery now, and for
-        // everyone else it is due again. Not started, nothing to record.
-        span.in_scope(|| tracing::debug!("lease ran out before the listener could start"));
+        // The lease ran out while it waited (a slow claim, a busy process): not started, so it
+        // is handed back with its attempt undone, and no attempt is counted that never ran.
+        // The hand-back is fenced by the attempt: if another instance claimed it meanwhile, its
+        // claim stands.
+        span.in_scope(|| {
+            tracing::debug!("lease ran out before the listener could start; handing it back");
+        });
+        let report = Report {
+            outcome: Outcome {
+                key: job.key,
+                resolution: Resolution::Release {
+                    undo_attempt: true,
+                    error: Some(
+                        "the lease ran out before the listener could start; handed back".into(),
+                    ),
+                },
+            },
+            _in_flight: job.in_flight,
+        };
+        let _ = reports.send(report).await;
         drop(permit);
         runner.freed.notify_one();
         return;
@@ -555,5 +572,60 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    fn never_called(_: &str, _: Context) -> ListenerCall {
+        Err("the listener must not start".into())
+    }
+
+    static LATE: ListenerDef = ListenerDef {
+        id: "test.late",
+        aliases: &[],
+        event: "test.event",
+        event_type: || "TestEvent",
+        kind: ListenerKind::Plain(never_called),
+        file: file!(),
+        line: line!(),
+    };
+
+    #[tokio::test]
+    async fn a_run_whose_lease_ran_out_before_it_started_is_handed_back_with_its_attempt() {
+        let (runner, _jobs, mut reports) = Runner::new(4, State::default(), None);
+        let now = Instant::now();
+        let key = DeliveryKey {
+            event_id: crate::EventId::new(7),
+            listener: LATE.id,
+            attempt: 3,
+        };
+        let job = Job {
+            key,
+            def: &LATE,
+            payload: "{}".into(),
+            emitted_at: SystemTime::now(),
+            deadline: now,
+            ready: now,
+            settings: EventSettings::default(),
+            in_flight: runner.tracker.enter(),
+            parent: None,
+        };
+        runner.submit(job, false);
+        let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
+            .await
+            .ok()
+            .flatten()
+            .map(|report| report.outcome);
+        let Some(Outcome {
+            key: reported,
+            resolution:
+                Resolution::Release {
+                    undo_attempt: true,
+                    error: Some(error),
+                },
+        }) = report
+        else {
+            panic!("expected a hand-back with the attempt undone, got {report:?}");
+        };
+        assert_eq!(reported, key);
+        assert!(error.contains("lease ran out"), "{error}");
     }
 }
