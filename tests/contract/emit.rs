@@ -414,6 +414,53 @@ pub async fn concurrent_emits_are_each_delivered_once<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.started_at_once")]
+struct StartedAtOnce {
+    n: u32,
+}
+
+/// Records its start before it first waits, then waits.
+#[txbus::listener]
+async fn records_before_waiting(event: StartedAtOnce, ctx: Context) -> Result<(), ListenerError> {
+    let probe = ctx.state::<Arc<Probe>>()?.clone();
+    probe.record(&ctx, event.n.to_string());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    probe.record(&ctx, "finished");
+    Ok(())
+}
+
+/// A listener that can start at once runs its first stretch before `emit` returns, and the rest
+/// in a task of its own.
+pub async fn a_listener_starts_before_emit_returns<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let bus = bus(db.pool.clone(), &probe).build().await.unwrap();
+    for n in 1..=3 {
+        bus.emit(StartedAtOnce { n }, []).await.unwrap();
+        let notes: Vec<String> = probe
+            .calls_of("records_before_waiting")
+            .into_iter()
+            .map(|c| c.note)
+            .collect();
+        assert!(
+            notes.contains(&n.to_string()),
+            "emit {n} returned before its listener started: {notes:?}"
+        );
+    }
+    probe
+        .wait_until("every run to finish", |c| {
+            c.iter().filter(|c| c.note == "finished").count() == 3
+        })
+        .await;
+    crate::support::idle(&bus).await;
+    assert_eq!(
+        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
+        0
+    );
+    bus.shutdown().await;
+}
+
 pub async fn emit_after_shutdown_is_refused<B: TestBackend>() {
     let db = B::open().await;
     let probe = Probe::new();

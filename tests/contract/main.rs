@@ -31,6 +31,7 @@ macro_rules! scenarios {
             emit::event_without_listeners_writes_nothing,
             emit::concurrent_emits_are_each_delivered_once,
             emit::emit_after_shutdown_is_refused,
+            emit::a_listener_starts_before_emit_returns,
             retry::failures_are_retried_with_backoff,
             retry::timeouts_cancel_the_listener_without_overlap,
             retry::panics_are_retried_and_the_bus_keeps_working,

@@ -511,6 +511,40 @@ async fn survives_a_nats_outage<B: TestBackend>(n: i64) {
     consumer.stop();
 }
 
+/// A JetStream inbox of `OrderReceived` (published as `nats.order_placed`), running in a task of
+/// its own until [`RunningInbox::stop`].
+struct RunningInbox {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), txbus::Error>>,
+}
+
+impl RunningInbox {
+    fn start<B: TestBackend>(
+        bus: &EventBus<B>,
+        consumer: &jetstream::consumer::PullConsumer,
+    ) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(
+            JetStreamInbox::new(bus.clone(), consumer.clone())
+                .event_as::<OrderReceived>("nats.order_placed")
+                .run_until(async move {
+                    let _ = stopped.await;
+                }),
+        );
+        Self { stop, task }
+    }
+
+    /// Stops it, and fails the test unless it ended cleanly within [`PATIENCE`].
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// Messages B cannot receive are terminated, and the ones behind them are received.
 async fn poison_messages_are_terminated<B: TestBackend>() {
     let (_a, b) = databases::<B>().await;
@@ -539,14 +573,7 @@ async fn poison_messages_are_terminated<B: TestBackend>() {
     publish(Some("nats.refund_issued"), r#"{"id":1}"#).await;
     publish(Some("nats.order_placed"), r#"{"id":7}"#).await;
     publish(None, r#"{"id":8}"#).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let inbox = tokio::spawn(
-        JetStreamInbox::new(bus.clone(), consumer.clone())
-            .event_as::<OrderReceived>("nats.order_placed")
-            .run_until(async move {
-                let _ = stopped.await;
-            }),
-    );
+    let inbox = RunningInbox::start(&bus, &consumer);
     until_done("the good messages to be projected", || async {
         let rows = B::count(&b.pool, "SELECT count(*) AS n FROM nats_projection").await;
         (rows >= 2, rows)
@@ -582,12 +609,7 @@ async fn poison_messages_are_terminated<B: TestBackend>() {
             "no termination says {reason:?}: {terminated:#?}"
         );
     }
-    stop.send(()).unwrap();
-    tokio::time::timeout(PATIENCE, inbox)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    inbox.stop().await;
     assert_eq!(
         B::count(
             &b.pool,
@@ -617,14 +639,7 @@ async fn a_failed_receipt_is_redelivered<B: TestBackend>() {
         .build()
         .await
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let inbox = tokio::spawn(
-        JetStreamInbox::new(bus.clone(), consumer.clone())
-            .event_as::<OrderReceived>("nats.order_placed")
-            .run_until(async move {
-                let _ = stopped.await;
-            }),
-    );
+    let inbox = RunningInbox::start(&bus, &consumer);
     proxy.cut();
     for id in 1..=20 {
         let mut headers = async_nats::HeaderMap::new();
@@ -660,12 +675,7 @@ async fn a_failed_receipt_is_redelivered<B: TestBackend>() {
         .filter(|line| line.contains("it will be redelivered"))
         .count();
     assert!(failed > 0, "the failed receipts were logged");
-    stop.send(()).unwrap();
-    tokio::time::timeout(PATIENCE, inbox)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    inbox.stop().await;
     bus.shutdown().await;
 }
 
