@@ -6,16 +6,17 @@ use std::future::Future;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use crate::bus::{BusConfig, Shared, Tasks};
+use crate::bus::EventBus;
 use crate::completion::complete_loop;
-use crate::dispatch::{Runner, Transactions, dispatch_loop};
-use crate::listener::State;
+use crate::dispatch::{PoolTransactions, Runner, Transactions, dispatch_loop};
+use crate::engine::{BusConfig, Engine, Tasks};
+use crate::error::BuildError;
+use crate::event::Event;
+use crate::listener::{ListenerDef, State};
 use crate::poller::poll_loop;
 use crate::registry::{LISTENERS, Registry};
-use crate::settings::MAX_DURATION;
-use crate::store::Retention;
-use crate::transactional::PoolTransactions;
-use crate::{Backend, BuildError, Event, EventBus, EventSettings, Pool};
+use crate::settings::{EventSettings, MAX_DURATION};
+use crate::store::{Backend, Pool, Retention};
 
 /// Configures an [`EventBus`]; made by [`EventBus::builder`], finished by
 /// [`build`](Self::build).
@@ -67,7 +68,7 @@ pub struct EventBusBuilder<B: Backend> {
     run_migrations: bool,
     poller: bool,
     /// Listeners defined at run time (relay routes), beside the `#[listener]` functions.
-    extra: Vec<&'static crate::listener::ListenerDef>,
+    extra: Vec<&'static ListenerDef>,
     #[cfg(feature = "nats")]
     routes: crate::nats::Routes,
 }
@@ -90,8 +91,15 @@ impl<B: Backend> fmt::Debug for EventBusBuilder<B> {
     }
 }
 
+impl<B: Backend> EventBus<B> {
+    /// Starts configuring a bus on `pool`.
+    pub fn builder(pool: Pool<B>) -> EventBusBuilder<B> {
+        EventBusBuilder::new(pool)
+    }
+}
+
 impl<B: Backend> EventBusBuilder<B> {
-    pub(crate) fn new(pool: Pool<B>) -> Self {
+    fn new(pool: Pool<B>) -> Self {
         Self {
             pool,
             events: HashMap::new(),
@@ -240,7 +248,7 @@ impl<B: Backend> EventBusBuilder<B> {
                 this.state.insert(std::mem::take(&mut this.routes));
             }
             if this.run_migrations {
-                crate::migrate(&this.pool)
+                crate::store::migrate(&this.pool)
                     .await
                     .map_err(BuildError::Database)?;
             }
@@ -258,7 +266,7 @@ impl<B: Backend> EventBusBuilder<B> {
                 .into_iter()
                 .map(|(name, (s, _))| (name, s))
                 .collect();
-            let shared = Arc::new(Shared::new(
+            let engine = Arc::new(Engine::new(
                 this.pool.clone(),
                 registry,
                 settings,
@@ -280,17 +288,17 @@ impl<B: Backend> EventBusBuilder<B> {
                     reports,
                     runner.phase.subscribe(),
                 ))),
-                poller: this.poller.then(|| tokio::spawn(poll_loop(shared.clone()))),
+                poller: this.poller.then(|| tokio::spawn(poll_loop(engine.clone()))),
             };
-            *shared.tasks.lock().unwrap_or_else(PoisonError::into_inner) = tasks;
+            *engine.tasks.lock().unwrap_or_else(PoisonError::into_inner) = tasks;
             tracing::info!(
                 backend = B::NAME,
-                listeners = shared.registry.len(),
+                listeners = engine.registry.len(),
                 poller = this.poller,
                 "txbus started"
             );
-            tracing::debug!(listeners = ?shared.registry.ids(), "registered listeners");
-            Ok(EventBus::from_shared(shared))
+            tracing::debug!(listeners = ?engine.registry.ids(), "registered listeners");
+            Ok(EventBus::from_engine(engine))
         }
     }
 

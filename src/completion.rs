@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::delivery::Outcome;
 use crate::dispatch::{Phase, Report};
-use crate::error::Chain;
-use crate::store::{Outcome, Recorded};
-use crate::{Backend, Error, Pool};
+use crate::error::{Chain, Error};
+use crate::store::{Backend, Pool, Recorded};
 
 /// The most results written in one batch.
 const MAX_BATCH: usize = 512;

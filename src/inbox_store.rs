@@ -6,8 +6,9 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{StoredMessage, attempt_u32, system_time_from_micros};
-use crate::{Backend, Error, MessageId, Pool};
+use crate::error::Error;
+use crate::message::MessageId;
+use crate::store::{Backend, Pool, StoredMessage, attempt_u32, system_time_from_micros};
 
 /// A message kept by an [`InboxStore`]: its id, its JSON payload, and once read back, when it
 /// arrived and how many times it has been handed out.

@@ -82,53 +82,61 @@ compile_error!(
 
 extern crate self as txbus;
 
+// Each module uses only those of the layers above it in this list (see "Architecture").
+// Domain: what an event, a delivery, a listener and a message are.
+mod delivery;
+mod error;
+mod event;
+mod listener;
+mod message;
+mod settings;
+// Store: the database.
+mod store;
+// Engine: running deliveries.
+mod completion;
+mod dispatch;
+mod engine;
+mod metrics;
+mod poller;
+mod registry;
+mod stats;
+// Surface: what applications call.
+mod admin;
 mod builder;
 mod bus;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;
-mod completion;
-mod dispatch;
-mod entity;
-mod error;
-mod event;
-mod inbox;
 mod inbox_store;
-mod listener;
-mod metrics;
-mod migrate;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
-mod ops;
-mod poller;
-mod pool;
-mod registry;
-mod settings;
-mod sha256;
-mod store;
+mod receive;
 mod transaction;
-mod transactional;
 
+pub use admin::{DeadLetter, DeadLetterQuery};
 pub use builder::EventBusBuilder;
 pub use bus::EventBus;
-pub use entity::{Entity, Operation, persist, remove};
+pub use delivery::DeadReason;
 pub use error::{BuildError, Error, StateError};
 pub use event::{Event, EventId};
-pub use inbox::{MessageId, Received};
+/// A boxed, `Send` future, as [`Entity`] methods return.
+pub use futures_util::future::BoxFuture;
 pub use inbox_store::{InboxMessage, InboxStore};
 pub use listener::{Context, ListenerError};
-pub use migrate::migrate;
-pub use ops::{DeadLetter, DeadLetterQuery, DeadReason, DeliveryCounts, Stats};
-pub use pool::{Pool, PoolBuilder, PooledConnection};
+pub use message::MessageId;
+pub use receive::Received;
 pub use settings::EventSettings;
-pub use store::Backend;
+pub use stats::{DeliveryCounts, Stats};
 #[cfg(feature = "mysql")]
-pub use store::mysql::Mysql;
+pub use store::Mysql;
 #[cfg(feature = "postgres")]
-pub use store::postgres::Postgres;
+pub use store::Postgres;
 #[cfg(feature = "sqlite")]
-pub use store::sqlite::Sqlite;
+pub use store::Sqlite;
+pub use store::{
+    Backend, Entity, Operation, Pool, PoolBuilder, PooledConnection, migrate, persist, remove,
+};
 pub use transaction::{Transaction, TransactionFn};
 
 /// Derives [`Event`]: `#[derive(txbus::Event)]`, with an optional `#[event(name = "...")]`
@@ -205,9 +213,6 @@ pub use txbus_macros::Entity;
 /// ([`BuildError::ListenerConnection`]); a type that is no backend's connection does not
 /// compile.
 pub use txbus_macros::listener;
-
-/// A boxed, `Send` future, as [`Entity`] methods return.
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Items the macros expand to. Not public API: it changes without notice.
 #[doc(hidden)]

@@ -7,7 +7,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::{BoxFuture, EventId, StateError};
+use futures_util::future::BoxFuture;
+
+use crate::error::StateError;
+use crate::event::EventId;
 
 /// A boxed error, as listeners return it.
 type BoxError = Box<dyn StdError + Send + Sync + 'static>;

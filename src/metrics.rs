@@ -17,7 +17,7 @@
 #[cfg(feature = "metrics")]
 use std::time::Duration;
 
-use crate::Stats;
+use crate::stats::Stats;
 
 /// An event was committed.
 pub(crate) fn emitted(_event: &'static str) {

@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
 
-use crate::bus::Shared;
+use crate::delivery::DeliveryKey;
 use crate::dispatch::{self, Job, Phase};
-use crate::error::Chain;
-use crate::ops::{BATCH, MAX_BATCHES};
-use crate::store::{Claimed, DeliveryKey};
-use crate::{Backend, Error};
+use crate::engine::Engine;
+use crate::error::{Chain, Error};
+use crate::store::{Backend, Claimed};
 
 /// How many expired deliveries one sweep handles at most.
 const EXPIRE_BATCH: usize = 1000;
@@ -29,11 +28,11 @@ const ORPHAN_REPORT_EVERY: Duration = Duration::from_secs(60);
 /// How many due deliveries one orphan report looks at, at most.
 const ORPHAN_SAMPLE: usize = 10_000;
 
-pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
-    let runner = shared.runner.clone();
+pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
+    let runner = engine.runner.clone();
     let mut phase = runner.phase.subscribe();
-    let known = shared.registry.names();
-    let mut tick = tokio::time::interval(shared.config.retry_every);
+    let known = engine.registry.names();
+    let mut tick = tokio::time::interval(engine.config.retry_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut more = false;
     let mut polls: u64 = 0;
@@ -50,19 +49,19 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
         } else {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shared.poll_now.notified() => {}
+                _ = engine.poll_now.notified() => {}
                 _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
             }
             polls += 1;
             if polls % SWEEP_EVERY_POLLS == 1 {
-                if let Err(error) = sweep(&shared, &known).await {
+                if let Err(error) = sweep(&engine, &known).await {
                     tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying later");
                 }
-                if let Err(error) = cleanup(&shared).await {
+                if let Err(error) = engine.cleanup().await {
                     tracing::warn!(error = %Chain(&error), "retention cleanup failed; retrying later");
                 }
                 if crate::metrics::GAUGES {
-                    match crate::ops::stats(&shared).await {
+                    match crate::stats::read(&engine.pool, &engine.registry).await {
                         Ok(stats) => crate::metrics::gauges(&stats),
                         Err(error) => {
                             tracing::debug!(error = %Chain(&error), "could not refresh the gauges; retrying later");
@@ -72,12 +71,12 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
             }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + ORPHAN_REPORT_EVERY;
-                if let Err(error) = housekeeping(&shared, &known).await {
+                if let Err(error) = housekeeping(&engine, &known).await {
                     tracing::debug!(error = %Chain(&error), "housekeeping failed; retrying later");
                 }
             }
         }
-        more = match claim(&shared, &known).await {
+        more = match claim(&engine, &known).await {
             Ok(more) => more,
             Err(error) => {
                 tracing::warn!(error = %Chain(&error), "claiming due deliveries failed; retrying at the next poll");
@@ -89,9 +88,9 @@ pub(crate) async fn poll_loop<B: Backend>(shared: Arc<Shared<B>>) {
 
 /// Makes expired deliveries of listeners nobody here has dead, and forgets received message ids
 /// older than the dedup window.
-async fn sweep<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<(), Error> {
-    let (_turn, mut conn) = shared.pool.get_for_write().await?;
-    B::purge_inbox(&mut conn, shared.config.inbox_dedup_window, EXPIRE_BATCH).await?;
+async fn sweep<B: Backend>(engine: &Engine<B>, known: &[&'static str]) -> Result<(), Error> {
+    let (_turn, mut conn) = engine.pool.get_for_write().await?;
+    B::purge_inbox(&mut conn, engine.config.inbox_dedup_window, EXPIRE_BATCH).await?;
     let died = B::expire(&mut conn, known, EXPIRE_BATCH).await?;
     for died in died {
         crate::metrics::died(&died.listener, &died.reason);
@@ -101,44 +100,31 @@ async fn sweep<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result
     Ok(())
 }
 
-/// One retention round, unless another instance is running one (`None`). Returns the rows
-/// deleted.
-pub(crate) async fn cleanup<B: Backend>(shared: &Shared<B>) -> Result<Option<usize>, Error> {
-    let (_turn, mut conn) = shared.pool.get_for_write().await?;
-    let deleted = B::cleanup(&mut conn, shared.config.retention, BATCH, MAX_BATCHES).await?;
-    if let Some(deleted) = deleted.filter(|n| *n > 0) {
-        tracing::debug!(
-            deleted,
-            "retention cleanup deleted delivered deliveries and dead letters"
-        );
-    }
-    Ok(deleted)
-}
-
-/// Runs the backend's housekeeping, and warns about due deliveries that wait for a listener this process does not have (a rolling
-/// deploy, a rename, a listener in a crate that is not linked).
-async fn housekeeping<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<(), Error> {
-    let (_turn, mut conn) = shared.pool.get_for_write().await?;
+/// Runs the backend's housekeeping, and warns about due deliveries that wait for a listener
+/// this process does not have (a rolling deploy, a rename, a listener in a crate that is not
+/// linked).
+async fn housekeeping<B: Backend>(engine: &Engine<B>, known: &[&'static str]) -> Result<(), Error> {
+    let (_turn, mut conn) = engine.pool.get_for_write().await?;
     B::maintain(&mut conn).await?;
-    for (listener, due) in B::orphans(&mut conn, known, ORPHAN_SAMPLE).await? {
-        tracing::warn!(%listener, due, "deliveries are due for a listener this process does not have; \
+    for orphan in B::orphans(&mut conn, known, ORPHAN_SAMPLE).await? {
+        tracing::warn!(listener = %orphan.listener, due = orphan.n, "deliveries are due for a listener this process does not have; \
             they wait for an instance that has it, and expire as no_listener otherwise");
     }
     Ok(())
 }
 
 /// Claims one batch and queues it. Returns whether the batch was full.
-async fn claim<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result<bool, Error> {
+async fn claim<B: Backend>(engine: &Engine<B>, known: &[&'static str]) -> Result<bool, Error> {
     if known.is_empty() {
         return Ok(false);
     }
-    let room = shared.runner.room(shared.config.max_events_per_retry);
+    let room = engine.runner.room(engine.config.max_events_per_retry);
     if room == 0 {
         return Ok(true);
     }
     let span = tracing::debug_span!("txbus.claim", room, claimed = tracing::field::Empty);
     async {
-        let (turn, mut conn) = shared.pool.get_for_write().await?;
+        let (turn, mut conn) = engine.pool.get_for_write().await?;
         let leased = Instant::now();
         let claimed = B::claim(&mut conn, known, room).await?;
         drop((conn, turn));
@@ -147,7 +133,7 @@ async fn claim<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result
         let ready = Instant::now();
         let parent = tracing::Span::current().id();
         for delivery in claimed {
-            submit(shared, delivery, leased, ready, parent.clone());
+            submit(engine, delivery, leased, ready, parent.clone());
         }
         Ok(full)
     }
@@ -156,7 +142,7 @@ async fn claim<B: Backend>(shared: &Shared<B>, known: &[&'static str]) -> Result
 }
 
 fn submit<B: Backend>(
-    shared: &Shared<B>,
+    engine: &Engine<B>,
     delivery: Claimed,
     leased: Instant,
     ready: Instant,
@@ -168,12 +154,12 @@ fn submit<B: Backend>(
             "delivery expired; it stays in txbus_deliveries as a dead letter");
         return;
     }
-    let Some((stored_as, def)) = shared.registry.resolve(&delivery.listener) else {
+    let Some((stored_as, def)) = engine.registry.resolve(&delivery.listener) else {
         // Claims name only listeners of this process.
         tracing::warn!(listener = %delivery.listener, "claimed a delivery of an unknown listener; it will be retried after its lease");
         return;
     };
-    shared.runner.submit(
+    engine.runner.submit(
         Job {
             key: DeliveryKey {
                 event_id: delivery.event_id,
@@ -185,8 +171,8 @@ fn submit<B: Backend>(
             emitted_at: delivery.emitted_at,
             deadline: dispatch::deadline(leased, delivery.lease),
             ready,
-            settings: shared.settings_for(def.event),
-            in_flight: shared.runner.tracker.enter(),
+            settings: engine.settings_for(def.event),
+            in_flight: engine.runner.tracker.enter(),
             parent,
         },
         false,

@@ -9,7 +9,13 @@ pub use linkme;
 
 pub use crate::listener::{ListenerCall, ListenerDef, ListenerKind, TxCall, TxListener};
 pub use crate::registry::LISTENERS;
-use crate::{Context, Event, ListenerError};
+pub use crate::store::{
+    CachedUpsert, Statement, Write, derived_persist as persist, derived_remove as remove,
+};
+
+use crate::event::Event;
+use crate::listener::{Context, ListenerError};
+use crate::store::Backend;
 
 /// Deserializes `payload` into the listener's event type and starts the listener.
 pub fn call<E, F, Fut, Err>(payload: &str, ctx: Context, listener: F) -> ListenerCall
@@ -19,15 +25,20 @@ where
     Fut: Future<Output = Result<(), Err>> + Send + 'static,
     Err: Into<ListenerError>,
 {
-    let event: E = serde_json::from_str(payload).map_err(|error| {
+    let event: E = deserialize(payload)?;
+    let future = listener(event, ctx);
+    Ok(Box::pin(async move { future.await.map_err(Into::into) }))
+}
+
+/// The event of a delivery, from its stored payload.
+fn deserialize<E: Event>(payload: &str) -> Result<E, ListenerError> {
+    serde_json::from_str(payload).map_err(|error| {
         ListenerError::from(format!(
             "the stored payload of event `{}` does not deserialize into `{}`: {error}",
             E::NAME,
             std::any::type_name::<E>(),
         ))
-    })?;
-    let future = listener(event, ctx);
-    Ok(Box::pin(async move { future.await.map_err(Into::into) }))
+    })
 }
 
 /// The connection of a backend txbus is built with: what a transactional listener may take.
@@ -40,11 +51,11 @@ where
 pub trait TxConnection: Send + 'static {}
 
 #[cfg(feature = "postgres")]
-impl TxConnection for <crate::Postgres as crate::Backend>::Connection {}
+impl TxConnection for <crate::store::Postgres as Backend>::Connection {}
 #[cfg(feature = "mysql")]
-impl TxConnection for <crate::Mysql as crate::Backend>::Connection {}
+impl TxConnection for <crate::store::Mysql as Backend>::Connection {}
 #[cfg(feature = "sqlite")]
-impl TxConnection for <crate::Sqlite as crate::Backend>::Connection {}
+impl TxConnection for <crate::store::Sqlite as Backend>::Connection {}
 
 /// Deserializes `payload`, finds the transaction's connection, and starts a transactional
 /// listener on it.
@@ -67,13 +78,7 @@ where
             std::any::type_name::<C>()
         ))
     })?;
-    let event: E = serde_json::from_str(payload).map_err(|error| {
-        ListenerError::from(format!(
-            "the stored payload of event `{}` does not deserialize into `{}`: {error}",
-            E::NAME,
-            std::any::type_name::<E>(),
-        ))
-    })?;
+    let event: E = deserialize(payload)?;
     let future = listener(event, ctx, conn);
     Ok(Box::pin(async move { future.await.map_err(Into::into) }))
 }
@@ -125,75 +130,3 @@ macro_rules! __txbus_if_mysql {
 macro_rules! __txbus_if_mysql {
     ($($item:tt)*) => {};
 }
-
-/// An entity's upsert, prepared once per connection and then reused.
-///
-/// diesel never caches an `ON CONFLICT ... DO UPDATE` statement: which columns the changeset
-/// sets can change with the values (an `Option` field that is `None` is left out), so one Rust
-/// type may stand for several SQL texts. diesel-async then prepares the statement again at every
-/// execution: one more round trip and one more parse for each emit. The cache is keyed by the SQL
-/// text and the bind types when the query id is not static, so caching is correct whatever the
-/// values; the derive wraps an upsert in this only when the number of texts is small (few
-/// `Option` fields), which bounds the prepared statements each connection keeps.
-#[derive(Debug, Clone, Copy)]
-pub struct CachedUpsert<Q>(pub Q);
-
-impl<Q> diesel::query_builder::QueryId for CachedUpsert<Q> {
-    type QueryId = ();
-
-    // Keyed by its SQL text, never by its type: see above.
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<DB, Q> diesel::query_builder::QueryFragment<DB> for CachedUpsert<Q>
-where
-    DB: diesel::backend::Backend,
-    Q: diesel::query_builder::QueryFragment<DB>,
-{
-    fn walk_ast<'b>(
-        &'b self,
-        pass: diesel::query_builder::AstPass<'_, 'b, DB>,
-    ) -> diesel::QueryResult<()> {
-        self.0.walk_ast(pass)
-    }
-
-    fn is_safe_to_cache_prepared(&self, _backend: &DB) -> diesel::QueryResult<bool> {
-        Ok(true)
-    }
-}
-
-/// Whether diesel-async sends `query` at the first poll of its execution on a connection whose
-/// statement cache is free: its SQL builds, its values serialize, and no value has a custom SQL
-/// type (an enum, an extension's type), which diesel-async would look up with a query of its own
-/// first, once per connection, while statements polled after it went ahead.
-#[cfg(feature = "postgres")]
-pub fn sends_at_once<Q>(query: &Q) -> bool
-where
-    Q: diesel::query_builder::QueryFragment<diesel::pg::Pg>,
-{
-    use diesel::pg::{Pg, PgMetadataLookup, PgQueryBuilder, PgTypeMetadata};
-    use diesel::query_builder::bind_collector::RawBytesBindCollector;
-
-    /// Notes that a type had to be looked up.
-    struct Lookups(bool);
-
-    impl PgMetadataLookup for Lookups {
-        fn lookup_type(&mut self, _type_name: &str, _schema: Option<&str>) -> PgTypeMetadata {
-            self.0 = true;
-            PgTypeMetadata::new(0, 0)
-        }
-    }
-
-    let mut lookups = Lookups(false);
-    let mut binds = RawBytesBindCollector::<Pg>::new();
-    let mut sql = PgQueryBuilder::default();
-    query.collect_binds(&mut binds, &mut lookups, &Pg).is_ok()
-        && !lookups.0
-        && query.to_sql(&mut sql, &Pg).is_ok()
-        && query.is_safe_to_cache_prepared(&Pg).is_ok()
-}
-
-/// An entity's write as a PostgreSQL statement, for [`Entity::__statement`](crate::Entity).
-#[cfg(feature = "postgres")]
-pub type PgStatement<'a> =
-    Box<dyn diesel::query_builder::QueryFragment<diesel::pg::Pg> + Send + 'a>;

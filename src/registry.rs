@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::BuildError;
+use crate::error::BuildError;
 use crate::listener::ListenerDef;
 
 /// Every `#[txbus::listener]` in the binary. Listeners in a crate that nothing in the binary

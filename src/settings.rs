@@ -1,6 +1,5 @@
 //! Per-event time limits and the retry backoff.
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 /// The part of a retry delay that is random: up to this fraction is added to each computed delay,
@@ -37,12 +36,12 @@ pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EventSettings {
-    expires_after: Duration,
-    max_execution_time: Duration,
-    retry_after: Duration,
-    backoff_factor: f64,
-    max_backoff: Duration,
-    max_attempts: Option<u32>,
+    pub(crate) expires_after: Duration,
+    pub(crate) max_execution_time: Duration,
+    pub(crate) retry_after: Duration,
+    pub(crate) backoff_factor: f64,
+    pub(crate) max_backoff: Duration,
+    pub(crate) max_attempts: Option<u32>,
 }
 
 impl Default for EventSettings {
@@ -179,7 +178,7 @@ impl EventSettings {
 
     /// The delay before the attempt after `attempt` (1 = the first run failed), with jitter.
     pub(crate) fn retry_delay(&self, attempt: u32) -> Duration {
-        self.retry_delay_with(attempt, random_fraction())
+        self.retry_delay_with(attempt, fastrand::f64())
     }
 
     /// [`retry_delay`](Self::retry_delay) with the random part given, `jitter` in `[0, 1)`.
@@ -189,13 +188,6 @@ impl EventSettings {
         let capped = base.min(self.max_backoff.as_secs_f64());
         Duration::from_secs_f64(capped * (1.0 + JITTER * jitter))
     }
-}
-
-/// A number in `[0, 1)` from the standard library's per-process random keys.
-fn random_fraction() -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u8(0);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -237,13 +229,6 @@ mod tests {
             let d = s.retry_delay(attempt);
             assert!(d >= secs(10) && d < secs(11), "{d:?}");
         }
-    }
-
-    #[test]
-    fn random_fraction_is_in_range_and_varies() {
-        let values: Vec<f64> = (0..64).map(|_| random_fraction()).collect();
-        assert!(values.iter().all(|v| (0.0..1.0).contains(v)));
-        assert!(values.windows(2).any(|w| w[0] != w[1]));
     }
 
     #[test]

@@ -3,21 +3,20 @@
 use std::future::Future;
 use std::time::Instant;
 
-use deadpool::managed::Object;
-use diesel_async::{AsyncConnection, TransactionManager};
-
 use tracing::Instrument;
 
-use crate::bus::{Shared, Written};
-use crate::pool::{PooledConnection, WriteTurn};
-use crate::{Backend, Error, Event, EventBus, EventId, Pool};
+use crate::bus::EventBus;
+use crate::engine::{Engine, Written};
+use crate::error::Error;
+use crate::event::{Event, EventId};
+use crate::store::{Backend, TxConn};
 
 /// A transaction opened by [`EventBus::transaction`]: run your queries on
 /// [`conn`](Self::conn) and emit events with [`emit`](Self::emit); all of it commits together,
 /// and the events' listeners run only after that commit.
 pub struct Transaction<'c, B: Backend> {
     pub(crate) conn: &'c mut B::Connection,
-    pub(crate) shared: &'c Shared<B>,
+    pub(crate) engine: &'c Engine<B>,
     pub(crate) written: Vec<Written>,
 }
 
@@ -33,7 +32,7 @@ impl<'c, B: Backend> Transaction<'c, B> {
         &mut self,
         event: &E,
     ) -> impl Future<Output = Result<EventId, Error>> + Send + use<'_, 'c, B, E> {
-        let prepared = self.shared.prepare(event);
+        let prepared = self.engine.prepare(event);
         async move {
             let prepared = prepared?;
             let leased = Instant::now();
@@ -109,12 +108,12 @@ impl<B: Backend> EventBus<B> {
     {
         let span = tracing::info_span!("txbus.transaction", events = tracing::field::Empty);
         async move {
-            let shared = &*self.shared;
-            shared.check_running()?;
-            let mut guard = TxConn::<B>::begin(&shared.pool).await?;
+            let engine = &*self.engine;
+            engine.check_running()?;
+            let mut guard = TxConn::<B>::begin(&engine.pool).await?;
             let mut tx = Transaction {
                 conn: guard.conn()?,
-                shared,
+                engine,
                 written: Vec::new(),
             };
             let result = f(&mut tx).await;
@@ -128,7 +127,7 @@ impl<B: Backend> EventBus<B> {
                     committed?;
                     drop(guard);
                     tracing::Span::current().record("events", written.len());
-                    shared.dispatch(written);
+                    engine.dispatch(written);
                     Ok(value)
                 }
                 Err(error) => {
@@ -138,93 +137,5 @@ impl<B: Backend> EventBus<B> {
             }
         }
         .instrument(span)
-    }
-}
-
-/// A pooled connection that may be in a transaction. While its transaction is not known to be
-/// over (the caller's future was cancelled, a rollback failed), dropping it closes the connection
-/// instead of returning it to the pool, so no pooled connection ever sits in an open transaction.
-pub(crate) struct TxConn<B: Backend> {
-    conn: Option<PooledConnection<B>>,
-    in_doubt: bool,
-    /// Released after the connection (fields drop after `Drop::drop`).
-    _turn: WriteTurn,
-}
-
-impl<B: Backend> TxConn<B> {
-    /// A connection from `pool`, not yet in a transaction.
-    pub(crate) async fn checkout(pool: &Pool<B>) -> Result<Self, Error> {
-        let (turn, conn) = pool.get_for_write().await?;
-        Ok(Self {
-            conn: Some(conn),
-            in_doubt: false,
-            _turn: turn,
-        })
-    }
-
-    /// A connection from `pool` in a transaction opened by [`Backend::begin`].
-    pub(crate) async fn begin(pool: &Pool<B>) -> Result<Self, Error> {
-        let mut guard = Self::checkout(pool).await?;
-        guard.in_doubt = true;
-        B::begin(guard.conn()?).await?;
-        Ok(guard)
-    }
-
-    pub(crate) fn conn(&mut self) -> Result<&mut B::Connection, Error> {
-        self.conn.as_deref_mut().ok_or(Error::Shutdown)
-    }
-
-    /// Marks the start of work that opens and ends a transaction by itself.
-    pub(crate) fn enter(&mut self) {
-        self.in_doubt = true;
-    }
-
-    /// After such work returned: the connection is reusable if no transaction is left open.
-    pub(crate) fn settle(&mut self) {
-        if let Some(conn) = self.conn.as_deref_mut() {
-            let status =
-                <B::Connection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(conn);
-            self.in_doubt = !matches!(status.transaction_depth(), Ok(None));
-        }
-    }
-
-    pub(crate) async fn commit(&mut self) -> Result<(), Error> {
-        let conn = self.conn()?;
-        <B::Connection as AsyncConnection>::TransactionManager::commit_transaction(conn).await?;
-        self.in_doubt = false;
-        Ok(())
-    }
-
-    /// After a failure: rolls back if a transaction is still open, then settles.
-    pub(crate) async fn rollback_if_open(&mut self) {
-        let open = self.conn().is_ok_and(|conn| {
-            let status =
-                <B::Connection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(conn);
-            !matches!(status.transaction_depth(), Ok(None))
-        });
-        if open {
-            self.rollback().await;
-        }
-        self.settle();
-    }
-
-    pub(crate) async fn rollback(&mut self) {
-        let Ok(conn) = self.conn() else { return };
-        match <B::Connection as AsyncConnection>::TransactionManager::rollback_transaction(conn)
-            .await
-        {
-            Ok(()) => self.in_doubt = false,
-            Err(error) => tracing::warn!(%error, "rollback failed; closing the connection"),
-        }
-    }
-}
-
-impl<B: Backend> Drop for TxConn<B> {
-    fn drop(&mut self) {
-        if self.in_doubt
-            && let Some(conn) = self.conn.take()
-        {
-            drop(Object::take(conn));
-        }
     }
 }

@@ -1,5 +1,6 @@
-//! `#[derive(Entity)]`: `impl txbus::Entity<B>` for each backend, as an upsert and a delete by
-//! primary key built from diesel's `Insertable`, `AsChangeset` and `Identifiable`.
+//! `#[derive(Entity)]`: `impl txbus::Entity<B>` for each backend, from diesel's `Insertable`,
+//! `AsChangeset` and `Identifiable`. How each backend writes it is txbus's (its store): the
+//! derive names the backends and whether the upsert may be kept prepared.
 
 use proc_macro2::{Ident, TokenStream};
 use quote::{ToTokens, format_ident, quote};
@@ -109,100 +110,15 @@ fn parse_backends(input: &DeriveInput, errors: &mut Errors) -> Vec<(&'static str
     chosen.unwrap_or_else(|| BACKENDS.to_vec())
 }
 
+/// `impl Entity<marker>`, gated on the backend's feature: `persist` and `remove` run the
+/// backend's way of writing a derived entity, from the statements that `__txbus_statement!`
+/// builds for it (both in txbus's store).
 fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> TokenStream {
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let gate = format_ident!("__txbus_if_{}", backend);
     let marker: Ident = format_ident!("{}", marker);
-    // Prepared once per connection when its SQL texts are few; see `few_statement_texts`.
-    let wrap = if cached {
-        quote!(::txbus::__private::CachedUpsert)
-    } else {
-        TokenStream::new()
-    };
-    // The upsert statement (PostgreSQL and SQLite), as an expression.
-    let build_upsert = quote! {{
-        use ::txbus::__private::diesel::Table as _;
-        let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
-        #wrap(::txbus::__private::diesel::insert_into(table)
-            .values(self)
-            .on_conflict(table.primary_key())
-            .do_update()
-            .set(self))
-    }};
-    let upsert = if backend == "mysql" {
-        // `ON DUPLICATE KEY UPDATE` would also fire on any other unique key, and an update before
-        // the insert takes gap locks that deadlock concurrent inserts under REPEATABLE READ.
-        // So: insert; on a duplicate, update by primary key; if no row has that key, the clash
-        // was on another unique key and the insert's error stands. MySQL undoes only the failed
-        // statement, not the transaction.
-        quote! {
-            let table = <Self as ::txbus::__private::diesel::associations::HasTable>::table();
-            let insert = ::txbus::__private::diesel::insert_into(table).values(self);
-            match ::txbus::__private::diesel_async::RunQueryDsl::execute(insert, conn).await {
-                ::core::result::Result::Err(::txbus::__private::diesel::result::Error::DatabaseError(
-                    ::txbus::__private::diesel::result::DatabaseErrorKind::UniqueViolation,
-                    info,
-                )) => {
-                    let update = ::txbus::__private::diesel::update(self).set(self);
-                    let matched = ::txbus::__private::diesel_async::RunQueryDsl::execute(update, conn).await?;
-                    if matched == 0 {
-                        return ::core::result::Result::Err(::txbus::__private::diesel::result::Error::DatabaseError(
-                            ::txbus::__private::diesel::result::DatabaseErrorKind::UniqueViolation,
-                            info,
-                        ));
-                    }
-                }
-                other => {
-                    other?;
-                }
-            }
-        }
-    } else {
-        quote! {
-            ::txbus::__private::diesel_async::RunQueryDsl::execute(#build_upsert, conn).await?;
-        }
-    };
-    let pipelined = if backend == "postgres" {
-        // Through a shared connection, so that the bus can send it in one round trip with the
-        // transaction's BEGIN.
-        quote! {
-            fn __pipelined<'__c>(
-                &'__c self,
-                conn: &'__c <::txbus::#marker as ::txbus::Backend>::Connection,
-                remove: bool,
-            ) -> ::core::option::Option<::txbus::BoxFuture<'__c, ::txbus::__private::diesel::QueryResult<()>>> {
-                ::core::option::Option::Some(::std::boxed::Box::pin(async move {
-                    let mut conn = conn;
-                    if remove {
-                        let delete = ::txbus::__private::diesel::delete(self);
-                        ::txbus::__private::diesel_async::RunQueryDsl::execute(delete, &mut conn).await?;
-                    } else {
-                        ::txbus::__private::diesel_async::RunQueryDsl::execute(#build_upsert, &mut conn).await?;
-                    }
-                    ::core::result::Result::Ok(())
-                }))
-            }
-
-            fn __statement(&self, remove: bool) -> ::core::option::Option<::txbus::__private::PgStatement<'_>> {
-                if remove {
-                    ::core::option::Option::Some(::std::boxed::Box::new(::txbus::__private::diesel::delete(self)))
-                } else {
-                    ::core::option::Option::Some(::std::boxed::Box::new(#build_upsert))
-                }
-            }
-
-            fn __sends_at_once(&self, remove: bool) -> bool {
-                if remove {
-                    ::txbus::__private::sends_at_once(&::txbus::__private::diesel::delete(self))
-                } else {
-                    ::txbus::__private::sends_at_once(&#build_upsert)
-                }
-            }
-        }
-    } else {
-        TokenStream::new()
-    };
+    let cached = if cached { quote!(true) } else { quote!(false) };
     quote! {
         ::txbus::#gate! {
             impl #impl_generics ::txbus::Entity<::txbus::#marker> for #ident #ty_generics #where_clause {
@@ -210,25 +126,24 @@ fn implement(input: &DeriveInput, backend: &str, marker: &str, cached: bool) -> 
                     &'__c self,
                     conn: &'__c mut <::txbus::#marker as ::txbus::Backend>::Connection,
                 ) -> ::txbus::BoxFuture<'__c, ::txbus::__private::diesel::QueryResult<()>> {
-                    ::std::boxed::Box::pin(async move {
-                        #upsert
-                        ::core::result::Result::Ok(())
-                    })
+                    ::txbus::__private::persist::<::txbus::#marker, _>(self, conn)
                 }
 
                 fn remove<'__c>(
                     &'__c self,
                     conn: &'__c mut <::txbus::#marker as ::txbus::Backend>::Connection,
                 ) -> ::txbus::BoxFuture<'__c, ::txbus::__private::diesel::QueryResult<()>> {
-                    ::std::boxed::Box::pin(async move {
-                        let delete = ::txbus::__private::diesel::delete(self);
-                        ::txbus::__private::diesel_async::RunQueryDsl::execute(delete, conn)
-                            .await
-                            .map(|_| ())
-                    })
+                    ::txbus::__private::remove::<::txbus::#marker, _>(self, conn)
                 }
 
-                #pipelined
+                fn __statement(
+                    &self,
+                    write: ::txbus::__private::Write,
+                ) -> ::core::option::Option<
+                    ::txbus::__private::Statement<'_, <::txbus::#marker as ::txbus::Backend>::Db>,
+                > {
+                    ::txbus::__txbus_statement!(#marker, self, write, #cached)
+                }
             }
         }
     }

@@ -13,8 +13,14 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::EVENT_HEADER;
-use crate::error::Chain;
-use crate::{Backend, BoxFuture, Error, Event, EventBus, MessageId, Received};
+use futures_util::future::BoxFuture;
+
+use crate::bus::EventBus;
+use crate::error::{Chain, Error};
+use crate::event::Event;
+use crate::message::MessageId;
+use crate::receive::Received;
+use crate::store::Backend;
 
 /// How long JetStream waits before it redelivers a message whose receipt failed (the database
 /// was unreachable, the bus was shutting down).

@@ -10,8 +10,9 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 
 use super::{EMITTED_AT_HEADER, EVENT_HEADER, EVENT_ID_HEADER};
-use crate::listener::{Context, ListenerCall, ListenerDef, ListenerKind};
-use crate::{BuildError, Event, ListenerError};
+use crate::error::BuildError;
+use crate::event::Event;
+use crate::listener::{Context, ListenerCall, ListenerDef, ListenerError, ListenerKind};
 
 /// The prefix of every route's listener id.
 const ID_PREFIX: &str = "txbus.nats:";

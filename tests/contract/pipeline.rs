@@ -5,12 +5,15 @@
 
 use std::io::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::serialize::{IsNull, Output, ToSql};
 use serde::{Deserialize, Serialize};
+use txbus::__private::{Statement, Write};
 use txbus::{BoxFuture, Context, Entity, Error, ListenerError, Pool, persist};
 
 use crate::emit::User;
@@ -79,12 +82,27 @@ pub struct Profile {
     d: Option<String>,
 }
 
-/// An entity whose write fails in the client, before anything of it is sent, although it says
-/// it would be sent at once.
+/// An entity whose write fails in the client, before anything of it is sent, although it looks
+/// as if it could be sent at once.
 pub struct Refused;
 
 fn refused<'c>() -> BoxFuture<'c, QueryResult<()>> {
     Box::pin(async { Err(DieselError::QueryBuilderError("refused by the test".into())) })
+}
+
+/// The statement of [`Refused`]. The first three walks of its tree are the bus's check that it
+/// can go out at once (its binds, its SQL, whether it may be kept prepared); the next one, when
+/// it is executed, fails in the client.
+struct Flaky(AtomicUsize);
+
+impl QueryFragment<Pg> for Flaky {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        if self.0.fetch_add(1, Ordering::SeqCst) >= 3 {
+            return Err(DieselError::QueryBuilderError("refused by the test".into()));
+        }
+        out.push_sql("SELECT 1");
+        Ok(())
+    }
 }
 
 impl Entity<txbus::Postgres> for Refused {
@@ -102,16 +120,8 @@ impl Entity<txbus::Postgres> for Refused {
         refused()
     }
 
-    fn __pipelined<'c>(
-        &'c self,
-        _conn: &'c <txbus::Postgres as txbus::Backend>::Connection,
-        _remove: bool,
-    ) -> Option<BoxFuture<'c, QueryResult<()>>> {
-        Some(refused())
-    }
-
-    fn __sends_at_once(&self, _remove: bool) -> bool {
-        true
+    fn __statement(&self, _write: Write) -> Option<Statement<'_, Pg>> {
+        Some(Statement::new(Flaky(AtomicUsize::new(0))))
     }
 }
 
@@ -182,12 +192,6 @@ where
         id: 1,
         mood: Mood::Calm,
     };
-    assert!(
-        !Entity::<B>::__sends_at_once(&calm, false),
-        "an enum needs a type lookup"
-    );
-    assert!(Entity::<B>::__sends_at_once(&user(1, "a"), false));
-    assert!(Entity::<B>::__sends_at_once(&user(1, "a"), true));
 
     // A failure behind the lookup leaves nothing.
     let error = bus

@@ -8,7 +8,8 @@ use std::time::Duration;
 use deadpool::Runtime;
 use deadpool::managed::{self, Object, PoolError};
 
-use crate::{Backend, Error};
+use crate::error::Error;
+use crate::store::Backend;
 
 /// A pooled connection: dereferences to the backend's diesel-async connection
 /// (`AsyncPgConnection`, `SyncConnectionWrapper<SqliteConnection>`), and goes back to the pool
@@ -70,8 +71,9 @@ impl<B: Backend> fmt::Debug for Pool<B> {
 impl<B: Backend> Pool<B> {
     /// Opens a pool with the default settings and checks that a connection can be made.
     ///
-    /// `url` is `postgres://user:password@host:port/database` for PostgreSQL, and a file path
-    /// for SQLite (created if missing).
+    /// `url` is `postgres://user:password@host:port/database` for PostgreSQL,
+    /// `mysql://user:password@host:port/database` for MySQL and MariaDB, and a file path for
+    /// SQLite (created if missing).
     pub fn connect(url: &str) -> impl Future<Output = Result<Self, Error>> + Send + '_ {
         async move { Self::builder(url).connect().await }
     }
@@ -219,23 +221,29 @@ fn pool_error<B: Backend>(error: PoolError<diesel_async::pooled_connection::Pool
 }
 
 /// Hides the password of a `scheme://user:password@host/...` URL.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Only a URL that cannot have a password refuses one, and this one has one.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
     }
+}
+
+/// A SQLite path has no password to hide.
+#[cfg(not(any(feature = "postgres", feature = "mysql")))]
+pub(crate) fn redact(url: &str) -> String {
+    url.to_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::redact;
 
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     #[test]
     fn passwords_are_hidden() {
         assert_eq!(
@@ -244,5 +252,9 @@ mod tests {
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("app.db"), "app.db");
+        assert_eq!(
+            redact("mysql://root:p%40ss@127.0.0.1:3306/test"),
+            "mysql://root:***@127.0.0.1:3306/test"
+        );
     }
 }

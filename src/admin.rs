@@ -1,157 +1,25 @@
 //! Operating the bus: statistics, dead letters and their replay, retention, stale leases.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::future::Future;
-use std::str::FromStr;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
+use serde::{Serialize, Serializer};
 
-use crate::bus::Shared;
+use crate::bus::EventBus;
+use crate::delivery::DeadReason;
+use crate::engine::BATCH;
+use crate::error::Error;
+use crate::event::EventId;
+use crate::settings::MAX_DURATION;
+use crate::stats::{self, Stats};
 use crate::store::{
-    DeadFilter, DeadRow, DeliveryRef, ListenerRow, attempt_u32, system_time_from_micros,
+    Backend, DeadFilter, DeadRow, DeliveryRef, attempt_u32, micros_since_epoch,
+    system_time_from_micros,
 };
-use crate::{Backend, Error, EventBus, EventId};
-
-/// How many rows one statement of a purge, a replay or a retention round touches at most.
-pub(crate) const BATCH: usize = 1000;
-
-/// How many statements of each kind one retention round runs at most, so that the poller gets
-/// back to claiming; what is left goes in the next round.
-pub(crate) const MAX_BATCHES: usize = 10;
 
 /// The default number of dead letters [`EventBus::dead_letters`] returns.
 const DEFAULT_LIMIT: usize = 100;
-
-/// Why a delivery became a dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum DeadReason {
-    /// Its next attempt would have come after the event's
-    /// [`expires_after`](crate::EventSettings::expires_after).
-    Expired,
-    /// It failed [`max_attempts`](crate::EventSettings::max_attempts) times.
-    MaxAttempts,
-    /// The listener returned [`ListenerError::abort`](crate::ListenerError::abort).
-    Aborted,
-    /// It expired while no running instance had its listener.
-    NoListener,
-}
-
-impl DeadReason {
-    /// The code stored in `txbus_deliveries.dead_reason`: `expired`, `max_attempts`, `aborted`
-    /// or `no_listener`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Expired => "expired",
-            Self::MaxAttempts => "max_attempts",
-            Self::Aborted => "aborted",
-            Self::NoListener => "no_listener",
-        }
-    }
-}
-
-impl fmt::Display for DeadReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for DeadReason {
-    type Err = Error;
-
-    fn from_str(code: &str) -> Result<Self, Error> {
-        Ok(match code {
-            "expired" => Self::Expired,
-            "max_attempts" => Self::MaxAttempts,
-            "aborted" => Self::Aborted,
-            "no_listener" => Self::NoListener,
-            other => {
-                return Err(Error::Invalid(format!(
-                    "unknown dead letter reason `{other}` (expected expired, max_attempts, \
-                     aborted or no_listener; was it written by a newer txbus?)"
-                )));
-            }
-        })
-    }
-}
-
-/// Deliveries by state: of one listener, or of all.
-///
-/// A pending delivery is in exactly one of four states: `due` (may run now), `running` (leased
-/// to a run whose lease holds), `stale` (leased, but the lease passed without a result: its
-/// process died or lost the database; it runs again when claimed) and `retrying` (failed,
-/// waiting for its retry time).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeliveryCounts {
-    /// Available now, not leased.
-    pub due: u64,
-    /// Leased to a run whose lease has not passed.
-    pub running: u64,
-    /// Leased, with the lease passed and no result.
-    pub stale: u64,
-    /// Waiting for their retry time.
-    pub retrying: u64,
-    /// Dead letters.
-    pub dead: u64,
-    /// Succeeded and kept for [`retain_delivered`](crate::EventBusBuilder::retain_delivered).
-    pub delivered: u64,
-    /// How long ago the oldest pending delivery's event was emitted, by the database's clock.
-    pub oldest_pending_age: Option<Duration>,
-}
-
-impl DeliveryCounts {
-    /// Deliveries not finished: due, running, stale and retrying.
-    pub fn pending(&self) -> u64 {
-        self.due + self.running + self.stale + self.retrying
-    }
-
-    fn from_row(row: &ListenerRow, now_us: i64) -> Self {
-        let count = |n: i64| u64::try_from(n).unwrap_or(0);
-        Self {
-            due: count(row.due),
-            running: count(row.running),
-            stale: count(row.stale),
-            retrying: count(row.retrying),
-            dead: count(row.dead),
-            delivered: count(row.delivered),
-            oldest_pending_age: row.oldest_pending_us.map(|oldest| {
-                Duration::from_micros(u64::try_from(now_us.saturating_sub(oldest)).unwrap_or(0))
-            }),
-        }
-    }
-
-    fn add(&mut self, other: &Self) {
-        self.due += other.due;
-        self.running += other.running;
-        self.stale += other.stale;
-        self.retrying += other.retrying;
-        self.dead += other.dead;
-        self.delivered += other.delivered;
-        self.oldest_pending_age = self.oldest_pending_age.max(other.oldest_pending_age);
-    }
-}
-
-/// A snapshot of the bus's tables, from [`EventBus::stats`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Every listener's deliveries together.
-    pub total: DeliveryCounts,
-    /// Per listener id: every listener of this bus (with zeros when it has nothing; deliveries
-    /// stored under one of its aliases count for it), and every other listener that has
-    /// deliveries in the table.
-    pub listeners: BTreeMap<String, DeliveryCounts>,
-    /// Pending deliveries per listener id that this bus does not have (nor as an alias): they
-    /// wait for an instance that has the listener, and expire as `no_listener` otherwise.
-    pub orphans: BTreeMap<String, u64>,
-    /// Received message ids kept for deduplication (`txbus_inbox`).
-    pub inbox_ids: u64,
-    /// Messages kept by the [`InboxStore`](crate::InboxStore) (`txbus_inbox_messages`).
-    pub inbox_messages: u64,
-}
 
 /// Which dead letters to list ([`EventBus::dead_letters`]) or replay
 /// ([`EventBus::replay_dead`]): every condition given must hold.
@@ -229,8 +97,9 @@ impl DeadLetterQuery {
     }
 }
 
-/// A delivery that gave up, from [`EventBus::dead_letters`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A delivery that gave up, from [`EventBus::dead_letters`]. In JSON (serde) its times are
+/// RFC 3339 and its payload is the event's JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct DeadLetter {
     /// The event.
@@ -246,10 +115,13 @@ pub struct DeadLetter {
     /// The error of its last failed run, if it had one.
     pub last_error: Option<String>,
     /// When the event was emitted.
+    #[serde(serialize_with = "time")]
     pub emitted_at: SystemTime,
     /// When it became a dead letter.
+    #[serde(serialize_with = "time")]
     pub died_at: SystemTime,
     /// The event, as JSON.
+    #[serde(serialize_with = "json")]
     pub payload: String,
 }
 
@@ -271,49 +143,6 @@ impl DeadLetter {
             died_at: system_time_from_micros(row.dead_at_us),
             payload: row.payload,
         })
-    }
-}
-
-/// Reads the tables' statistics ([`EventBus::stats`]).
-pub(crate) async fn stats<B: Backend>(shared: &Shared<B>) -> Result<Stats, Error> {
-    let rows = {
-        let mut conn = shared.pool.get().await?;
-        B::stats(&mut conn).await?
-    };
-    let registry = &shared.registry;
-    let mut stats = Stats {
-        inbox_ids: u64::try_from(rows.inbox_ids).unwrap_or(0),
-        inbox_messages: u64::try_from(rows.inbox_messages).unwrap_or(0),
-        ..Stats::default()
-    };
-    for id in registry.ids() {
-        stats
-            .listeners
-            .insert(id.to_owned(), DeliveryCounts::default());
-    }
-    for row in &rows.listeners {
-        let counts = DeliveryCounts::from_row(row, rows.now_us);
-        stats.total.add(&counts);
-        // Deliveries stored under an alias count for the listener that runs them.
-        let listener = match registry.get(&row.listener) {
-            Some(def) => def.id.to_owned(),
-            None => {
-                if counts.pending() > 0 {
-                    stats.orphans.insert(row.listener.clone(), counts.pending());
-                }
-                row.listener.clone()
-            }
-        };
-        stats.listeners.entry(listener).or_default().add(&counts);
-    }
-    Ok(stats)
-}
-
-/// Microseconds since the Unix epoch (negative before it).
-fn micros_since_epoch(time: SystemTime) -> i64 {
-    match time.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_micros()).map_or(i64::MIN, |us| -us),
     }
 }
 
@@ -344,7 +173,7 @@ impl<B: Backend> EventBus<B> {
     /// # }
     /// ```
     pub fn stats(&self) -> impl Future<Output = Result<Stats, Error>> + Send + '_ {
-        stats(&self.shared)
+        stats::read(&self.engine.pool, &self.engine.registry)
     }
 
     /// The dead letters that match `query`, newest first: at most its
@@ -376,7 +205,7 @@ impl<B: Backend> EventBus<B> {
     ) -> impl Future<Output = Result<Vec<DeadLetter>, Error>> + Send + 'a {
         async move {
             let rows = {
-                let mut conn = self.shared.pool.get().await?;
+                let mut conn = self.engine.pool.get().await?;
                 B::dead_letters(
                     &mut conn,
                     &query.filter(),
@@ -407,10 +236,10 @@ impl<B: Backend> EventBus<B> {
                 ..DeadFilter::default()
             };
             let replayed = {
-                let (_turn, mut conn) = self.shared.pool.get_for_write().await?;
+                let (_turn, mut conn) = self.engine.pool.get_for_write().await?;
                 B::replay(&mut conn, &filter, &DeliveryRef::first(), 1).await?
             };
-            self.shared.poll_now.notify_one();
+            self.engine.poll_now.notify_one();
             Ok(!replayed.is_empty())
         }
     }
@@ -431,7 +260,7 @@ impl<B: Backend> EventBus<B> {
             while left > 0 {
                 let batch = left.min(BATCH);
                 let replayed = {
-                    let (_turn, mut conn) = self.shared.pool.get_for_write().await?;
+                    let (_turn, mut conn) = self.engine.pool.get_for_write().await?;
                     B::replay(&mut conn, &filter, &after, batch).await?
                 };
                 let count = replayed.len();
@@ -443,7 +272,7 @@ impl<B: Backend> EventBus<B> {
                 }
             }
             if total > 0 {
-                self.shared.poll_now.notify_one();
+                self.engine.poll_now.notify_one();
             }
             Ok(total)
         }
@@ -460,13 +289,8 @@ impl<B: Backend> EventBus<B> {
             let mut total = 0_u64;
             loop {
                 let deleted = {
-                    let (_turn, mut conn) = self.shared.pool.get_for_write().await?;
-                    B::purge_dead(
-                        &mut conn,
-                        older_than.min(crate::settings::MAX_DURATION),
-                        BATCH,
-                    )
-                    .await?
+                    let (_turn, mut conn) = self.engine.pool.get_for_write().await?;
+                    B::purge_dead(&mut conn, older_than.min(MAX_DURATION), BATCH).await?
                 };
                 total += deleted as u64;
                 if deleted < BATCH {
@@ -483,11 +307,11 @@ impl<B: Backend> EventBus<B> {
     pub fn release_stale(&self) -> impl Future<Output = Result<u64, Error>> + Send + '_ {
         async move {
             let released = {
-                let (_turn, mut conn) = self.shared.pool.get_for_write().await?;
-                B::release_stale(&mut conn).await?
+                let (_turn, mut conn) = self.engine.pool.get_for_write().await?;
+                B::release_stale(&mut conn, BATCH).await?
             };
             if released > 0 {
-                self.shared.poll_now.notify_one();
+                self.engine.poll_now.notify_one();
             }
             Ok(released as u64)
         }
@@ -499,11 +323,30 @@ impl<B: Backend> EventBus<B> {
     /// bounded batches. Returns the rows deleted, or `None` when another instance was running a
     /// round (only one runs at a time).
     pub fn cleanup(&self) -> impl Future<Output = Result<Option<u64>, Error>> + Send + '_ {
-        async move {
-            Ok(crate::poller::cleanup(&self.shared)
-                .await?
-                .map(|n| n as u64))
+        async move { Ok(self.engine.cleanup().await?.map(|n| n as u64)) }
+    }
+}
+
+/// `2026-11-25T21:03:04Z`; a time outside 1970 to 9999, which the database writes none in, as
+/// seconds since the Unix epoch.
+pub(crate) fn rfc3339(time: SystemTime) -> String {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(since) if since.as_secs() < 253_402_300_800 => {
+            humantime::format_rfc3339_seconds(time).to_string()
         }
+        _ => format!("{}s since the epoch", micros_since_epoch(time) as f64 / 1e6),
+    }
+}
+
+fn time<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    rfc3339(*time).serialize(serializer)
+}
+
+/// The payload as JSON, not as a string of it (a payload that is not JSON, as a string).
+fn json<S: Serializer>(payload: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(value) => value.serialize(serializer),
+        Err(_) => payload.serialize(serializer),
     }
 }
 
@@ -512,43 +355,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reasons_round_trip() {
-        for reason in [
-            DeadReason::Expired,
-            DeadReason::MaxAttempts,
-            DeadReason::Aborted,
-            DeadReason::NoListener,
-        ] {
-            assert_eq!(reason.as_str().parse::<DeadReason>().unwrap(), reason);
-        }
-        assert!("exploded".parse::<DeadReason>().is_err());
+    fn times_outside_the_calendar_do_not_panic() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_640_584);
+        assert_eq!(rfc3339(t), "2026-11-25T21:03:04Z");
+        let before = UNIX_EPOCH - Duration::from_secs(2);
+        assert_eq!(rfc3339(before), "-2s since the epoch");
+        let after = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        assert!(rfc3339(after).ends_with("since the epoch"));
     }
 
     #[test]
-    fn times_before_and_after_the_epoch() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_500);
-        assert_eq!(micros_since_epoch(t), 1_500);
-        let t = SystemTime::UNIX_EPOCH - Duration::from_micros(2_000);
-        assert_eq!(micros_since_epoch(t), -2_000);
-        assert_eq!(system_time_from_micros(micros_since_epoch(t)), t);
-    }
-
-    #[test]
-    fn totals_take_the_oldest_age() {
-        let mut total = DeliveryCounts::default();
-        total.add(&DeliveryCounts {
-            due: 1,
-            oldest_pending_age: Some(Duration::from_secs(5)),
-            ..DeliveryCounts::default()
-        });
-        total.add(&DeliveryCounts {
-            retrying: 2,
-            dead: 3,
-            oldest_pending_age: Some(Duration::from_secs(9)),
-            ..DeliveryCounts::default()
-        });
-        assert_eq!(total.pending(), 3);
-        assert_eq!(total.dead, 3);
-        assert_eq!(total.oldest_pending_age, Some(Duration::from_secs(9)));
+    fn dead_letters_serialize_for_scripts() {
+        let dead = DeadLetter {
+            event_id: EventId::new(7),
+            event_name: "order.placed".into(),
+            listener: "billing".into(),
+            attempts: 3,
+            reason: DeadReason::MaxAttempts,
+            last_error: None,
+            emitted_at: UNIX_EPOCH,
+            died_at: UNIX_EPOCH + Duration::from_secs(60),
+            payload: r#"{"id":1}"#.into(),
+        };
+        let json = serde_json::to_value(&dead).unwrap();
+        assert_eq!(json["event_id"], 7);
+        assert_eq!(json["reason"], "max_attempts");
+        assert_eq!(json["died_at"], "1970-01-01T00:01:00Z");
+        assert_eq!(json["payload"]["id"], 1);
     }
 }

@@ -11,11 +11,12 @@
 use std::any::Any;
 use std::time::Instant;
 
-use crate::dispatch::{Job, Ran, Transactions, Verdict, run_listener};
-use crate::listener::{Context, TxListener};
-use crate::store::attempt_i32;
-use crate::transaction::TxConn;
-use crate::{Backend, BoxFuture, ListenerError, Pool};
+use futures_util::future::BoxFuture;
+
+use crate::dispatch::Job;
+use crate::dispatch::run::{Ran, Transactions, Verdict, run_listener};
+use crate::listener::{Context, ListenerError, TxListener};
+use crate::store::{Backend, Pool, TxConn};
 
 /// [`Transactions`] on the bus's pool; with `retain`, a success marks the delivery delivered
 /// instead of deleting it.
@@ -65,15 +66,9 @@ impl<B: Backend> Transactions for PoolTransactions<B> {
 async fn complete<B: Backend>(mut guard: TxConn<B>, job: &Job, retain: bool) -> Verdict {
     let key = job.key;
     let completed = match guard.conn() {
-        Ok(conn) => B::complete_in_transaction(
-            conn,
-            key.event_id.get(),
-            key.listener,
-            attempt_i32(key.attempt),
-            retain,
-        )
-        .await
-        .map_err(crate::Error::from),
+        Ok(conn) => B::complete_in_transaction(conn, key, retain)
+            .await
+            .map_err(crate::error::Error::from),
         Err(error) => Err(error),
     };
     match completed {

@@ -1,0 +1,117 @@
+//! Deliveries: how one is named, what a run of it can end in, and why one gives up.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::event::EventId;
+
+/// Why a delivery became a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(into = "&'static str")]
+#[non_exhaustive]
+pub enum DeadReason {
+    /// Its next attempt would have come after the event's
+    /// [`expires_after`](crate::EventSettings::expires_after).
+    Expired,
+    /// It failed [`max_attempts`](crate::EventSettings::max_attempts) times.
+    MaxAttempts,
+    /// The listener returned [`ListenerError::abort`](crate::ListenerError::abort).
+    Aborted,
+    /// It expired while no running instance had its listener.
+    NoListener,
+}
+
+impl DeadReason {
+    /// The code stored in `txbus_deliveries.dead_reason`: `expired`, `max_attempts`, `aborted`
+    /// or `no_listener`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::MaxAttempts => "max_attempts",
+            Self::Aborted => "aborted",
+            Self::NoListener => "no_listener",
+        }
+    }
+}
+
+impl From<DeadReason> for &'static str {
+    fn from(reason: DeadReason) -> Self {
+        reason.as_str()
+    }
+}
+
+impl fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DeadReason {
+    type Err = Error;
+
+    fn from_str(code: &str) -> Result<Self, Error> {
+        Ok(match code {
+            "expired" => Self::Expired,
+            "max_attempts" => Self::MaxAttempts,
+            "aborted" => Self::Aborted,
+            "no_listener" => Self::NoListener,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unknown dead letter reason `{other}` (expected expired, max_attempts, \
+                     aborted or no_listener; was it written by a newer txbus?)"
+                )));
+            }
+        })
+    }
+}
+
+/// One run of a delivery: the attempt number is the fence token of its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryKey {
+    pub(crate) event_id: EventId,
+    pub(crate) listener: &'static str,
+    pub(crate) attempt: u32,
+}
+
+/// What to record for a run.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Resolution {
+    /// It succeeded: delete the delivery (or mark it delivered, when they are retained).
+    Done,
+    /// It failed: try again after `delay`, or die as expired if that is past the expiry.
+    Retry { delay: Duration, error: String },
+    /// It gave up.
+    Dead { reason: DeadReason, error: String },
+    /// It was not finished here: make it available at once. `undo_attempt` when it never started.
+    Release {
+        undo_attempt: bool,
+        error: Option<String>,
+    },
+}
+
+/// The result of one run, to be recorded if the delivery is still held by that run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub(crate) key: DeliveryKey,
+    pub(crate) resolution: Resolution,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip() {
+        for reason in [
+            DeadReason::Expired,
+            DeadReason::MaxAttempts,
+            DeadReason::Aborted,
+            DeadReason::NoListener,
+        ] {
+            assert_eq!(reason.as_str().parse::<DeadReason>().unwrap(), reason);
+        }
+        assert!("exploded".parse::<DeadReason>().is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! Runs deliveries: a bounded queue, a bound on concurrent listeners, a deadline per run (the end
+//! of its lease), and every result handed to the completer.
+//!
+//! - this file: the bus's phases, the queue and the runner that starts listeners;
+//! - `run`: one run of a listener, its panics caught, until its deadline;
+//! - `retry`: what a run's end means for the delivery (retry when, or dead why);
+//! - `tracker`: the deliveries in flight, for `wait_idle`;
+//! - `transactional`: listeners that run in a transaction which also completes their delivery.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+
+use crate::delivery::{DeliveryKey, Outcome, Resolution};
+use crate::listener::{ListenerDef, State};
+use crate::settings::{EventSettings, MAX_DURATION};
+
+mod retry;
+mod run;
+mod tracker;
+mod transactional;
+
+pub(crate) use run::{Transactions, run};
+pub(crate) use tracker::{InFlight, Tracker};
+pub(crate) use transactional::PoolTransactions;
+
+/// The longest part of a lease kept back from the listener, so that its result is recorded
+/// before another instance may claim the delivery.
+const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(1);
+
+/// Queue slots per concurrent listener, and at least this many.
+const QUEUE_PER_LISTENER: usize = 16;
+const MIN_QUEUE: usize = 1024;
+
+/// Where the bus is in its life. Ordered: each phase follows the one before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    /// Emitting, dispatching, polling.
+    Running,
+    /// Shutting down: no polls, queued deliveries released, running ones finishing.
+    Draining,
+    /// The grace period is over: running listeners are cancelled.
+    Cancelling,
+    /// Done.
+    Stopped,
+}
+
+/// The local deadline of a run leased at `leased` for `lease`: the lease's end less a margin.
+pub(crate) fn deadline(leased: Instant, lease: Duration) -> Instant {
+    // A lease read back from the database is clamped to what settings allow.
+    let lease = lease.min(MAX_DURATION);
+    leased + lease - (lease / 10).min(MAX_SAFETY_MARGIN)
+}
+
+/// One delivery to run.
+pub(crate) struct Job {
+    pub(crate) key: DeliveryKey,
+    pub(crate) def: &'static ListenerDef,
+    pub(crate) payload: Arc<str>,
+    pub(crate) emitted_at: SystemTime,
+    pub(crate) deadline: Instant,
+    /// When it became runnable here: its emit committed, or its claim returned.
+    pub(crate) ready: Instant,
+    pub(crate) settings: EventSettings,
+    pub(crate) in_flight: InFlight,
+    /// The span that emitted or claimed it: the listener's span follows from it.
+    pub(crate) parent: Option<tracing::span::Id>,
+}
+
+/// A result on its way to the database; the guard keeps the bus busy until it is written.
+pub(crate) struct Report {
+    pub(crate) outcome: Outcome,
+    pub(crate) _in_flight: InFlight,
+}
+
+/// The dispatcher shared by emitters, the poller and the listener tasks.
+pub(crate) struct Runner {
+    queue: mpsc::Sender<Job>,
+    queue_capacity: usize,
+    permits: Arc<Semaphore>,
+    max_concurrent: usize,
+    reports: Mutex<Option<mpsc::Sender<Report>>>,
+    pub(crate) tracker: Arc<Tracker>,
+    pub(crate) phase: watch::Sender<Phase>,
+    /// Signalled when a listener finishes, so the poller can claim more.
+    pub(crate) freed: Notify,
+    state: Arc<State>,
+    /// Runs the transactional listeners, when the binary has any.
+    transactions: Option<Arc<dyn Transactions>>,
+}
+
+impl Runner {
+    /// A runner, the receiving end of its queue (for [`dispatch_loop`]) and of its reports (for
+    /// the completer).
+    pub(crate) fn new(
+        max_concurrent: usize,
+        state: State,
+        transactions: Option<Arc<dyn Transactions>>,
+    ) -> (Arc<Self>, mpsc::Receiver<Job>, mpsc::Receiver<Report>) {
+        // Room for bursts (a transaction that emits a hundred events) without handing them back
+        // to the database; what a sustained overload would pile up beyond it goes to the poller.
+        let queue_capacity = max_concurrent
+            .saturating_mul(QUEUE_PER_LISTENER)
+            .max(MIN_QUEUE);
+        let (queue, jobs) = mpsc::channel(queue_capacity);
+        let (reports, report_rx) = mpsc::channel(max_concurrent.max(64) * 4);
+        let runner = Arc::new(Self {
+            queue,
+            queue_capacity,
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            max_concurrent,
+            reports: Mutex::new(Some(reports)),
+            tracker: Arc::default(),
+            phase: watch::Sender::new(Phase::Running),
+            freed: Notify::new(),
+            state: Arc::new(state),
+            transactions,
+        });
+        (runner, jobs, report_rx)
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Moves from running to draining; whether it was running.
+    pub(crate) fn drain(&self) -> bool {
+        self.phase.send_if_modified(|phase| {
+            let running = *phase == Phase::Running;
+            if running {
+                *phase = Phase::Draining;
+            }
+            running
+        })
+    }
+
+    /// How many deliveries the poller may claim now: what can start without waiting.
+    pub(crate) fn room(&self, limit: usize) -> usize {
+        let queued = self.queue_capacity - self.queue.capacity();
+        self.permits
+            .available_permits()
+            .saturating_sub(queued)
+            .min(limit)
+    }
+
+    /// Queues a delivery; when the queue is full or closed, hands it back to the database at once
+    /// so that any instance's poller runs it.
+    ///
+    /// When nothing waits ahead of it and a permit is free, the listener starts right here:
+    /// with `inline`, in the caller's task until it first waits (and a task of its own takes it
+    /// from there), otherwise in a task of its own.
+    pub(crate) fn submit(self: &Arc<Self>, job: Job, inline: bool) {
+        if self.phase() >= Phase::Draining {
+            self.release(job);
+            return;
+        }
+        if self.queue.capacity() == self.queue_capacity
+            && let Ok(permit) = self.permits.clone().try_acquire_owned()
+            && let Some(reports) = self.reports_sender()
+        {
+            let mut task = Box::pin(run(job, permit, self.clone(), reports));
+            // A spawned task would wait for its worker's queue: behind every task ready there,
+            // as soon as the caller's next statement wakes its connection's task. The first
+            // poll's waker may be a no-op: the spawned task polls it again before anything
+            // could be missed, and every future keeps the waker of its latest poll.
+            if !inline
+                || task
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+                    .is_pending()
+            {
+                tokio::spawn(task);
+            }
+            return;
+        }
+        if let Err(error) = self.queue.try_send(job) {
+            let job = match error {
+                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
+                    job
+                }
+            };
+            tracing::debug!(event_id = %job.key.event_id, listener = job.def.id,
+                "dispatch queue full; leaving the delivery to the poller");
+            self.release(job);
+        }
+    }
+
+    /// Gives a delivery that was not started back to the database.
+    pub(crate) fn release(&self, job: Job) {
+        let report = Report {
+            outcome: Outcome {
+                key: job.key,
+                resolution: Resolution::Release {
+                    undo_attempt: true,
+                    error: None,
+                },
+            },
+            _in_flight: job.in_flight,
+        };
+        // Without room, the lease runs out and the delivery becomes due by itself.
+        if let Some(reports) = self.reports_sender() {
+            let _ = reports.try_send(report);
+        }
+    }
+
+    fn reports_sender(&self) -> Option<mpsc::Sender<Report>> {
+        self.reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Closes the report channel once nothing will report any more, so the completer finishes.
+    pub(crate) fn close_reports(&self) {
+        self.reports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Waits until no listener runs, for at most `timeout`. Returns whether that happened.
+    pub(crate) async fn wait_for_listeners(&self, timeout: Duration) -> bool {
+        let all = u32::try_from(self.max_concurrent).unwrap_or(u32::MAX);
+        tokio::time::timeout(timeout, self.permits.acquire_many(all))
+            .await
+            .is_ok_and(|permits| permits.is_ok())
+    }
+}
+
+/// Takes queued deliveries and starts each when a concurrency permit is free. On shutdown it
+/// releases what is still queued.
+pub(crate) async fn dispatch_loop(runner: Arc<Runner>, mut jobs: mpsc::Receiver<Job>) {
+    let mut phase = runner.phase.subscribe();
+    loop {
+        let job = tokio::select! {
+            job = jobs.recv() => job,
+            _ = phase.wait_for(|p| *p >= Phase::Draining) => None,
+        };
+        let Some(job) = job else { break };
+        let permit = tokio::select! {
+            permit = runner.permits.clone().acquire_owned() => permit.ok(),
+            _ = phase.wait_for(|p| *p >= Phase::Draining) => None,
+        };
+        let reports = runner.reports_sender();
+        match (permit, reports) {
+            (Some(permit), Some(reports)) => {
+                tokio::spawn(run(job, permit, runner.clone(), reports));
+            }
+            _ => {
+                runner.release(job);
+                break;
+            }
+        }
+    }
+    jobs.close();
+    while let Ok(job) = jobs.try_recv() {
+        runner.release(job);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listener::{Context, ListenerCall, ListenerKind};
+
+    #[test]
+    fn deadline_keeps_a_margin_of_a_tenth_up_to_a_second() {
+        let t = Instant::now();
+        assert_eq!(
+            deadline(t, Duration::from_millis(500)),
+            t + Duration::from_millis(450)
+        );
+        assert_eq!(
+            deadline(t, Duration::from_secs(30)),
+            t + Duration::from_secs(29)
+        );
+    }
+
+    fn never_called(_: &str, _: Context) -> ListenerCall {
+        Err("the listener must not start".into())
+    }
+
+    static LATE: ListenerDef = ListenerDef {
+        id: "test.late",
+        aliases: &[],
+        event: "test.event",
+        event_type: || "TestEvent",
+        kind: ListenerKind::Plain(never_called),
+        file: file!(),
+        line: line!(),
+    };
+
+    #[tokio::test]
+    async fn a_run_whose_lease_ran_out_before_it_started_is_handed_back_with_its_attempt() {
+        let (runner, _jobs, mut reports) = Runner::new(4, State::default(), None);
+        let now = Instant::now();
+        let key = DeliveryKey {
+            event_id: crate::event::EventId::new(7),
+            listener: LATE.id,
+            attempt: 3,
+        };
+        let job = Job {
+            key,
+            def: &LATE,
+            payload: "{}".into(),
+            emitted_at: SystemTime::now(),
+            deadline: now,
+            ready: now,
+            settings: EventSettings::default(),
+            in_flight: runner.tracker.enter(),
+            parent: None,
+        };
+        runner.submit(job, false);
+        let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
+            .await
+            .ok()
+            .flatten()
+            .map(|report| report.outcome);
+        let Some(Outcome {
+            key: reported,
+            resolution:
+                Resolution::Release {
+                    undo_attempt: true,
+                    error: Some(error),
+                },
+        }) = report
+        else {
+            panic!("expected a hand-back with the attempt undone, got {report:?}");
+        };
+        assert_eq!(reported, key);
+        assert!(error.contains("lease ran out"), "{error}");
+    }
+}

@@ -1,0 +1,162 @@
+//! Statistics: the deliveries of every listener by state, read in one statement.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::error::Error;
+use crate::registry::Registry;
+use crate::store::{Backend, ListenerRow, Pool};
+
+/// Deliveries by state: of one listener, or of all.
+///
+/// A pending delivery is in exactly one of four states: `due` (may run now), `running` (leased
+/// to a run whose lease holds), `stale` (leased, but the lease passed without a result: its
+/// process died or lost the database; it runs again when claimed) and `retrying` (failed,
+/// waiting for its retry time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DeliveryCounts {
+    /// Available now, not leased.
+    pub due: u64,
+    /// Leased to a run whose lease has not passed.
+    pub running: u64,
+    /// Leased, with the lease passed and no result.
+    pub stale: u64,
+    /// Waiting for their retry time.
+    pub retrying: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Succeeded and kept for [`retain_delivered`](crate::EventBusBuilder::retain_delivered).
+    pub delivered: u64,
+    /// How long ago the oldest pending delivery's event was emitted, by the database's clock
+    /// (in JSON: `oldest_pending_age_seconds`).
+    #[serde(rename = "oldest_pending_age_seconds", serialize_with = "seconds")]
+    pub oldest_pending_age: Option<Duration>,
+}
+
+impl DeliveryCounts {
+    /// Deliveries not finished: due, running, stale and retrying.
+    pub fn pending(&self) -> u64 {
+        self.due + self.running + self.stale + self.retrying
+    }
+
+    fn from_row(row: &ListenerRow, now_us: i64) -> Self {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Self {
+            due: count(row.due),
+            running: count(row.running),
+            stale: count(row.stale),
+            retrying: count(row.retrying),
+            dead: count(row.dead),
+            delivered: count(row.delivered),
+            oldest_pending_age: row.oldest_pending_us.map(|oldest| {
+                Duration::from_micros(u64::try_from(now_us.saturating_sub(oldest)).unwrap_or(0))
+            }),
+        }
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.due += other.due;
+        self.running += other.running;
+        self.stale += other.stale;
+        self.retrying += other.retrying;
+        self.dead += other.dead;
+        self.delivered += other.delivered;
+        self.oldest_pending_age = self.oldest_pending_age.max(other.oldest_pending_age);
+    }
+}
+
+fn seconds<S: Serializer>(age: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    age.map(|age| age.as_secs_f64()).serialize(serializer)
+}
+
+/// A snapshot of the bus's tables, from [`EventBus::stats`](crate::EventBus::stats).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Every listener's deliveries together.
+    pub total: DeliveryCounts,
+    /// Per listener id: every listener of this bus (with zeros when it has nothing; deliveries
+    /// stored under one of its aliases count for it), and every other listener that has
+    /// deliveries in the table.
+    pub listeners: BTreeMap<String, DeliveryCounts>,
+    /// Pending deliveries per listener id that this bus does not have (nor as an alias): they
+    /// wait for an instance that has the listener, and expire as `no_listener` otherwise.
+    pub orphans: BTreeMap<String, u64>,
+    /// Received message ids kept for deduplication (`txbus_inbox`).
+    pub inbox_ids: u64,
+    /// Messages kept by the [`InboxStore`](crate::InboxStore) (`txbus_inbox_messages`).
+    pub inbox_messages: u64,
+}
+
+/// Reads the tables' statistics, attributing deliveries to the listeners of `registry`.
+pub(crate) async fn read<B: Backend>(pool: &Pool<B>, registry: &Registry) -> Result<Stats, Error> {
+    let rows = {
+        let mut conn = pool.get().await?;
+        B::stats(&mut conn).await?
+    };
+    let mut stats = Stats {
+        inbox_ids: u64::try_from(rows.inbox_ids).unwrap_or(0),
+        inbox_messages: u64::try_from(rows.inbox_messages).unwrap_or(0),
+        ..Stats::default()
+    };
+    for id in registry.ids() {
+        stats
+            .listeners
+            .insert(id.to_owned(), DeliveryCounts::default());
+    }
+    for row in &rows.listeners {
+        let counts = DeliveryCounts::from_row(row, rows.now_us);
+        stats.total.add(&counts);
+        // Deliveries stored under an alias count for the listener that runs them.
+        let listener = match registry.get(&row.listener) {
+            Some(def) => def.id.to_owned(),
+            None => {
+                if counts.pending() > 0 {
+                    stats.orphans.insert(row.listener.clone(), counts.pending());
+                }
+                row.listener.clone()
+            }
+        };
+        stats.listeners.entry(listener).or_default().add(&counts);
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_take_the_oldest_age() {
+        let mut total = DeliveryCounts::default();
+        total.add(&DeliveryCounts {
+            due: 1,
+            oldest_pending_age: Some(Duration::from_secs(5)),
+            ..DeliveryCounts::default()
+        });
+        total.add(&DeliveryCounts {
+            retrying: 2,
+            dead: 3,
+            oldest_pending_age: Some(Duration::from_secs(9)),
+            ..DeliveryCounts::default()
+        });
+        assert_eq!(total.pending(), 3);
+        assert_eq!(total.dead, 3);
+        assert_eq!(total.oldest_pending_age, Some(Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn counts_serialize_with_the_age_in_seconds() {
+        let counts = DeliveryCounts {
+            due: 2,
+            oldest_pending_age: Some(Duration::from_millis(1500)),
+            ..DeliveryCounts::default()
+        };
+        let json = serde_json::to_value(counts).unwrap();
+        assert_eq!(json["due"], 2);
+        assert_eq!(json["oldest_pending_age_seconds"], 1.5);
+    }
+}

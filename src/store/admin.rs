@@ -1,0 +1,345 @@
+//! Operating the tables: statistics, dead letters and their replay, retention, stale leases.
+
+use std::future::Future;
+use std::time::Duration;
+
+use diesel::QueryResult;
+use diesel_async::RunQueryDsl;
+
+use crate::store::rows::{DeliveryRef, Lock, micros, rows};
+use crate::store::sql::{Sql, SqlDb, sql};
+use crate::store::tx::finish;
+use crate::store::update::{self, Update, read_committed};
+use crate::store::{Backend, rows};
+
+rows! {
+    /// A dead letter, as stored.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct DeadRow {
+        event_id: i64,
+        event_name: String,
+        listener: String,
+        attempts: i32,
+        reason: String,
+        last_error: Option<String>,
+        emitted_at_us: i64,
+        dead_at_us: i64,
+        payload: String,
+    }
+
+    /// A row of the statistics statement: one per listener (none when the table is empty: then
+    /// one with a `NULL` listener), each with the inbox counts and the clock.
+    pub(crate) struct StatsRow {
+        listener: Option<String>,
+        due: Option<i64>,
+        running: Option<i64>,
+        stale: Option<i64>,
+        retrying: Option<i64>,
+        dead: Option<i64>,
+        delivered: Option<i64>,
+        oldest_us: Option<i64>,
+        inbox_ids: i64,
+        inbox_messages: i64,
+        now_us: i64,
+    }
+}
+
+/// The counts of one listener's deliveries by state. A live delivery (neither dead nor
+/// delivered) is exactly one of: due (available, not leased), running (leased, lease not
+/// passed), stale (leased, lease passed without a result), retrying (not leased, available
+/// later).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ListenerRow {
+    pub(crate) listener: String,
+    pub(crate) due: i64,
+    pub(crate) running: i64,
+    pub(crate) stale: i64,
+    pub(crate) retrying: i64,
+    pub(crate) dead: i64,
+    pub(crate) delivered: i64,
+    /// The earliest emit time of its live deliveries, in microseconds since the Unix epoch.
+    pub(crate) oldest_pending_us: Option<i64>,
+}
+
+/// What the statistics statement counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsRows {
+    pub(crate) listeners: Vec<ListenerRow>,
+    /// Received message ids kept for deduplication.
+    pub(crate) inbox_ids: i64,
+    /// Messages kept by the `InboxStore`.
+    pub(crate) inbox_messages: i64,
+    /// The database's clock, in microseconds since the Unix epoch.
+    pub(crate) now_us: i64,
+}
+
+impl StatsRows {
+    fn from_rows(rows: Vec<StatsRow>) -> Self {
+        let mut stats = Self::default();
+        for row in rows {
+            (stats.inbox_ids, stats.inbox_messages, stats.now_us) =
+                (row.inbox_ids, row.inbox_messages, row.now_us);
+            if let Some(listener) = row.listener {
+                stats.listeners.push(ListenerRow {
+                    listener,
+                    due: row.due.unwrap_or(0),
+                    running: row.running.unwrap_or(0),
+                    stale: row.stale.unwrap_or(0),
+                    retrying: row.retrying.unwrap_or(0),
+                    dead: row.dead.unwrap_or(0),
+                    delivered: row.delivered.unwrap_or(0),
+                    oldest_pending_us: row.oldest_us,
+                });
+            }
+        }
+        stats
+    }
+}
+
+/// Which dead letters an operation applies to: every condition given must hold.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadFilter<'a> {
+    pub(crate) event_id: Option<i64>,
+    pub(crate) listener: Option<&'a str>,
+    pub(crate) event_name: Option<&'a str>,
+    /// Died at or after, in microseconds since the Unix epoch.
+    pub(crate) died_after_us: Option<i64>,
+    /// Died before, in microseconds since the Unix epoch.
+    pub(crate) died_before_us: Option<i64>,
+}
+
+/// `TIMESTAMPDIFF(MICROSECOND, '1970-01-01', '1000-01-01')`: the start of MySQL's `DATETIME`,
+/// the narrowest range of times the backends store.
+const EARLIEST_US: i64 = -30_610_224_000_000_000;
+/// `TIMESTAMPDIFF(MICROSECOND, '1970-01-01', '9999-12-31 23:59:59.999999')`: its end.
+const LATEST_US: i64 = 253_402_300_799_999_999;
+
+impl<'a> DeadFilter<'a> {
+    /// Binds the filter to `$1` to `$5`. The times are clamped to the range every backend
+    /// stores: past it, date arithmetic overflows (to an error, or to `NULL`, which would match
+    /// nothing instead of everything); no death lies outside it.
+    fn bind<DB: SqlDb>(&self, query: Sql<'a, DB>) -> Sql<'a, DB> {
+        let clamp = |us: Option<i64>| us.map(|us| us.clamp(EARLIEST_US, LATEST_US));
+        query
+            .bind(self.event_id)
+            .bind(self.listener)
+            .bind(self.event_name)
+            .bind(clamp(self.died_after_us))
+            .bind(clamp(self.died_before_us))
+    }
+}
+
+/// How long finished deliveries are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub(crate) delivered: Duration,
+    pub(crate) dead: Duration,
+}
+
+/// How retention rounds of several instances keep from running at once.
+#[derive(Debug, Clone, Copy)]
+pub enum RoundLock {
+    /// The round is one transaction opened by [`Backend::begin`] that first takes this lock,
+    /// returning `n` = 1 when it got it (PostgreSQL's transaction-level advisory lock); `None`:
+    /// the transaction is the lock (SQLite's writer lock).
+    Transaction(Option<&'static str>),
+    /// A session lock, taken without waiting (`n` = 1 when taken) and released by hand whatever
+    /// the round's result (MySQL's `GET_LOCK`); each delete commits by itself, so a long round
+    /// holds no row locks between statements.
+    Session {
+        lock: &'static str,
+        unlock: &'static str,
+    },
+}
+
+/// The statements of a backend's operations, and the operations on them, written once.
+#[doc(hidden)]
+pub trait Admin<B: Backend = Self> {
+    /// Counts every listener's deliveries by state, and the inbox's records, in one statement:
+    /// [`StatsRow`]s.
+    const STATS: &'static str;
+
+    /// Up to `$6` dead letters matching the filter `$1`..`$5` (event id, listener, event name,
+    /// died at or after and before, in µs; each `NULL` for any), newest first (by death time,
+    /// then event id descending, then listener in byte order): [`DeadRow`]s.
+    const DEAD_LETTERS: &'static str;
+
+    /// Makes up to `$8` dead letters matching `$1`..`$5` whose key comes after (`$6`, `$7`) in
+    /// key order (event id, then listener in byte order) pending again: due now, lease and
+    /// reason cleared, expiring after the same window as when emitted, counted from now. The
+    /// attempt count stays (it fences the results of older runs). Returns their keys.
+    const REPLAY: Update;
+
+    /// Deletes up to `$2` dead letters that died more than `$1` µs ago, oldest first.
+    const PURGE_DEAD: &'static str;
+
+    /// Deletes up to `$2` deliveries delivered more than `$1` µs ago, oldest first.
+    const PURGE_DELIVERED: &'static str;
+
+    /// How retention rounds keep from overlapping.
+    const ROUND_LOCK: RoundLock;
+
+    /// Makes up to `$1` deliveries whose lease passed without a result (stale) due now, without
+    /// a lease (and with a `last_error` saying so, unless one is set), skipping those another
+    /// transaction holds. Returns their keys.
+    const RELEASE_STALE: Update;
+
+    /// Counts the deliveries of every listener by state, and the inbox's records.
+    fn stats(conn: &mut B::Connection) -> impl Future<Output = QueryResult<StatsRows>> + Send {
+        async move {
+            let rows: Vec<StatsRow> = sql::<B::Db>(Self::STATS).load(conn).await?;
+            Ok(StatsRows::from_rows(rows))
+        }
+    }
+
+    /// Up to `limit` dead letters matching `filter`, newest first.
+    fn dead_letters(
+        conn: &mut B::Connection,
+        filter: &DeadFilter<'_>,
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<DeadRow>>> + Send {
+        async move {
+            filter
+                .bind(sql::<B::Db>(Self::DEAD_LETTERS))
+                .bind(rows::limit(limit))
+                .load(conn)
+                .await
+        }
+    }
+
+    /// Makes up to `limit` dead letters matching `filter` whose key comes after `after` pending
+    /// again (see [`Admin::REPLAY`]). Returns the keys replayed.
+    fn replay(
+        conn: &mut B::Connection,
+        filter: &DeadFilter<'_>,
+        after: &DeliveryRef,
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<DeliveryRef>>> + Send {
+        async move {
+            update::keys::<B>(conn, Self::REPLAY, |q| {
+                filter
+                    .bind(q)
+                    .bind(after.event_id)
+                    .bind(after.listener.as_str())
+                    .bind(rows::limit(limit))
+            })
+            .await
+        }
+    }
+
+    /// Deletes up to `limit` dead letters that died more than `older_than` ago.
+    fn purge_dead(
+        conn: &mut B::Connection,
+        older_than: Duration,
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<usize>> + Send {
+        async move { purge::<B>(conn, Self::PURGE_DEAD, older_than, limit).await }
+    }
+
+    /// One retention round, unless another instance is running one (then `None`): deletes
+    /// deliveries delivered more than `retention.delivered` ago and dead letters that died more
+    /// than `retention.dead` ago, `limit` rows per statement, each kind until a statement finds
+    /// fewer or `max_batches` ran. Returns the rows deleted.
+    fn cleanup(
+        conn: &mut B::Connection,
+        retention: Retention,
+        limit: usize,
+        max_batches: usize,
+    ) -> impl Future<Output = QueryResult<Option<usize>>> + Send {
+        async move {
+            let round = [
+                (Self::PURGE_DELIVERED, retention.delivered),
+                (Self::PURGE_DEAD, retention.dead),
+            ];
+            match Self::ROUND_LOCK {
+                RoundLock::Transaction(lock) => {
+                    B::begin(conn).await?;
+                    let result = async {
+                        if let Some(lock) = lock
+                            && !taken::<B>(conn, lock).await?
+                        {
+                            return Ok(None);
+                        }
+                        purge_round::<B>(conn, round, limit, max_batches)
+                            .await
+                            .map(Some)
+                    }
+                    .await;
+                    finish::<B, _, _>(conn, result).await
+                }
+                RoundLock::Session { lock, unlock } => {
+                    if !taken::<B>(conn, lock).await? {
+                        return Ok(None);
+                    }
+                    let result = purge_round::<B>(conn, round, limit, max_batches).await;
+                    let unlocked = sql::<B::Db>(unlock).load::<Lock>(conn).await;
+                    let deleted = result?;
+                    unlocked?;
+                    Ok(Some(deleted))
+                }
+            }
+        }
+    }
+
+    /// Makes the deliveries whose lease has passed without a result due, `batch` per statement
+    /// until one finds fewer (a released delivery is no longer stale). Returns how many.
+    fn release_stale(
+        conn: &mut B::Connection,
+        batch: usize,
+    ) -> impl Future<Output = QueryResult<usize>> + Send {
+        async move {
+            let mut released = 0;
+            loop {
+                let keys =
+                    update::keys::<B>(conn, Self::RELEASE_STALE, |q| q.bind(rows::limit(batch)))
+                        .await?;
+                released += keys.len();
+                if keys.len() < batch {
+                    return Ok(released);
+                }
+            }
+        }
+    }
+}
+
+/// Whether the lock `statement` takes was taken.
+async fn taken<B: Backend>(conn: &mut B::Connection, statement: &'static str) -> QueryResult<bool> {
+    let rows: Vec<Lock> = sql::<B::Db>(statement).load(conn).await?;
+    Ok(rows.iter().any(|row| row.n == Some(1)))
+}
+
+/// One bounded delete of rows older than `older_than`.
+async fn purge<B: Backend>(
+    conn: &mut B::Connection,
+    statement: &'static str,
+    older_than: Duration,
+    limit: usize,
+) -> QueryResult<usize> {
+    read_committed::<B>(conn).await?;
+    sql::<B::Db>(statement)
+        .bind(micros(older_than))
+        .bind(rows::limit(limit))
+        .execute(conn)
+        .await
+}
+
+/// The deletes of a retention round: each kind in up to `max_batches` statements of `limit`
+/// rows, stopping early when one finds fewer.
+async fn purge_round<B: Backend>(
+    conn: &mut B::Connection,
+    round: [(&'static str, Duration); 2],
+    limit: usize,
+    max_batches: usize,
+) -> QueryResult<usize> {
+    let mut deleted = 0;
+    for (statement, older_than) in round {
+        for _ in 0..max_batches {
+            let n = purge::<B>(conn, statement, older_than, limit).await?;
+            deleted += n;
+            if n < limit {
+                break;
+            }
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,289 @@
+//! The outbox: events written with their deliveries, due deliveries claimed, results recorded.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use diesel::QueryResult;
+use diesel_async::RunQueryDsl;
+
+use crate::delivery::{DeliveryKey, Outcome, Resolution};
+use crate::event::EventId;
+use crate::store::entity::{Operation, Persist};
+use crate::store::rows::{ClaimedRow, ListenerCount, attempt_i32};
+use crate::store::sql::sql;
+use crate::store::tx::finish;
+use crate::store::update::{self, Update};
+use crate::store::{Backend, rows};
+
+/// An event about to be written.
+#[derive(Debug)]
+pub struct NewEvent {
+    pub(crate) name: &'static str,
+    pub(crate) payload: Arc<str>,
+    pub(crate) listeners: Arc<[&'static str]>,
+    pub(crate) lease: Duration,
+    pub(crate) expires_after: Duration,
+}
+
+/// A written event.
+#[derive(Debug, Clone, Copy)]
+pub struct Inserted {
+    pub(crate) id: EventId,
+    pub(crate) emitted_at: SystemTime,
+}
+
+/// A delivery leased by a claim, or found expired by it (and made dead).
+#[derive(Debug)]
+pub struct Claimed {
+    pub(crate) event_id: EventId,
+    pub(crate) listener: String,
+    pub(crate) attempt: u32,
+    pub(crate) payload: Arc<str>,
+    pub(crate) emitted_at: SystemTime,
+    pub(crate) lease: Duration,
+    pub(crate) expired: bool,
+}
+
+/// What a result write did.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Outcomes written.
+    pub(crate) applied: usize,
+    /// Deliveries that became dead letters.
+    pub(crate) died: Vec<Died>,
+}
+
+/// A delivery that became a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Died {
+    pub(crate) event_id: EventId,
+    pub(crate) listener: String,
+    pub(crate) reason: String,
+}
+
+/// Writing events and their deliveries, claiming due ones, recording results: the statements
+/// of a backend, and the writes only it knows how to make fast.
+///
+/// A delivery is written in the emitting transaction already leased to the emitter
+/// (`attempts` 1, `available_at` the end of the lease), and deleted when its listener succeeds
+/// (or marked `delivered_at`, when successes are retained). Every result is fenced by the
+/// attempt number of the run that reports it, and only applies to a pending delivery (neither
+/// dead nor delivered).
+#[doc(hidden)]
+pub trait Outbox<B: Backend = Self> {
+    /// Leases up to `$2` due deliveries (`available_at` passed, pending) of the listeners in
+    /// the list `$1`, oldest due first, in one statement that concurrent claimers cannot
+    /// overlap: `attempts` + 1, leased now for `lease_ms`. Those past `expires_at` are made dead
+    /// (`expired`) instead. Returns [`ClaimedRow`]s.
+    const CLAIM: Update;
+
+    /// Makes up to `$2` expired due deliveries of listeners not in the list `$1` dead as
+    /// `no_listener` (with a `last_error` naming the listener, unless one is set). Returns their
+    /// keys.
+    const EXPIRE: Update;
+
+    /// Counts the due deliveries of listeners not in the list `$1`, per listener, looking at no
+    /// more than `$2` rows: [`ListenerCount`] rows.
+    const ORPHANS: &'static str;
+
+    /// Deletes delivery (`$1`, `$2`) if it is pending and its `attempts` is `$3`.
+    const COMPLETE: &'static str;
+
+    /// Marks it delivered instead (successes retained): `delivered_at` now, no lease.
+    const COMPLETE_RETAINED: &'static str;
+
+    /// How a derived entity is persisted.
+    const PERSIST: Persist;
+
+    /// Housekeeping the poller runs now and then, if the backend needs any.
+    const MAINTAIN: Option<&'static str> = None;
+
+    /// Writes one delivery per listener of `event`, leased to the emitter, in the transaction
+    /// open on `conn`. With no listener, writes nothing and only reserves an id.
+    fn insert_event(
+        conn: &mut B::Connection,
+        event: &NewEvent,
+    ) -> impl Future<Output = QueryResult<Inserted>> + Send;
+
+    /// Records the results of runs, each only if the delivery is still held by that attempt.
+    /// With `retain`, a success marks the delivery delivered instead of deleting it.
+    fn record(
+        conn: &mut B::Connection,
+        outcomes: &[Outcome],
+        retain: bool,
+    ) -> impl Future<Output = QueryResult<Recorded>> + Send;
+
+    /// Writes the event as the last statement of the transaction opened by [`Backend::begin`]
+    /// and commits. When it returns the transaction is over: committed on `Ok`, rolled back (or
+    /// the connection broken) on `Err`.
+    fn commit_with_event(
+        conn: &mut B::Connection,
+        event: &NewEvent,
+    ) -> impl Future<Output = QueryResult<Inserted>> + Send {
+        async move {
+            let inserted = B::insert_event(conn, event).await;
+            finish::<B, _, _>(conn, inserted).await
+        }
+    }
+
+    /// Writes the event alone in a transaction of its own (an emit without entity operations).
+    fn emit_alone(
+        conn: &mut B::Connection,
+        event: &NewEvent,
+    ) -> impl Future<Output = QueryResult<Inserted>> + Send {
+        async move {
+            B::begin(conn).await?;
+            B::commit_with_event(conn, event).await
+        }
+    }
+
+    /// Writes an emit: `ops` in order, then the event's deliveries, in one transaction. When it
+    /// returns the transaction is over: committed on `Ok`; on `Err` rolled back, or left for the
+    /// caller's rollback when the transaction manager still counts it open.
+    fn emit_with(
+        conn: &mut B::Connection,
+        ops: &[Operation<'_, B>],
+        event: &NewEvent,
+    ) -> impl Future<Output = QueryResult<Inserted>> + Send {
+        async move {
+            B::begin(conn).await?;
+            for op in ops {
+                op.run(conn).await?;
+            }
+            B::commit_with_event(conn, event).await
+        }
+    }
+
+    /// Leases up to `limit` due deliveries of `listeners` (see [`Outbox::CLAIM`]).
+    fn claim(
+        conn: &mut B::Connection,
+        listeners: &[&'static str],
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<Claimed>>> + Send {
+        async move {
+            let rows: Vec<ClaimedRow> = update::rows::<B, _>(conn, Self::CLAIM, |q| {
+                q.bind_list(listeners).bind(rows::limit(limit))
+            })
+            .await?;
+            Ok(rows.into_iter().map(Claimed::from).collect())
+        }
+    }
+
+    /// Makes up to `limit` expired deliveries of listeners not in `known` dead, as
+    /// `no_listener`. (Expired deliveries of known listeners die when they are claimed.)
+    fn expire(
+        conn: &mut B::Connection,
+        known: &[&'static str],
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<Died>>> + Send {
+        async move {
+            let keys = update::keys::<B>(conn, Self::EXPIRE, |q| {
+                q.bind_list(known).bind(rows::limit(limit))
+            })
+            .await?;
+            Ok(keys
+                .into_iter()
+                .map(|key| Died {
+                    event_id: EventId::new(key.event_id),
+                    listener: key.listener,
+                    reason: "no_listener".to_owned(),
+                })
+                .collect())
+        }
+    }
+
+    /// Counts due deliveries, per listener, of listeners not in `known` (at most `limit` rows
+    /// looked at): work waiting for an instance that has those listeners.
+    fn orphans(
+        conn: &mut B::Connection,
+        known: &[&'static str],
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<ListenerCount>>> + Send {
+        async move {
+            sql::<B::Db>(Self::ORPHANS)
+                .bind_list(known)
+                .bind(rows::limit(limit))
+                .load(conn)
+                .await
+        }
+    }
+
+    /// Completes a delivery in the transaction of a transactional listener, if that run still
+    /// holds it: returns whether it did.
+    fn complete_in_transaction(
+        conn: &mut B::Connection,
+        key: DeliveryKey,
+        retain: bool,
+    ) -> impl Future<Output = QueryResult<bool>> + Send {
+        async move {
+            let completed = sql::<B::Db>(if retain {
+                Self::COMPLETE_RETAINED
+            } else {
+                Self::COMPLETE
+            })
+            .bind(key.event_id.get())
+            .bind(key.listener)
+            .bind(attempt_i32(key.attempt))
+            .execute(conn)
+            .await?;
+            Ok(completed == 1)
+        }
+    }
+
+    /// Runs [`Outbox::MAINTAIN`].
+    fn maintain(conn: &mut B::Connection) -> impl Future<Output = QueryResult<()>> + Send {
+        async move {
+            if let Some(statement) = Self::MAINTAIN {
+                sql::<B::Db>(statement).execute(conn).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Splits `outcomes` into the keys of successes and the rest.
+pub(crate) fn split_done(outcomes: &[Outcome]) -> (Vec<DeliveryKey>, Vec<&Outcome>) {
+    let mut done = Vec::new();
+    let mut other = Vec::new();
+    for outcome in outcomes {
+        match outcome.resolution {
+            Resolution::Done => done.push(outcome.key),
+            _ => other.push(outcome),
+        }
+    }
+    (done, other)
+}
+
+/// The fields of an outcome that is not a success, flattened for binding.
+pub(crate) struct Failure {
+    pub(crate) delay_us: i64,
+    pub(crate) dead_reason: Option<&'static str>,
+    pub(crate) error: Option<String>,
+    pub(crate) undo_attempt: bool,
+}
+
+impl Failure {
+    pub(crate) fn new(resolution: &Resolution) -> Self {
+        let (delay, dead_reason, error, undo_attempt) = match resolution {
+            Resolution::Done => (Duration::ZERO, None, None, false),
+            Resolution::Retry { delay, error } => (*delay, None, Some(error.clone()), false),
+            Resolution::Dead { reason, error } => (
+                Duration::ZERO,
+                Some(reason.as_str()),
+                Some(error.clone()),
+                false,
+            ),
+            Resolution::Release {
+                undo_attempt,
+                error,
+            } => (Duration::ZERO, None, error.clone(), *undo_attempt),
+        };
+        Self {
+            delay_us: rows::micros(delay),
+            dead_reason,
+            error,
+            undo_attempt,
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! PostgreSQL: the outbox's statements, an emit in one round trip, results written as arrays.
+
+use diesel::QueryResult;
+use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::Untyped;
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
+
+use super::{Postgres, pipeline};
+use crate::delivery::{DeliveryKey, Outcome};
+use crate::store::outbox::{Failure, split_done};
+use crate::store::rows::{DiedRow, InsertedRow, attempt_i32, inserted, lease_ms, micros};
+use crate::store::sql::{Sql, sql};
+use crate::store::{Inserted, NewEvent, Operation, Outbox, Persist, Recorded, Statement, Update};
+
+const INSERT_EVENT: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at)
+SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 1, statement_timestamp(),
+       statement_timestamp() + $3 * interval '1 millisecond',
+       statement_timestamp() + $4 * interval '1 microsecond'
+FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
+// The same for the most common event, with one listener: a plain VALUES row is cheaper for the
+// server to start and run than the join with `unnest`.
+const INSERT_EVENT_ONE: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at)
+VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3, 1,
+        statement_timestamp(), statement_timestamp() + $3 * interval '1 millisecond',
+        statement_timestamp() + $4 * interval '1 microsecond')
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
+const RESERVE_ID: &str = "\
+SELECT nextval('txbus_event_ids') AS id,
+       (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us";
+
+// The fences of the result writes say `COALESCE(dead_at, delivered_at) IS NULL` rather than
+// `dead_at IS NULL AND delivered_at IS NULL`: the latter is the predicate of the partial index
+// `txbus_deliveries_due`, and with statistics taken while the table was small the planner scans
+// that whole index for every key instead of looking each key up in the primary key.
+const DELETE_DONE: &str = "\
+DELETE FROM txbus_deliveries t
+USING unnest($1::int8[], $2::text[], $3::int4[]) AS x (event_id, listener, attempts)
+WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+  AND COALESCE(t.dead_at, t.delivered_at) IS NULL";
+
+const MARK_DONE: &str = "\
+UPDATE txbus_deliveries t
+SET delivered_at = now(), leased_at = NULL
+FROM unnest($1::int8[], $2::text[], $3::int4[]) AS x (event_id, listener, attempts)
+WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+  AND COALESCE(t.dead_at, t.delivered_at) IS NULL";
+
+const UPDATE_FAILED: &str = "\
+UPDATE txbus_deliveries t
+SET attempts = t.attempts - CASE WHEN x.undo THEN 1 ELSE 0 END,
+    leased_at = NULL,
+    last_error = COALESCE(x.error, t.last_error),
+    dead_at = CASE WHEN x.reason IS NOT NULL
+                     OR now() + x.delay_us * interval '1 microsecond' >= t.expires_at
+                   THEN now() END,
+    dead_reason = CASE WHEN x.reason IS NOT NULL THEN x.reason
+                       WHEN now() + x.delay_us * interval '1 microsecond' >= t.expires_at
+                       THEN 'expired' END,
+    available_at = now() + x.delay_us * interval '1 microsecond'
+FROM unnest($1::int8[], $2::text[], $3::int4[], $4::int8[], $5::text[], $6::text[], $7::bool[])
+     AS x (event_id, listener, attempts, delay_us, reason, error, undo)
+WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+  AND COALESCE(t.dead_at, t.delivered_at) IS NULL
+RETURNING t.event_id, t.listener, t.dead_reason";
+
+impl Outbox for Postgres {
+    // The MATERIALIZED CTE is evaluated exactly once: a plain `IN (SELECT ... LIMIT n FOR UPDATE
+    // SKIP LOCKED)` can be rescanned by some plans and then claim more than n rows. Deliveries
+    // found expired are made dead instead of leased (all SET expressions see the row as it was).
+    const CLAIM: Update = Update::Returning(
+        "\
+WITH c AS MATERIALIZED (
+    SELECT event_id, listener FROM txbus_deliveries
+    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
+      AND listener = ANY($1)
+    ORDER BY available_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+UPDATE txbus_deliveries d
+SET attempts = CASE WHEN d.expires_at <= now() THEN d.attempts ELSE d.attempts + 1 END,
+    available_at = CASE WHEN d.expires_at <= now() THEN d.available_at
+                        ELSE now() + d.lease_ms * interval '1 millisecond' END,
+    leased_at = CASE WHEN d.expires_at <= now() THEN NULL ELSE now() END,
+    dead_at = CASE WHEN d.expires_at <= now() THEN now() END,
+    dead_reason = CASE WHEN d.expires_at <= now() THEN 'expired' END
+FROM c
+WHERE d.event_id = c.event_id AND d.listener = c.listener
+RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
+          (extract(epoch FROM d.emitted_at) * 1000000)::int8 AS emitted_at_us, d.lease_ms,
+          d.dead_at IS NOT NULL AS expired",
+    );
+
+    const EXPIRE: Update = Update::Returning(
+        "\
+WITH c AS MATERIALIZED (
+    SELECT event_id, listener FROM txbus_deliveries
+    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
+      AND expires_at <= now() AND NOT (listener = ANY($1))
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+UPDATE txbus_deliveries d
+SET dead_at = now(),
+    dead_reason = 'no_listener',
+    leased_at = NULL,
+    last_error = COALESCE(d.last_error, 'no running instance has listener ' || d.listener)
+FROM c
+WHERE d.event_id = c.event_id AND d.listener = c.listener
+RETURNING d.event_id, d.listener",
+    );
+
+    const ORPHANS: &'static str = "\
+SELECT listener, count(*) AS n FROM (
+    SELECT listener FROM txbus_deliveries
+    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
+      AND NOT (listener = ANY($1))
+    LIMIT $2) due
+GROUP BY listener ORDER BY listener";
+
+    // Fenced like the result writes: `COALESCE` keeps the planner on the primary key.
+    const COMPLETE: &'static str = "\
+DELETE FROM txbus_deliveries
+WHERE event_id = $1 AND listener = $2 AND attempts = $3
+  AND COALESCE(dead_at, delivered_at) IS NULL";
+
+    const COMPLETE_RETAINED: &'static str = "\
+UPDATE txbus_deliveries SET delivered_at = now(), leased_at = NULL
+WHERE event_id = $1 AND listener = $2 AND attempts = $3
+  AND COALESCE(dead_at, delivered_at) IS NULL";
+
+    const PERSIST: Persist = Persist::Upsert;
+
+    async fn insert_event(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
+        inserted(insert_rows(conn, event).await?)
+    }
+
+    // The insert and COMMIT travel together, in one round trip. Both go through diesel-async's
+    // prepared-statement path, whose statement-cache lock keeps them in order on the wire even
+    // when one of them still has to be prepared. A failure of the insert in the server aborts the
+    // transaction, so the COMMIT behind it rolls back; the insert cannot fail in the client before
+    // it is sent (its binds are text, integers and a text array).
+    async fn commit_with_event(
+        conn: &mut AsyncPgConnection,
+        event: &NewEvent,
+    ) -> QueryResult<Inserted> {
+        let result = {
+            let shared: &AsyncPgConnection = conn;
+            let (rows, committed) = tokio::join!(
+                biased;
+                insert_rows(shared, event),
+                sql::<Pg>("COMMIT").execute(&mut &*shared),
+            );
+            rows.and_then(|rows| committed.and_then(|_| inserted(rows)))
+        };
+        // The COMMIT went out: the transaction is over, whatever happened. Tell the transaction
+        // manager that opened it.
+        change_depth(conn, TransactionDepthChange::DecreaseDepth)?;
+        result
+    }
+
+    // One statement writes every delivery of the event: atomic by itself, so no transaction.
+    async fn emit_alone(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
+        Self::insert_event(conn, event).await
+    }
+
+    // One operation: one statement with the event's insert (see `WithEvent`). Several (whose
+    // statements could touch the same row, which one statement cannot do twice): in one round
+    // trip when every operation can be sent so (see `pipeline`). Otherwise BEGIN and the first
+    // operation travel together when the entity is derived: both go through the
+    // prepared-statement path, whose statement-cache lock keeps BEGIN first on the wire even if
+    // the write looks a type up first. BEGIN cannot fail on a live idle connection (and if the
+    // connection dies, both fail); the transaction manager learns about the transaction
+    // afterwards.
+    async fn emit_with(
+        conn: &mut AsyncPgConnection,
+        ops: &[Operation<'_, Self>],
+        event: &NewEvent,
+    ) -> QueryResult<Inserted> {
+        if let [op] = ops
+            && let Some(write) = op.statement()
+        {
+            let statement = WithEvent {
+                write,
+                event: insert_statement(event),
+            };
+            return inserted(statement.load(conn).await?);
+        }
+        if let Some(result) = pipeline::emit(conn, ops, event).await {
+            return result;
+        }
+        let first = match ops.first().and_then(Operation::statement) {
+            None => None,
+            Some(write) => {
+                let shared: &AsyncPgConnection = conn;
+                let (began, written) = tokio::join!(
+                    biased;
+                    sql::<Pg>("BEGIN").execute(&mut &*shared),
+                    write.execute(&mut &*shared),
+                );
+                Some(began.and(written))
+            }
+        };
+        let rest = match first {
+            None => {
+                AnsiTransactionManager::begin_transaction(conn).await?;
+                ops
+            }
+            Some(result) => {
+                change_depth(conn, TransactionDepthChange::IncreaseDepth)?;
+                result?;
+                &ops[1..]
+            }
+        };
+        for op in rest {
+            op.run(conn).await?;
+        }
+        Self::commit_with_event(conn, event).await
+    }
+
+    async fn record(
+        conn: &mut AsyncPgConnection,
+        outcomes: &[Outcome],
+        retain: bool,
+    ) -> QueryResult<Recorded> {
+        let (done, other) = split_done(outcomes);
+        let mut recorded = Recorded::default();
+        if !done.is_empty() {
+            let (event_ids, listeners, attempts) = key_columns(&done);
+            recorded.applied += sql::<Pg>(if retain { MARK_DONE } else { DELETE_DONE })
+                .bind(&event_ids[..])
+                .bind_list(&listeners)
+                .bind(&attempts[..])
+                .execute(conn)
+                .await?;
+        }
+        if !other.is_empty() {
+            let keys: Vec<DeliveryKey> = other.iter().map(|o| o.key).collect();
+            let (event_ids, listeners, attempts) = key_columns(&keys);
+            let failures: Vec<Failure> =
+                other.iter().map(|o| Failure::new(&o.resolution)).collect();
+            let delays: Vec<i64> = failures.iter().map(|f| f.delay_us).collect();
+            let reasons: Vec<Option<&str>> = failures.iter().map(|f| f.dead_reason).collect();
+            let errors: Vec<Option<&str>> = failures.iter().map(|f| f.error.as_deref()).collect();
+            let undo: Vec<bool> = failures.iter().map(|f| f.undo_attempt).collect();
+            let died: Vec<DiedRow> = sql::<Pg>(UPDATE_FAILED)
+                .bind(&event_ids[..])
+                .bind_list(&listeners)
+                .bind(&attempts[..])
+                .bind(&delays[..])
+                .bind(&reasons[..])
+                .bind(&errors[..])
+                .bind(&undo[..])
+                .load(conn)
+                .await?;
+            recorded.applied += died.len();
+            recorded
+                .died
+                .extend(died.into_iter().filter_map(DiedRow::died));
+        }
+        Ok(recorded)
+    }
+}
+
+/// The insert of an event's deliveries, or without listeners the reservation of its id.
+fn insert_statement(event: &NewEvent) -> Sql<'_, Pg> {
+    let statement = match &*event.listeners {
+        [] => return sql(RESERVE_ID),
+        [_] => INSERT_EVENT_ONE,
+        _ => INSERT_EVENT,
+    };
+    let statement = sql(statement)
+        .bind(event.name)
+        .bind(&*event.payload)
+        .bind(lease_ms(event.lease))
+        .bind(micros(event.expires_after));
+    match &*event.listeners {
+        [one] => statement.bind(*one),
+        all => statement.bind_list(all),
+    }
+}
+
+/// [`insert_statement`] through a shared connection (so that it can be pipelined). It goes on
+/// the wire at its first poll.
+pub(super) async fn insert_rows(
+    conn: &AsyncPgConnection,
+    event: &NewEvent,
+) -> QueryResult<Vec<InsertedRow>> {
+    insert_statement(event).load(&mut &*conn).await
+}
+
+/// Tells the transaction manager about a transaction opened or ended by a pipelined statement.
+pub(super) fn change_depth(
+    conn: &mut AsyncPgConnection,
+    change: TransactionDepthChange,
+) -> QueryResult<()> {
+    match AnsiTransactionManager::transaction_manager_status_mut(conn) {
+        TransactionManagerStatus::Valid(status) => status.change_transaction_depth(change),
+        TransactionManagerStatus::InError => Ok(()),
+    }
+}
+
+/// An entity's write and the event's insert as one statement:
+/// `WITH txbus_write AS (<write>) <insert>`. PostgreSQL runs every data-modifying statement in
+/// `WITH` to completion, and a statement is atomic by itself: the emit needs no transaction, and
+/// takes one round trip, one statement and one commit.
+struct WithEvent<'a> {
+    write: Statement<'a, Pg>,
+    event: Sql<'a, Pg>,
+}
+
+impl QueryFragment<Pg> for WithEvent<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH txbus_write AS (");
+        self.write.walk_ast(out.reborrow())?;
+        out.push_sql(") ");
+        self.event.walk_ast(out.reborrow())
+    }
+
+    // The write decides for itself (a derived upsert is cached when its SQL texts are few); a
+    // walk of the whole tree would find the upsert's clause that diesel marks as not cacheable.
+    fn is_safe_to_cache_prepared(&self, backend: &Pg) -> QueryResult<bool> {
+        Ok(self.write.is_safe_to_cache_prepared(backend)?
+            && self.event.is_safe_to_cache_prepared(backend)?)
+    }
+}
+
+/// Keyed by its SQL text in the statement cache.
+impl QueryId for WithEvent<'_> {
+    type QueryId = ();
+
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for WithEvent<'_> {
+    type SqlType = Untyped;
+}
+
+fn key_columns(keys: &[DeliveryKey]) -> (Vec<i64>, Vec<&'static str>, Vec<i32>) {
+    let event_ids = keys.iter().map(|k| k.event_id.get()).collect();
+    let listeners = keys.iter().map(|k| k.listener).collect();
+    let attempts = keys.iter().map(|k| attempt_i32(k.attempt)).collect();
+    (event_ids, listeners, attempts)
+}

@@ -1,0 +1,244 @@
+//! SQLite: the outbox's statements; an emit's write and a batch of results each in one trip to
+//! the blocking pool.
+
+use std::sync::Arc;
+
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use diesel::sqlite::{Sqlite as Db, SqliteConnection};
+use diesel::{QueryResult, RunQueryDsl};
+
+use super::{Conn, Sqlite};
+use crate::delivery::Outcome;
+use crate::event::EventId;
+use crate::store::outbox::{Failure, split_done};
+use crate::store::rows::{DiedRow, attempt_i32, lease_ms, rows, system_time_from_micros};
+use crate::store::sql::sql;
+use crate::store::{Inserted, NewEvent, Outbox, Persist, Recorded, Update};
+
+const NEXT_EVENT_ID: &str = concat!(
+    "UPDATE txbus_sequence SET value = value + 1 WHERE name = 'event_id' RETURNING value AS id, ",
+    now_ms!(),
+    " AS now_ms"
+);
+
+const INSERT_EVENT: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 / 1000 FROM json_each(?7)";
+
+const DELETE_DONE: &str = "\
+DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?
+    AND dead_at IS NULL AND delivered_at IS NULL";
+
+// A success kept for `retain_delivered`: the same fence as the delete.
+const MARK_DONE: &str = concat!(
+    "UPDATE txbus_deliveries SET delivered_at = ",
+    now_ms!(),
+    ", leased_at = NULL
+    WHERE event_id = ? AND listener = ? AND attempts = ?
+    AND dead_at IS NULL AND delivered_at IS NULL"
+);
+
+const UPDATE_FAILED: &str = concat!(
+    "UPDATE txbus_deliveries SET
+    attempts = attempts - ?4,
+    leased_at = NULL,
+    last_error = COALESCE(?7, last_error),
+    dead_at = CASE WHEN ?6 IS NOT NULL OR ",
+    now_ms!(),
+    " + ?5 / 1000 >= expires_at THEN ",
+    now_ms!(),
+    " END,
+    dead_reason = CASE WHEN ?6 IS NOT NULL THEN ?6 WHEN ",
+    now_ms!(),
+    " + ?5 / 1000 >= expires_at THEN 'expired' END,
+    available_at = ",
+    now_ms!(),
+    " + ?5 / 1000
+    WHERE event_id = ?1 AND listener = ?2 AND attempts = ?3
+    AND dead_at IS NULL AND delivered_at IS NULL
+    RETURNING event_id, listener, dead_reason"
+);
+
+rows! {
+    /// The next event id and the clock.
+    struct IdRow { id: i64, now_ms: i64 }
+}
+
+impl Outbox for Sqlite {
+    // Expired deliveries are made dead instead of leased (all SET expressions see the old row).
+    const CLAIM: Update = Update::Returning(concat!(
+        "UPDATE txbus_deliveries SET
+        attempts = CASE WHEN expires_at <= ",
+        now_ms!(),
+        " THEN attempts ELSE attempts + 1 END,
+        available_at = CASE WHEN expires_at <= ",
+        now_ms!(),
+        " THEN available_at ELSE ",
+        now_ms!(),
+        " + lease_ms END,
+        leased_at = CASE WHEN expires_at <= ",
+        now_ms!(),
+        " THEN NULL ELSE ",
+        now_ms!(),
+        " END,
+        dead_at = CASE WHEN expires_at <= ",
+        now_ms!(),
+        " THEN ",
+        now_ms!(),
+        " END,
+        dead_reason = CASE WHEN expires_at <= ",
+        now_ms!(),
+        " THEN 'expired' END
+    WHERE (event_id, listener) IN (
+        SELECT event_id, listener FROM txbus_deliveries
+        WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
+        now_ms!(),
+        " AND listener IN (SELECT value FROM json_each(?1))
+        ORDER BY available_at
+        LIMIT ?2)
+    RETURNING event_id, listener, attempts, payload, emitted_at * 1000 AS emitted_at_us,
+              lease_ms, dead_at IS NOT NULL AS expired"
+    ));
+
+    const EXPIRE: Update = Update::Returning(concat!(
+        "UPDATE txbus_deliveries SET dead_at = ",
+        now_ms!(),
+        ",
+    dead_reason = 'no_listener',
+    leased_at = NULL,
+    last_error = COALESCE(last_error, 'no running instance has listener ' || listener)
+    WHERE (event_id, listener) IN (
+        SELECT event_id, listener FROM txbus_deliveries
+        WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
+        now_ms!(),
+        " AND expires_at <= ",
+        now_ms!(),
+        " AND listener NOT IN (SELECT value FROM json_each(?1))
+        LIMIT ?2)
+    RETURNING event_id, listener"
+    ));
+
+    const ORPHANS: &'static str = concat!(
+        "SELECT listener, count(*) AS n FROM (
+        SELECT listener FROM txbus_deliveries
+        WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
+        now_ms!(),
+        " AND listener NOT IN (SELECT value FROM json_each(?1))
+        LIMIT ?2) due
+    GROUP BY listener ORDER BY listener"
+    );
+
+    const COMPLETE: &'static str = DELETE_DONE;
+
+    const COMPLETE_RETAINED: &'static str = MARK_DONE;
+
+    const PERSIST: Persist = Persist::Upsert;
+
+    async fn insert_event(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
+        let row = EventRow::new(event);
+        conn.spawn_blocking(move |c| row.insert(c)).await
+    }
+
+    // One trip to the blocking pool for the insert and the COMMIT (or the ROLLBACK).
+    async fn commit_with_event(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
+        let row = EventRow::new(event);
+        conn.spawn_blocking(move |c| match row.insert(c) {
+            Ok(inserted) => {
+                AnsiTransactionManager::commit_transaction(c)?;
+                Ok(inserted)
+            }
+            Err(error) => {
+                let _ = AnsiTransactionManager::rollback_transaction(c);
+                Err(error)
+            }
+        })
+        .await
+    }
+
+    async fn emit_alone(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
+        let row = EventRow::new(event);
+        conn.spawn_blocking(move |c| c.immediate_transaction(|c| row.insert(c)))
+            .await
+    }
+
+    // One immediate transaction on the blocking pool, a statement per result.
+    async fn record(conn: &mut Conn, outcomes: &[Outcome], retain: bool) -> QueryResult<Recorded> {
+        let (done, other) = split_done(outcomes);
+        let other: Vec<_> = other
+            .into_iter()
+            .map(|o| (o.key, Failure::new(&o.resolution)))
+            .collect();
+        conn.spawn_blocking(move |c| {
+            c.immediate_transaction(|c| {
+                let mut recorded = Recorded::default();
+                for key in &done {
+                    recorded.applied += sql::<Db>(if retain { MARK_DONE } else { DELETE_DONE })
+                        .bind(key.event_id.get())
+                        .bind(key.listener)
+                        .bind(attempt_i32(key.attempt))
+                        .execute(c)?;
+                }
+                for (key, failure) in &other {
+                    let died: Vec<DiedRow> = sql::<Db>(UPDATE_FAILED)
+                        .bind(key.event_id.get())
+                        .bind(key.listener)
+                        .bind(attempt_i32(key.attempt))
+                        .bind(i64::from(failure.undo_attempt))
+                        .bind(failure.delay_us)
+                        .bind(failure.dead_reason)
+                        .bind(failure.error.as_deref())
+                        .load(c)?;
+                    recorded.applied += died.len();
+                    recorded
+                        .died
+                        .extend(died.into_iter().filter_map(DiedRow::died));
+                }
+                Ok(recorded)
+            })
+        })
+        .await
+    }
+}
+
+/// An event's deliveries, ready to be written on the blocking pool.
+struct EventRow {
+    name: &'static str,
+    payload: Arc<str>,
+    lease: i64,
+    expires_us: i64,
+    listeners: Option<String>,
+}
+
+impl EventRow {
+    fn new(event: &NewEvent) -> Self {
+        Self {
+            name: event.name,
+            payload: event.payload.clone(),
+            lease: lease_ms(event.lease),
+            expires_us: crate::store::rows::micros(event.expires_after),
+            listeners: (!event.listeners.is_empty())
+                .then(|| serde_json::Value::from(&*event.listeners).to_string()),
+        }
+    }
+
+    /// Takes the next event id and writes one delivery per listener, in the open transaction.
+    fn insert(self, c: &mut SqliteConnection) -> QueryResult<Inserted> {
+        let id: IdRow = sql::<Db>(NEXT_EVENT_ID).get_result(c)?;
+        if let Some(listeners) = &self.listeners {
+            sql::<Db>(INSERT_EVENT)
+                .bind(id.id)
+                .bind(self.name)
+                .bind(&*self.payload)
+                .bind(id.now_ms)
+                .bind(self.lease)
+                .bind(self.expires_us)
+                .bind(listeners.as_str())
+                .execute(c)?;
+        }
+        Ok(Inserted {
+            id: EventId::new(id.id),
+            emitted_at: system_time_from_micros(id.now_ms.saturating_mul(1000)),
+        })
+    }
+}
