@@ -185,7 +185,7 @@ impl<B: Backend> EventBus<B> {
 
     /// Stops the bus: no more polls or emits; deliveries queued here are handed back at once for
     /// other instances; running listeners get the grace period
-    /// ([`EventBusBuilder::shutdown_grace`]) to finish, and are cancelled and released after it;
+    /// ([`EventBusBuilder::shutdown_grace`](crate::EventBusBuilder::shutdown_grace)) to finish, and are cancelled and released after it;
     /// then the last results are written. Calling it again waits for the first call.
     pub fn shutdown(&self) -> impl Future<Output = ()> + Send + '_ {
         self.engine.shutdown()

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
 
 use crate::error::Error;
@@ -15,7 +16,10 @@ use crate::store::{Backend, ListenerRow, Pool};
 /// to a run whose lease holds), `stale` (leased, but the lease passed without a result: its
 /// process died or lost the database; it runs again when claimed) and `retrying` (failed,
 /// waiting for its retry time).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+///
+/// Serialized (as `txbus status --json` prints it) with its fields, `pending` (their sum) and
+/// `oldest_pending_age_seconds`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeliveryCounts {
     /// Available now, not leased.
@@ -32,7 +36,6 @@ pub struct DeliveryCounts {
     pub delivered: u64,
     /// How long ago the oldest pending delivery's event was emitted, by the database's clock
     /// (in JSON: `oldest_pending_age_seconds`).
-    #[serde(rename = "oldest_pending_age_seconds", serialize_with = "seconds")]
     pub oldest_pending_age: Option<Duration>,
 }
 
@@ -68,8 +71,20 @@ impl DeliveryCounts {
     }
 }
 
-fn seconds<S: Serializer>(age: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
-    age.map(|age| age.as_secs_f64()).serialize(serializer)
+impl Serialize for DeliveryCounts {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut counts = serializer.serialize_struct("DeliveryCounts", 8)?;
+        counts.serialize_field("due", &self.due)?;
+        counts.serialize_field("running", &self.running)?;
+        counts.serialize_field("stale", &self.stale)?;
+        counts.serialize_field("retrying", &self.retrying)?;
+        counts.serialize_field("dead", &self.dead)?;
+        counts.serialize_field("delivered", &self.delivered)?;
+        counts.serialize_field("pending", &self.pending())?;
+        let age = self.oldest_pending_age.map(|age| age.as_secs_f64());
+        counts.serialize_field("oldest_pending_age_seconds", &age)?;
+        counts.end()
+    }
 }
 
 /// A snapshot of the bus's tables, from [`EventBus::stats`](crate::EventBus::stats).
@@ -152,11 +167,15 @@ mod tests {
     fn counts_serialize_with_the_age_in_seconds() {
         let counts = DeliveryCounts {
             due: 2,
+            retrying: 1,
+            dead: 4,
             oldest_pending_age: Some(Duration::from_millis(1500)),
             ..DeliveryCounts::default()
         };
         let json = serde_json::to_value(counts).unwrap();
         assert_eq!(json["due"], 2);
+        assert_eq!(json["pending"], 3);
+        assert_eq!(json["dead"], 4);
         assert_eq!(json["oldest_pending_age_seconds"], 1.5);
     }
 }

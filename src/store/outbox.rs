@@ -99,6 +99,10 @@ pub trait Outbox<B: Backend = Self> {
     /// Housekeeping the poller runs now and then, if the backend needs any.
     const MAINTAIN: Option<&'static str> = None;
 
+    /// Whether an event emitted alone needs no transaction around [`insert_event`](Self::insert_event):
+    /// it writes every delivery in one statement, atomic by itself.
+    const INSERT_IS_ATOMIC: bool = false;
+
     /// Writes one delivery per listener of `event`, leased to the emitter, in the transaction
     /// open on `conn`. With no listener, writes nothing and only reserves an id.
     fn insert_event(
@@ -127,12 +131,16 @@ pub trait Outbox<B: Backend = Self> {
         }
     }
 
-    /// Writes the event alone in a transaction of its own (an emit without entity operations).
+    /// Writes the event alone (an emit without entity operations): in a transaction of its own
+    /// unless [`INSERT_IS_ATOMIC`](Self::INSERT_IS_ATOMIC).
     fn emit_alone(
         conn: &mut B::Connection,
         event: &NewEvent,
     ) -> impl Future<Output = QueryResult<Inserted>> + Send {
         async move {
+            if B::INSERT_IS_ATOMIC {
+                return B::insert_event(conn, event).await;
+            }
             B::begin(conn).await?;
             B::commit_with_event(conn, event).await
         }

@@ -206,6 +206,10 @@ WHERE id < (SELECT newest FROM (SELECT COALESCE(MAX(id), 0) AS newest FROM txbus
 LIMIT 10000",
     );
 
+    // The deliveries go in one statement, atomic by itself; an id row without deliveries (a
+    // failure between the two statements) is harmless and trimmed by `MAINTAIN`.
+    const INSERT_IS_ATOMIC: bool = true;
+
     async fn insert_event(
         conn: &mut AsyncMysqlConnection,
         event: &NewEvent,
@@ -230,15 +234,6 @@ LIMIT 10000",
                 .await?;
         }
         Ok(inserted)
-    }
-
-    // The deliveries go in one statement, atomic by itself; an id row without deliveries (a
-    // failure between the two statements) is harmless and trimmed by `MAINTAIN`.
-    async fn emit_alone(
-        conn: &mut AsyncMysqlConnection,
-        event: &NewEvent,
-    ) -> QueryResult<Inserted> {
-        Self::insert_event(conn, event).await
     }
 
     async fn record(

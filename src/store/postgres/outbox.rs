@@ -138,6 +138,9 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
 
     const PERSIST: Persist = Persist::Upsert;
 
+    // One statement writes every delivery of the event.
+    const INSERT_IS_ATOMIC: bool = true;
+
     async fn insert_event(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
         inserted(insert_rows(conn, event).await?)
     }
@@ -164,11 +167,6 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
         // manager that opened it.
         change_depth(conn, TransactionDepthChange::DecreaseDepth)?;
         result
-    }
-
-    // One statement writes every delivery of the event: atomic by itself, so no transaction.
-    async fn emit_alone(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
-        Self::insert_event(conn, event).await
     }
 
     // One operation: one statement with the event's insert (see `WithEvent`). Several (whose
