@@ -72,6 +72,32 @@
 //! defined in a library crate is linked only if the binary refers to that crate; if nothing
 //! does, add `use that_crate as _;`. The bus logs how many listeners it found when it starts,
 //! and their ids at debug level.
+//!
+//! ## Architecture
+//! Four layers; each module uses only those of the layers below it, and the crate root only
+//! re-exports.
+//!
+//! 1. **Domain** (no database, no runtime): `event` (the [`Event`] trait, [`EventId`]),
+//!    `settings` ([`EventSettings`], the backoff), `delivery` (delivery keys, how a run ends,
+//!    [`DeadReason`]), `message` ([`MessageId`]), `listener` ([`Context`], [`ListenerError`],
+//!    registration), `error`.
+//! 2. **Store** (`store/`): the [`Backend`] contract split by concern — `outbox` (emits, claims,
+//!    results), `inbox` (receipts and stored messages), `admin` (statistics, dead letters,
+//!    replay, retention, stale leases), `migrate` (the embedded migrations and their runner) —
+//!    with what every database shares written once beside them: `sql` (statements and bound
+//!    values), `rows` (the rows they return), `update` (updates that report what they changed),
+//!    `tx` (transactions), `pool` ([`Pool`]) and `entity` ([`Entity`] writes). `postgres/`,
+//!    `mysql/` and `sqlite/` hold each database's SQL and what only it does (PostgreSQL's
+//!    pipelined emit in `postgres/pipeline`).
+//! 3. **Engine**: `engine` (what a bus's handles and tasks share, and its lifecycle),
+//!    `dispatch/` (the queue and concurrency bound in `mod`, one run of a listener in `run`, the
+//!    retry decision in `retry`, idle tracking in `tracker`, transactional listeners in
+//!    `transactional`), `completion` (results written in batches), `poller` (expiry and claims
+//!    of due deliveries), `stats`, `metrics`, `registry` (the listeners linked in).
+//! 4. **Surface**: `bus` ([`EventBus`]), `builder` ([`EventBusBuilder`]), `transaction`
+//!    ([`Transaction`]), `receive` (the inbox's [`EventBus::receive`]), `inbox_store`
+//!    ([`InboxStore`]), `admin` (statistics, dead letters and their replay, retention, stale leases), `cli/` (`args`, `commands`,
+//!    `render`), `nats/` (`relay`, `inbox`), and `private` (what the macros' expansions call).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
