@@ -4,7 +4,8 @@
 //! delivery the child had not finished, exactly once, and none that had succeeded.
 //!
 //! This test binary has its own `main` (the child is this same binary, started with
-//! `TXBUS_CRASH_CHILD` set); it runs the scenario on every backend txbus was built with.
+//! `TXBUS_CRASH_CHILD` set); it runs the scenario on every backend txbus was built with, as one
+//! test each (`<backend>::crash_recovery`).
 #![allow(
     missing_docs,
     unreachable_pub,
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use support::backends::exec;
-use support::process::{on_every_backend, run, runtime};
+use support::process::{arguments, on_every_backend, runtime};
 use support::{PATIENCE, TestBackend, eventually};
 use txbus::{Context, EventBus, EventSettings, ListenerError, Pool};
 
@@ -221,14 +222,16 @@ async fn crash_recovery<B: TestBackend>() {
 }
 
 fn main() -> ExitCode {
+    // The child process, started by the test below: it aborts, and must not return.
     if let Ok(backend) = std::env::var("TXBUS_CRASH_CHILD") {
         let url = std::env::var("TXBUS_CRASH_URL").unwrap();
         with_backend!(backend.as_str(), run_child(url));
         return ExitCode::FAILURE;
     }
-    run(on_every_backend("crash_recovery", |backend| {
+    let trials = on_every_backend("crash_recovery", |backend| {
         with_backend!(backend, run_recovery())
-    }))
+    });
+    libtest_mimic::run(&arguments(), trials).exit()
 }
 
 fn run_child<B: TestBackend>(url: String) {

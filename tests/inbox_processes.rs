@@ -2,7 +2,7 @@
 //! tasks: every id is accepted exactly once in total, and its listener runs once.
 //!
 //! This test binary has its own `main`: the receivers are this same binary, started with
-//! `TXBUS_INBOX_CHILD` set. It runs on every backend txbus was built with.
+//! `TXBUS_INBOX_CHILD` set. It runs on every backend txbus was built with, as one test each.
 #![allow(
     missing_docs,
     unreachable_pub,
@@ -14,11 +14,11 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 use support::backends::exec;
-use support::process::{on_every_backend, run, runtime};
+use support::process::{arguments, on_every_backend, runtime};
 use support::{TestBackend, eventually};
 use txbus::{Context, EventBus, EventSettings, ListenerError, MessageId, Pool, Received};
 
@@ -139,16 +139,17 @@ async fn two_processes<B: TestBackend>() {
     );
 }
 
-fn main() -> ExitCode {
+fn main() {
+    // A receiver process, started by the test below.
     if let Ok(backend) = std::env::var("TXBUS_INBOX_CHILD") {
         let url = std::env::var("TXBUS_INBOX_URL").unwrap();
         with_backend!(backend.as_str(), run_child(url));
-        return ExitCode::SUCCESS;
+        return;
     }
-    run(on_every_backend(
-        "two_processes_receive_the_same_ids",
-        |backend| with_backend!(backend, run_parent()),
-    ))
+    let trials = on_every_backend("two_processes_receive_the_same_ids", |backend| {
+        with_backend!(backend, run_parent())
+    });
+    libtest_mimic::run(&arguments(), trials).exit()
 }
 
 fn run_child<B: TestBackend>(url: String) {

@@ -12,12 +12,15 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::process::ExitCode;
-
 use diesel_async::AsyncPgConnection;
+use support::process::arguments;
 
 projection_listener!(AsyncPgConnection);
 
-fn main() -> ExitCode {
-    common::main::<txbus::Postgres>()
+fn main() {
+    if common::run_child::<txbus::Postgres>() {
+        return;
+    }
+    common::collect_logs();
+    libtest_mimic::run(&arguments(), common::trials::<txbus::Postgres>()).exit()
 }

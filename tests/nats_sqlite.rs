@@ -12,13 +12,16 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::process::ExitCode;
-
 use diesel::SqliteConnection;
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use support::process::arguments;
 
 projection_listener!(SyncConnectionWrapper<SqliteConnection>);
 
-fn main() -> ExitCode {
-    common::main::<txbus::Sqlite>()
+fn main() {
+    if common::run_child::<txbus::Sqlite>() {
+        return;
+    }
+    common::collect_logs();
+    libtest_mimic::run(&arguments(), common::trials::<txbus::Sqlite>()).exit()
 }

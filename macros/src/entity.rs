@@ -184,16 +184,20 @@ mod tests {
             struct User { id: i64, name: Option<String>, age: Option<i32>, bio: Option<String> }
         })
         .to_string();
-        assert!(few.contains("CachedUpsert"), "{few}");
+        // The derive tells `__txbus_statement!` whether to keep the upsert prepared (`CachedUpsert`).
+        assert!(few.contains("write , true)"), "{few}");
+        assert!(!few.contains("write , false)"), "{few}");
         let many = expand(quote! {
             struct User { id: i64, a: Option<i32>, b: Option<i32>, c: Option<i32>, d: Option<i32> }
         })
         .to_string();
-        assert!(!many.contains("CachedUpsert"), "{many}");
+        assert!(many.contains("write , false)"), "{many}");
+        assert!(!many.contains("write , true)"), "{many}");
         let embedded = expand(quote! {
             struct User { id: i64, #[diesel(embed)] address: Address }
         })
         .to_string();
-        assert!(!embedded.contains("CachedUpsert"), "{embedded}");
+        assert!(embedded.contains("write , false)"), "{embedded}");
+        assert!(!embedded.contains("write , true)"), "{embedded}");
     }
 }

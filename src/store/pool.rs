@@ -239,11 +239,10 @@ pub(crate) fn redact(url: &str) -> String {
     url.to_owned()
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "postgres", feature = "mysql")))]
 mod tests {
     use super::redact;
 
-    #[cfg(any(feature = "postgres", feature = "mysql"))]
     #[test]
     fn passwords_are_hidden() {
         assert_eq!(

@@ -3,7 +3,8 @@
 //! of work, application clocks minutes apart. RELIABILITY.md says what each scenario proves.
 //!
 //! This binary has its own `main`: some scenarios start copies of it as child processes
-//! (`TXBUS_FAULT_CHILD` set). Counts scale with `TXBUS_FAULT_SCALE` (default 1) for soak runs.
+//! (`TXBUS_FAULT_CHILD` set). Its tests list and filter as usual (`-- --list`, `-- kill_9`).
+//! The scenarios of PostgreSQL alone (outage, overload, skew) need the `postgres` feature. Counts scale with `TXBUS_FAULT_SCALE` (default 1) for soak runs.
 #![allow(
     missing_docs,
     unreachable_pub,
@@ -15,17 +16,18 @@
 mod support;
 
 mod kill;
+#[cfg(feature = "postgres")]
 mod outage;
+#[cfg(feature = "postgres")]
 mod overload;
 mod shutdown;
+#[cfg(feature = "postgres")]
 mod skew;
 mod stuck;
 
-use std::process::ExitCode;
-
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
-use support::process::{backends, run, runtime};
+use support::process::{arguments, backends, runtime, trial};
 
 diesel::table! {
     fault_orders (id) {
@@ -91,47 +93,46 @@ impl Rng {
     }
 }
 
-fn main() -> ExitCode {
+fn main() {
+    // A child process started by a scenario runs its role, not the tests.
     if let Ok(role) = std::env::var("TXBUS_FAULT_CHILD") {
         let args: Vec<String> = std::env::args().skip(1).collect();
         match role.as_str() {
             "kill-worker" => kill::worker(&args),
+            #[cfg(feature = "postgres")]
             "skew" => skew::child(&args),
             other => panic!("unknown child role {other}"),
         }
-        return ExitCode::SUCCESS;
+        return;
     }
-    let mut scenarios: Vec<(String, Box<dyn FnOnce()>)> = Vec::new();
+    let mut trials = Vec::new();
     for backend in backends() {
-        scenarios.push((
+        trials.push(trial(
             format!("{backend}::kill_9_at_random_points"),
-            Box::new(move || with_backend!(backend, kill_scenario())),
+            move || with_backend!(backend, kill_scenario()),
         ));
-        scenarios.push((
+        trials.push(trial(
             format!("{backend}::stuck_listeners_do_not_block_others"),
-            Box::new(move || with_backend!(backend, stuck_scenario())),
+            move || with_backend!(backend, stuck_scenario()),
         ));
-        scenarios.push((
+        trials.push(trial(
             format!("{backend}::shutdown_releases_and_finishes"),
-            Box::new(move || with_backend!(backend, shutdown_scenario())),
+            move || with_backend!(backend, shutdown_scenario()),
         ));
     }
     #[cfg(feature = "postgres")]
-    {
-        scenarios.push((
-            "postgres::database_outage".to_owned(),
-            Box::new(|| runtime().block_on(outage::database_outage())),
-        ));
-        scenarios.push((
-            "postgres::overload_stays_bounded".to_owned(),
-            Box::new(|| runtime().block_on(overload::overload::<txbus::Postgres>())),
-        ));
-        scenarios.push((
-            "postgres::clock_skew".to_owned(),
-            Box::new(|| runtime().block_on(skew::clock_skew())),
-        ));
-    }
-    run(scenarios)
+    trials.extend([
+        trial("postgres::database_outage", || {
+            runtime().block_on(outage::database_outage())
+        }),
+        trial("postgres::overload_stays_bounded", || {
+            runtime().block_on(overload::overload::<txbus::Postgres>())
+        }),
+        trial("postgres::clock_skew", || {
+            runtime().block_on(skew::clock_skew())
+        }),
+    ]);
+    libtest_mimic::run(&arguments(), trials).exit()
 }
 
 fn kill_scenario<B: support::TestBackend>()

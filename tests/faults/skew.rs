@@ -1,12 +1,18 @@
-//! Scenario 6: application clocks minutes apart. Two child processes run under `faketime`, one
-//! ten minutes behind the real clock and one ten minutes ahead, beside this process. Each of two
-//! events is leased by the process that emitted it (the one behind, and this one) for 4 s while
-//! its listener takes 2 s; all three poll the whole time. If a lease were written or read with an
-//! application clock, the process behind would write leases that look long over, or the one ahead
-//! would read them as over, and take the delivery early. With the database's clock for every
-//! lease, each event runs once, in the process that emitted it.
+//! Scenario 6: application clocks minutes apart. Two child processes run with their wall clock
+//! set off, one ten minutes behind the real clock and one ten minutes ahead, beside this process:
+//! a small library built from `skew_clock.c` with `cc` at test time, loaded into them with
+//! `LD_PRELOAD`, moves what `clock_gettime(CLOCK_REALTIME)`, `gettimeofday` and `time` return (the
+//! monotonic clock stays as it is). Each of two events is leased by the process that emitted it
+//! (the one behind, and this one) for 20 s while its listener takes 2 s; all three poll the whole
+//! time. If a lease were written or read with an application clock, the process behind would
+//! write leases that look long over, or the one ahead would read them as over, and take the
+//! delivery early. With the database's clock for every lease, each event runs once, in the
+//! process that emitted it.
 
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Lines};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +21,9 @@ use txbus::{Context, EventBus, EventSettings, ListenerError, Pool, Postgres};
 use crate::support::backends::exec;
 use crate::support::process::runtime;
 use crate::support::{TestBackend, eventually};
+
+/// How far off the children's wall clocks are.
+const SKEW: i64 = 600;
 
 #[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
 #[event(name = "fault.skew.job")]
@@ -41,7 +50,7 @@ async fn hold(event: SkewJob, ctx: Context) -> Result<(), ListenerError> {
 
 fn settings() -> EventSettings {
     EventSettings::default()
-        .max_execution_time(Duration::from_secs(4))
+        .max_execution_time(Duration::from_secs(20))
         .retry_after(Duration::from_millis(100))
 }
 
@@ -63,19 +72,52 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-fn start_child(offset: &str, url: &str, who: &str, emit: bool) -> std::process::Child {
-    Command::new("faketime")
-        .arg(offset)
-        .arg(std::env::current_exe().unwrap())
+/// The library that sets a process's wall clock off by `TXBUS_SKEW_SECONDS`, built once per
+/// test process from `skew_clock.c` with the C compiler (`$CC`, or `cc`).
+fn skew_clock() -> &'static PathBuf {
+    static LIBRARY: OnceLock<PathBuf> = OnceLock::new();
+    LIBRARY.get_or_init(|| {
+        let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/faults/skew_clock.c");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        // Built under a name of its own, then moved into place: test processes may build it at
+        // the same time.
+        let building = dir.join(format!("skew_clock.{}.so", std::process::id()));
+        let library = dir.join("skew_clock.so");
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+        let output = Command::new(&cc)
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&building)
+            .arg(source)
+            .arg("-ldl")
+            .output()
+            .unwrap_or_else(|e| panic!("could not start the C compiler `{cc}`: {e}"));
+        assert!(
+            output.status.success(),
+            "`{cc}` could not build {source}:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::rename(&building, &library).unwrap();
+        library
+    })
+}
+
+/// A child whose wall clock is `skew` seconds off, with its output's lines.
+fn start_child(
+    skew: i64,
+    url: &str,
+    who: &str,
+    emit: bool,
+) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .env("TXBUS_FAULT_CHILD", "skew")
-        // Only the wall clock: monotonic time is no application clock.
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("LD_PRELOAD", skew_clock())
+        .env("TXBUS_SKEW_SECONDS", skew.to_string())
         .args([url, who, if emit { "emit" } else { "poll" }])
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!("could not start `faketime` ({e}); install it with `apt-get install faketime`")
-        })
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
 }
 
 pub async fn clock_skew() {
@@ -83,10 +125,15 @@ pub async fn clock_skew() {
     txbus::migrate(&db.pool).await.unwrap();
     exec(&db.pool, "CREATE TABLE skew_runs (runner TEXT NOT NULL, emitter TEXT NOT NULL, attempt INT NOT NULL)").await;
 
-    let behind = start_child("-10 minutes", &db.url, "behind", true);
-    let ahead = start_child("+10 minutes", &db.url, "ahead", false);
+    let behind = start_child(-SKEW, &db.url, "behind", true);
+    let ahead = start_child(SKEW, &db.url, "ahead", false);
     let here = bus(db.another_pool().await, "here").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut children = [(behind, -SKEW), (ahead, SKEW)];
+    // Both children poll (and the one behind has emitted) before this process emits.
+    for ((_, lines), _) in &mut children {
+        let line = lines.next().expect("a skewed child ended early").unwrap();
+        assert_eq!(line, "ready");
+    }
     here.emit(
         SkewJob {
             from: "here".into(),
@@ -96,14 +143,10 @@ pub async fn clock_skew() {
     .await
     .unwrap();
 
-    for (child, expected) in [(behind, -600), (ahead, 600)] {
-        let output = child.wait_with_output().unwrap();
-        assert!(output.status.success(), "a skewed child failed");
-        let clock: i64 = String::from_utf8(output.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+    for ((mut child, mut lines), expected) in children {
+        let clock = lines.next().map(Result::unwrap);
+        assert!(child.wait().unwrap().success(), "a skewed child failed");
+        let clock: i64 = clock.expect("the child's clock").trim().parse().unwrap();
         let skew = clock - unix_now();
         assert!(
             (skew - expected).abs() < 60,
@@ -130,8 +173,9 @@ pub async fn clock_skew() {
     );
 }
 
-/// A skewed child: `<url> <who> <emit|poll>`. Runs a bus for 5 s (emitting one event first when
-/// asked), then prints its wall clock.
+/// A skewed child: `<url> <who> <emit|poll>`. Runs a bus (emitting one event first when asked),
+/// says "ready", polls until both events have run and for 3 s more (longer than a run: a run
+/// taken early would be seen), then prints its wall clock.
 pub fn child(args: &[String]) {
     let (url, who, emit) = (args[0].clone(), args[1].clone(), args[2] == "emit");
     runtime().block_on(async move {
@@ -140,11 +184,16 @@ pub fn child(args: &[String]) {
             .connect()
             .await
             .unwrap();
-        let bus = bus(pool, &who).await;
+        let bus = bus(pool.clone(), &who).await;
         if emit {
             bus.emit(SkewJob { from: who.clone() }, []).await.unwrap();
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        println!("ready");
+        eventually("both events to run", || async {
+            (Postgres::count(&pool, "SELECT count(*) AS n FROM skew_runs").await >= 2).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         bus.shutdown().await;
     });
     println!("{}", unix_now());

@@ -6,7 +6,7 @@
 //! Needs NATS with JetStream at `TXBUS_TEST_NATS_URL` (default `127.0.0.1:4222`).
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
@@ -16,7 +16,7 @@ use txbus::nats::{EVENT_HEADER, JetStreamInbox, JetStreamRelay};
 use txbus::{DeadLetterQuery, DeadReason, EventBus, EventSettings, Pool, persist};
 
 use crate::support::backends::exec;
-use crate::support::process::{run, runtime};
+use crate::support::process::{Trial, runtime, trial};
 use crate::support::proxy::{Proxy, authority, through};
 use crate::support::{PATIENCE, TestBackend, TestDb, unique};
 
@@ -820,62 +820,71 @@ fn orders() -> i64 {
         .unwrap_or(5_000)
 }
 
-pub fn main<B: TestBackend>() -> ExitCode
+/// Runs the child role `TXBUS_NATS_CHILD` names, if this process is one of the services a
+/// scenario started, and then returns true.
+pub fn run_child<B: TestBackend>() -> bool
 where
     NatsOrder: txbus::Entity<B>,
 {
-    if let Ok(role) = std::env::var("TXBUS_NATS_CHILD") {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        match role.as_str() {
-            "relay" => runtime().block_on(relay_child::<B>(
-                args[0].clone(),
-                args[1].clone(),
-                args[2].clone(),
-                args[3].parse().unwrap(),
-            )),
-            "consumer" => runtime().block_on(consumer_child::<B>(
-                args[0].clone(),
-                args[1].clone(),
-                args[2].clone(),
-            )),
-            other => panic!("unknown child role {other}"),
-        }
-        return ExitCode::SUCCESS;
+    let Ok(role) = std::env::var("TXBUS_NATS_CHILD") else {
+        return false;
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match role.as_str() {
+        "relay" => runtime().block_on(relay_child::<B>(
+            args[0].clone(),
+            args[1].clone(),
+            args[2].clone(),
+            args[3].parse().unwrap(),
+        )),
+        "consumer" => runtime().block_on(consumer_child::<B>(
+            args[0].clone(),
+            args[1].clone(),
+            args[2].clone(),
+        )),
+        other => panic!("unknown child role {other}"),
     }
+    true
+}
+
+/// Collects the process's `tracing` events, for the scenarios that look for a warning.
+pub fn collect_logs() {
     tracing::subscriber::set_global_default(Collector).unwrap();
+}
+
+/// The scenarios on backend `B`, one test each (`<backend>::<scenario>`).
+pub fn trials<B: TestBackend>() -> Vec<Trial>
+where
+    NatsOrder: txbus::Entity<B>,
+{
     let name = B::NAME;
-    let mut scenarios: Vec<(String, Box<dyn FnOnce()>)> = Vec::new();
+    let mut trials = Vec::new();
     if name == "postgres" {
-        scenarios.push((
+        trials.push(trial(
             format!("{name}::a_failed_receipt_is_redelivered"),
-            Box::new(|| runtime().block_on(a_failed_receipt_is_redelivered::<B>())),
+            || runtime().block_on(a_failed_receipt_is_redelivered::<B>()),
         ));
     }
-    scenarios.extend::<Vec<(String, Box<dyn FnOnce()>)>>(vec![
-        (
-            format!("{name}::survives_kills"),
-            Box::new(|| runtime().block_on(survives_kills::<B>(orders()))),
-        ),
-        (
-            format!("{name}::survives_a_nats_outage"),
-            Box::new(|| runtime().block_on(survives_a_nats_outage::<B>(orders() / 5))),
-        ),
-        (
-            format!("{name}::poison_messages_are_terminated"),
-            Box::new(|| runtime().block_on(poison_messages_are_terminated::<B>())),
-        ),
-        (
-            format!("{name}::relay_deliveries_are_listeners"),
-            Box::new(|| runtime().block_on(relay_deliveries_are_listeners::<B>())),
-        ),
-        (
+    trials.extend([
+        trial(format!("{name}::survives_kills"), || {
+            runtime().block_on(survives_kills::<B>(orders()))
+        }),
+        trial(format!("{name}::survives_a_nats_outage"), || {
+            runtime().block_on(survives_a_nats_outage::<B>(orders() / 5))
+        }),
+        trial(format!("{name}::poison_messages_are_terminated"), || {
+            runtime().block_on(poison_messages_are_terminated::<B>())
+        }),
+        trial(format!("{name}::relay_deliveries_are_listeners"), || {
+            runtime().block_on(relay_deliveries_are_listeners::<B>())
+        }),
+        trial(
             format!("{name}::a_deleted_consumer_stops_the_inbox"),
-            Box::new(|| runtime().block_on(a_deleted_consumer_stops_the_inbox::<B>())),
+            || runtime().block_on(a_deleted_consumer_stops_the_inbox::<B>()),
         ),
-        (
-            format!("{name}::bad_subjects_fail_the_build"),
-            Box::new(|| runtime().block_on(bad_subjects_fail_the_build::<B>())),
-        ),
+        trial(format!("{name}::bad_subjects_fail_the_build"), || {
+            runtime().block_on(bad_subjects_fail_the_build::<B>())
+        }),
     ]);
-    run(scenarios)
+    trials
 }

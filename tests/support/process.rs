@@ -1,8 +1,16 @@
-//! For test binaries with a `main` of their own (`harness = false`), which run scenarios that
-//! start copies of themselves as child processes.
+//! For test binaries with a `main` of their own (`harness = false`): those that start copies of
+//! themselves as child processes, or that set something for the whole process. Their tests are
+//! [`Trial`]s run by `libtest-mimic`, so they list (`--list`), filter and run one by one
+//! (`--exact`, nextest) like the tests of any other binary.
+//!
+//! Such a `main` first checks whether it was started as a child (an environment variable the
+//! parent set) and runs that role; only otherwise does it read the test runner's arguments.
 
-use std::panic::AssertUnwindSafe;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::process::ExitCode;
+
+pub use libtest_mimic::{Arguments, Trial};
 
 /// A multi-threaded runtime like the one a service would run.
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -44,48 +52,56 @@ pub fn backends() -> Vec<&'static str> {
     all
 }
 
-/// The scenario `name` on every backend this binary was built with: `scenario` gets the
-/// backend's name (and calls a generic function with [`with_backend!`]).
-pub fn on_every_backend(
-    name: &str,
-    scenario: fn(&'static str),
-) -> Vec<(String, Box<dyn FnOnce()>)> {
+/// A test that runs `scenario` to its end; a panic fails it.
+pub fn trial(name: impl Into<String>, scenario: impl FnOnce() + Send + 'static) -> Trial {
+    Trial::test(name, move || {
+        scenario();
+        Ok(())
+    })
+}
+
+/// The scenario `name` on every backend this binary was built with, as one test each
+/// (`<backend>::<name>`): `scenario` gets the backend's name (and calls a generic function with
+/// [`with_backend!`]).
+pub fn on_every_backend(name: &str, scenario: fn(&'static str)) -> Vec<Trial> {
     backends()
         .into_iter()
-        .map(|backend| {
-            let run: Box<dyn FnOnce()> = Box::new(move || scenario(backend));
-            (format!("{backend}::{name}"), run)
-        })
+        .map(|backend| trial(format!("{backend}::{name}"), move || scenario(backend)))
         .collect()
 }
 
-/// Runs the scenarios whose name contains one of the command line's filters (all without
-/// one), like the test harness would, and fails if any failed.
+/// The test runner's arguments (`--list`, filters, `--exact`, ...). The tests run one at a time
+/// unless `--test-threads` asks for more: they start processes, cut connections, measure memory
+/// and time, and would disturb each other's figures if they ran together.
+pub fn arguments() -> Arguments {
+    let mut args = Arguments::from_args();
+    args.test_threads.get_or_insert(1);
+    args
+}
+
+thread_local! {
+    /// The scenarios given to [`run`], until their test runs them on this same thread.
+    static SCENARIOS: RefCell<HashMap<String, Box<dyn FnOnce()>>> = RefCell::new(HashMap::new());
+}
+
+/// Runs scenarios given as named closures as tests, like [`arguments`] and `libtest_mimic::run`
+/// do with [`Trial`]s. The closures need not be `Send`: they run one at a time on this thread,
+/// whatever `--test-threads` says.
 pub fn run(scenarios: Vec<(String, Box<dyn FnOnce()>)>) -> ExitCode {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
+    let mut args = arguments();
+    args.test_threads = Some(1);
+    let trials = scenarios
+        .into_iter()
+        .map(|(name, scenario)| {
+            SCENARIOS.with(|all| all.borrow_mut().insert(name.clone(), scenario));
+            let key = name.clone();
+            trial(name, move || {
+                let scenario = SCENARIOS
+                    .with(|all| all.borrow_mut().remove(&key))
+                    .expect("a scenario runs on the thread that listed it, once");
+                scenario();
+            })
+        })
         .collect();
-    let mut failed = Vec::new();
-    let mut ran = 0;
-    for (name, scenario) in scenarios {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let result = std::panic::catch_unwind(AssertUnwindSafe(scenario));
-        println!(
-            "test {name} ... {}",
-            if result.is_ok() { "ok" } else { "FAILED" }
-        );
-        if result.is_err() {
-            failed.push(name);
-        }
-    }
-    println!("\n{ran} scenarios, {} failed {failed:?}", failed.len());
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    libtest_mimic::run(&args, trials).exit_code()
 }
