@@ -185,10 +185,6 @@ where
         B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
         0
     );
-    assert_eq!(
-        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
-        0
-    );
 
     // The same when the failing operation is the first (on PostgreSQL it travels with BEGIN),
     // and the connections stay usable afterwards.
@@ -279,10 +275,6 @@ where
         B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
         0
     );
-    assert_eq!(
-        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
-        0
-    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     crate::support::idle(&bus).await;
     assert!(probe.calls().is_empty(), "{:?}", probe.calls());
@@ -354,10 +346,6 @@ pub async fn event_without_listeners_writes_nothing<B: TestBackend>() {
     let a = bus.emit(NobodyListens { n: 1 }, []).await.unwrap();
     let b = bus.emit(NobodyListens { n: 2 }, []).await.unwrap();
     assert_ne!(a, b, "ids are never reused");
-    assert_eq!(
-        B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
-        0
-    );
     assert_eq!(
         B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await,
         0

@@ -66,7 +66,7 @@ pub async fn one_message_received_concurrently_is_accepted_once<B: TestBackend>(
 pub async fn duplicates_are_accepted_again_after_the_window<B: TestBackend>() {
     let db = B::open().await;
     let probe = Probe::new();
-    let window = Duration::from_millis(800);
+    let window = HOUR / 2;
     let bus = bus(db.pool.clone(), &probe)
         .inbox_dedup_window(window)
         .build()
@@ -94,7 +94,8 @@ pub async fn duplicates_are_accepted_again_after_the_window<B: TestBackend>() {
         );
     }
 
-    tokio::time::sleep(window + Duration::from_millis(100)).await;
+    // An hour later, the window (half an hour) is over for every message received so far.
+    B::all_an_hour_before(&db.pool, "txbus_inbox").await;
     let again = bus.receive(id.clone(), Paid { amount: 1 }).await.unwrap();
     assert!(
         matches!(again, Received::Accepted(_)),
@@ -236,8 +237,10 @@ pub async fn receive_in_a_transaction_rolls_back_with_it<B: TestBackend>() {
 pub async fn inbox_store_leases_and_deletes<B: TestBackend>() {
     let db = B::open().await;
     txbus::migrate(&db.pool).await.unwrap();
-    let store = InboxStore::new(db.pool.clone()).lease(Duration::from_millis(600));
-    let other = InboxStore::new(db.another_pool().await).lease(Duration::from_millis(600));
+    // Leases far longer than the test: none passes unless the test moves it into the past.
+    let lease = HOUR / 2;
+    let store = InboxStore::new(db.pool.clone()).lease(lease);
+    let other = InboxStore::new(db.another_pool().await).lease(lease);
     for n in 0..5 {
         let message = InboxMessage::new(
             MessageId::new("partner", format!("m{n}")),
@@ -278,8 +281,9 @@ pub async fn inbox_store_leases_and_deletes<B: TestBackend>() {
     );
     assert_eq!(store.message_count().await.unwrap(), 4);
 
-    // After the lease the rest come back; a stale handle can no longer delete them.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // After the lease the rest come back; a stale handle can no longer delete them. An hour
+    // later, the half-hour leases are over.
+    B::all_an_hour_before(&db.pool, "txbus_inbox_messages").await;
     let again = other.next_message().await.unwrap().unwrap();
     assert_eq!((again.id().key(), again.deliveries()), ("m1", 2));
     assert!(

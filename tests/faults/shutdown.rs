@@ -1,14 +1,14 @@
-//! Scenario 5: `shutdown()` in the middle of work. It returns within the grace period; what had
-//! not started is handed back at once, so another instance runs it without waiting for the
-//! lease (30 s here); what was running finishes, or is cancelled at the end of the grace period
-//! and run again elsewhere.
+//! Scenario 5: `shutdown()` in the middle of work. It returns within the grace period (plus the
+//! last writes); what had not started is handed back at once (due again as soon as `shutdown()`
+//! returns, not leased for another 30 s), so another instance runs it; what was running
+//! finishes, or is cancelled at the end of the grace period and run again elsewhere.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use txbus::{Context, EventBus, EventBusBuilder, EventId, ListenerError};
+use txbus::{Context, DeliveryCounts, EventBus, EventBusBuilder, EventId, ListenerError};
 
 use crate::support::{Probe, TestBackend, TestDb};
 
@@ -53,6 +53,21 @@ async fn bus<B: TestBackend>(db: &TestDb<B>, probe: &Arc<Probe>) -> EventBusBuil
         .max_concurrent_listeners(4)
 }
 
+/// How long `shutdown()` may take beyond the grace period: the bus's last writes.
+const LAST_WRITES: Duration = Duration::from_secs(2);
+
+/// The deliveries of `listener` as they are in the database, read by a bus that runs nothing.
+async fn counts<B: TestBackend>(db: &TestDb<B>, listener: &str) -> DeliveryCounts {
+    let reader = EventBus::builder(db.another_pool().await)
+        .poller(false)
+        .build()
+        .await
+        .unwrap();
+    let counts = reader.stats().await.unwrap().listeners[listener];
+    reader.shutdown().await;
+    counts
+}
+
 fn ended(probe: &Probe, listener: &str) -> HashSet<EventId> {
     probe
         .calls_of(listener)
@@ -68,9 +83,10 @@ pub async fn shutdown_releases_and_finishes<B: TestBackend>() {
 
     // Running listeners finish within the grace period; the queued rest is handed back.
     let first = Probe::new();
+    let grace = Duration::from_secs(2);
     let a = bus(&db, &first)
         .await
-        .shutdown_grace(Duration::from_secs(2))
+        .shutdown_grace(grace)
         .build()
         .await
         .unwrap();
@@ -79,74 +95,90 @@ pub async fn shutdown_releases_and_finishes<B: TestBackend>() {
     }
     first
         .wait_until("four running", |c| {
-            c.iter().filter(|c| c.note == "start").count() == 4
+            c.iter().filter(|c| c.note == "start").count() >= 4
         })
         .await;
     let stopping = Instant::now();
     a.shutdown().await;
     let took = stopping.elapsed();
-    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    assert!(took < grace + LAST_WRITES, "shutdown took {took:?}");
     let starts = first.calls().iter().filter(|c| c.note == "start").count();
     let done_by_a = ended(&first, "fault.shutdown.slow");
-    assert_eq!(done_by_a.len(), starts, "every run A started finished");
+    assert_eq!(
+        done_by_a.len(),
+        starts,
+        "every run A started finished (none was cancelled)"
+    );
+    assert!(done_by_a.len() < JOBS, "A was stopped in the middle");
+
+    // Handed back at once: due now, none still leased (the lease is 30 s).
+    let left = counts(&db, "fault.shutdown.slow").await;
+    assert_eq!(
+        (left.due, left.running, left.stale, left.retrying),
+        ((JOBS - done_by_a.len()) as u64, 0, 0, 0),
+        "{left:?}"
+    );
 
     let second = Probe::new();
-    let handed_over = Instant::now();
     let b = bus(&db, &second).await.build().await.unwrap();
     second
         .wait_until("the rest on the other instance", |c| {
-            c.iter().filter(|c| c.note == "end").count() == JOBS - done_by_a.len()
+            c.iter().filter(|c| c.note == "end").count() >= JOBS - done_by_a.len()
         })
         .await;
-    let waited = handed_over.elapsed();
-    assert!(
-        waited < Duration::from_secs(10),
-        "the released deliveries waited {waited:?} (lease: 30 s)"
-    );
+    crate::support::idle(&b).await;
     let done_by_b = ended(&second, "fault.shutdown.slow");
     assert!(
         done_by_a.is_disjoint(&done_by_b),
         "a delivery A completed ran again on B"
     );
     assert_eq!(done_by_a.len() + done_by_b.len(), JOBS);
+    assert_eq!(
+        second.calls().iter().filter(|c| c.note == "start").count(),
+        JOBS - done_by_a.len(),
+        "B ran each of the rest once"
+    );
     b.shutdown().await;
 
     // Running listeners that outlive the grace period are cancelled and run again elsewhere.
     let third = Probe::new();
+    let grace = Duration::from_millis(500);
     let c = bus(&db, &third)
         .await
-        .shutdown_grace(Duration::from_millis(500))
+        .shutdown_grace(grace)
         .build()
         .await
         .unwrap();
     for n in 0..3 {
         c.emit(StuckJob { n }, []).await.unwrap();
     }
-    third.wait_until("three hanging", |c| c.len() == 3).await;
+    third.wait_until("three hanging", |c| c.len() >= 3).await;
     let stopping = Instant::now();
     c.shutdown().await;
     let took = stopping.elapsed();
-    assert!(
-        took < Duration::from_millis(500) + Duration::from_secs(2),
-        "shutdown took {took:?}"
-    );
+    assert!(took < grace + LAST_WRITES, "shutdown took {took:?}");
+    assert_eq!(third.calls().len(), 3, "{:?}", third.calls());
     assert!(ended(&third, "fault.shutdown.stuck").is_empty());
 
+    // Cancelled and handed back at once: due now, not leased for another 30 s.
+    let left = counts(&db, "fault.shutdown.stuck").await;
+    assert_eq!(
+        (left.due, left.running, left.stale, left.retrying),
+        (3, 0, 0, 0),
+        "{left:?}"
+    );
+
     let fourth = Probe::new();
-    let handed_over = Instant::now();
     let d = bus(&db, &fourth).await.build().await.unwrap();
-    let calls = fourth
+    fourth
         .wait_until("the cancelled runs, run again", |c| {
-            c.iter().filter(|c| c.note == "end").count() == 3
+            c.iter().filter(|c| c.note == "end").count() >= 3
         })
         .await;
-    let waited = handed_over.elapsed();
-    assert!(
-        waited < Duration::from_secs(10),
-        "the cancelled runs waited {waited:?} (lease: 30 s)"
-    );
-    assert!(calls.iter().all(|c| c.attempt == 2), "{calls:?}");
     crate::support::idle(&d).await;
+    let calls = fourth.calls();
+    assert_eq!(calls.len(), 6, "each ran once more: {calls:?}");
+    assert!(calls.iter().all(|c| c.attempt == 2), "{calls:?}");
     d.shutdown().await;
     crate::support::eventually("every delivery done", || async {
         (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await == 0).then_some(())

@@ -54,6 +54,63 @@ pub trait TestBackend: Backend {
         sql: &'static str,
         id: i64,
     ) -> impl Future<Output = i64> + Send;
+
+    /// What subtracts an hour from a timestamp column in this backend's SQL.
+    const MINUS_AN_HOUR: &'static str;
+
+    /// Moves every timestamp of the deliveries of event `event_id` an hour back, as if it had
+    /// been emitted, leased, retried and finished an hour earlier: an expiry or lease an hour
+    /// (or less) away is then past, and its ages exceed any window of the test by an hour.
+    fn an_hour_before(pool: &Pool<Self>, event_id: i64) -> impl Future<Output = ()> + Send {
+        async move {
+            exec(
+                pool,
+                &hour_back::<Self>(
+                    "txbus_deliveries",
+                    DELIVERY_TIMES,
+                    &format!("event_id = {event_id}"),
+                ),
+            )
+            .await;
+        }
+    }
+
+    /// Moves the timestamps of every row of `table` (`txbus_deliveries`, `txbus_inbox`,
+    /// `txbus_inbox_messages`) an hour back.
+    fn all_an_hour_before(
+        pool: &Pool<Self>,
+        table: &'static str,
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            let columns = match table {
+                "txbus_deliveries" => DELIVERY_TIMES,
+                "txbus_inbox" => &["received_at"],
+                "txbus_inbox_messages" => &["received_at", "available_at"],
+                other => panic!("no timestamps known for {other}"),
+            };
+            exec(pool, &hour_back::<Self>(table, columns, "1 = 1")).await;
+        }
+    }
+}
+
+/// The timestamp columns of a delivery.
+const DELIVERY_TIMES: &[&str] = &[
+    "emitted_at",
+    "available_at",
+    "expires_at",
+    "leased_at",
+    "delivered_at",
+    "dead_at",
+];
+
+/// An `UPDATE` moving `columns` of the rows of `table` matching `filter` an hour back (a NULL
+/// stays NULL).
+fn hour_back<B: TestBackend>(table: &str, columns: &[&str], filter: &str) -> String {
+    let set: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{c} = {c}{}", B::MINUS_AN_HOUR))
+        .collect();
+    format!("UPDATE {table} SET {} WHERE {filter}", set.join(", "))
 }
 
 /// A backend with row locks: a transaction can hold some deliveries while others claim.
@@ -104,6 +161,7 @@ mod postgres {
     }
 
     impl TestBackend for Postgres {
+        const MINUS_AN_HOUR: &'static str = " - interval '1 hour'";
         const MIGRATIONS: i64 = 3;
 
         async fn open() -> TestDb<Self> {
@@ -278,6 +336,7 @@ mod mysql {
     }
 
     impl TestBackend for Mysql {
+        const MINUS_AN_HOUR: &'static str = " - INTERVAL 1 HOUR";
         const MIGRATIONS: i64 = 5;
 
         async fn open() -> TestDb<Self> {
@@ -395,6 +454,8 @@ mod sqlite {
     use txbus::Sqlite;
 
     impl TestBackend for Sqlite {
+        // Milliseconds since the epoch.
+        const MINUS_AN_HOUR: &'static str = " - 3600000";
         const MIGRATIONS: i64 = 3;
 
         async fn open() -> TestDb<Self> {
