@@ -6,10 +6,6 @@
 //! Such a `main` first checks whether it was started as a child (an environment variable the
 //! parent set) and runs that role; only otherwise does it read the test runner's arguments.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::process::ExitCode;
-
 pub use libtest_mimic::{Arguments, Trial};
 
 /// A multi-threaded runtime like the one a service would run.
@@ -77,31 +73,4 @@ pub fn arguments() -> Arguments {
     let mut args = Arguments::from_args();
     args.test_threads.get_or_insert(1);
     args
-}
-
-thread_local! {
-    /// The scenarios given to [`run`], until their test runs them on this same thread.
-    static SCENARIOS: RefCell<HashMap<String, Box<dyn FnOnce()>>> = RefCell::new(HashMap::new());
-}
-
-/// Runs scenarios given as named closures as tests, like [`arguments`] and `libtest_mimic::run`
-/// do with [`Trial`]s. The closures need not be `Send`: they run one at a time on this thread,
-/// whatever `--test-threads` says.
-pub fn run(scenarios: Vec<(String, Box<dyn FnOnce()>)>) -> ExitCode {
-    let mut args = arguments();
-    args.test_threads = Some(1);
-    let trials = scenarios
-        .into_iter()
-        .map(|(name, scenario)| {
-            SCENARIOS.with(|all| all.borrow_mut().insert(name.clone(), scenario));
-            let key = name.clone();
-            trial(name, move || {
-                let scenario = SCENARIOS
-                    .with(|all| all.borrow_mut().remove(&key))
-                    .expect("a scenario runs on the thread that listed it, once");
-                scenario();
-            })
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit_code()
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use txbus::{BuildError, EventBus, EventSettings, Pool};
 
 use crate::support::backends::exec;
-use crate::support::process::{backends, run, runtime};
+use crate::support::process::{arguments, backends, runtime, trial};
 use crate::support::{TestBackend, TestDb, eventually};
 use crate::with_backend;
 
@@ -260,29 +260,29 @@ pub fn main<B: TestBackend>() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let name = B::NAME;
-    let mut scenarios: Vec<(String, Box<dyn FnOnce()>)> = vec![
-        (
+    let mut trials = vec![
+        trial(
             format!("{name}::writes_are_applied_once_after_failures"),
-            Box::new(|| runtime().block_on(writes_are_applied_once_after_failures::<B>())),
+            || runtime().block_on(writes_are_applied_once_after_failures::<B>()),
         ),
-        (
+        trial(
             format!("{name}::a_lost_lease_rolls_the_writes_back"),
-            Box::new(|| runtime().block_on(a_lost_lease_rolls_the_writes_back::<B>())),
+            || runtime().block_on(a_lost_lease_rolls_the_writes_back::<B>()),
         ),
-        (
+        trial(
             format!("{name}::a_timeout_rolls_back_and_drops_the_connection"),
-            Box::new(|| runtime().block_on(a_timeout_rolls_back_and_drops_the_connection::<B>())),
+            || runtime().block_on(a_timeout_rolls_back_and_drops_the_connection::<B>()),
         ),
-        (
+        trial(
             format!("{name}::a_crash_before_commit_leaves_no_writes"),
-            Box::new(|| runtime().block_on(a_crash_before_commit_leaves_no_writes::<B>())),
+            || runtime().block_on(a_crash_before_commit_leaves_no_writes::<B>()),
         ),
     ];
     for other in backends().into_iter().filter(|other| *other != B::NAME) {
-        scenarios.push((
+        trials.push(trial(
             format!("{other}::another_backend_refuses"),
-            Box::new(move || with_backend!(other, refuse())),
+            move || with_backend!(other, refuse()),
         ));
     }
-    run(scenarios)
+    libtest_mimic::run(&arguments(), trials).exit_code()
 }
