@@ -11,9 +11,11 @@ use super::{Conn, Sqlite};
 use crate::delivery::Outcome;
 use crate::event::EventId;
 use crate::store::outbox::{Failure, split_done};
-use crate::store::rows::{DiedRow, attempt_i32, lease_ms, rows, system_time_from_micros};
+use crate::store::rows::{
+    self, ClaimedRow, DiedRow, attempt_i32, lease_ms, rows, system_time_from_micros,
+};
 use crate::store::sql::sql;
-use crate::store::{Inserted, NewEvent, Outbox, Persist, Recorded, Update};
+use crate::store::{Claimed, Inserted, NewEvent, Outbox, Persist, Recorded, Update};
 
 const NEXT_EVENT_ID: &str = concat!(
     "UPDATE txbus_sequence SET value = value + 1 WHERE name = 'event_id' RETURNING value AS id, ",
@@ -65,41 +67,43 @@ rows! {
     struct IdRow { id: i64, now_ms: i64 }
 }
 
-impl Outbox for Sqlite {
-    // Expired deliveries are made dead instead of leased (all SET expressions see the old row).
-    const CLAIM: Update = Update::Returning(concat!(
-        "UPDATE txbus_deliveries SET
+// Expired deliveries are made dead instead of leased (all SET expressions see the old row).
+const CLAIM: &str = concat!(
+    "UPDATE txbus_deliveries SET
         attempts = CASE WHEN expires_at <= ",
-        now_ms!(),
-        " THEN attempts ELSE attempts + 1 END,
+    now_ms!(),
+    " THEN attempts ELSE attempts + 1 END,
         available_at = CASE WHEN expires_at <= ",
-        now_ms!(),
-        " THEN available_at ELSE ",
-        now_ms!(),
-        " + lease_ms END,
+    now_ms!(),
+    " THEN available_at ELSE ",
+    now_ms!(),
+    " + lease_ms END,
         leased_at = CASE WHEN expires_at <= ",
-        now_ms!(),
-        " THEN NULL ELSE ",
-        now_ms!(),
-        " END,
+    now_ms!(),
+    " THEN NULL ELSE ",
+    now_ms!(),
+    " END,
         dead_at = CASE WHEN expires_at <= ",
-        now_ms!(),
-        " THEN ",
-        now_ms!(),
-        " END,
+    now_ms!(),
+    " THEN ",
+    now_ms!(),
+    " END,
         dead_reason = CASE WHEN expires_at <= ",
-        now_ms!(),
-        " THEN 'expired' END
+    now_ms!(),
+    " THEN 'expired' END
     WHERE (event_id, listener) IN (
         SELECT event_id, listener FROM txbus_deliveries
         WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
-        now_ms!(),
-        " AND listener IN (SELECT value FROM json_each(?1))
+    now_ms!(),
+    " AND listener IN (SELECT value FROM json_each(?1))
         ORDER BY available_at
         LIMIT ?2)
     RETURNING event_id, listener, attempts, payload, emitted_at * 1000 AS emitted_at_us,
               lease_ms, dead_at IS NOT NULL AS expired"
-    ));
+);
+
+impl Outbox for Sqlite {
+    const CLAIM: Update = Update::Returning(CLAIM);
 
     const EXPIRE: Update = Update::Returning(concat!(
         "UPDATE txbus_deliveries SET dead_at = ",
@@ -160,6 +164,24 @@ impl Outbox for Sqlite {
         let row = EventRow::new(event);
         conn.spawn_blocking(move |c| c.immediate_transaction(|c| row.insert(c)))
             .await
+    }
+
+    // The statement and the reading of its rows in one trip to the blocking pool.
+    async fn claim(
+        conn: &mut Conn,
+        listeners: &[&'static str],
+        limit: usize,
+    ) -> QueryResult<Vec<Claimed>> {
+        let listeners = serde_json::Value::from(listeners).to_string();
+        let rows: Vec<ClaimedRow> = conn
+            .spawn_blocking(move |c| {
+                sql::<Db>(CLAIM)
+                    .bind(listeners)
+                    .bind(rows::limit(limit))
+                    .load(c)
+            })
+            .await?;
+        Ok(rows.into_iter().map(Claimed::from).collect())
     }
 
     // One immediate transaction on the blocking pool, a statement per result.
