@@ -96,8 +96,9 @@
 //!    of due deliveries), `stats`, `metrics`, `registry` (the listeners linked in).
 //! 4. **Surface**: `bus` ([`EventBus`]), `builder` ([`EventBusBuilder`]), `transaction`
 //!    ([`Transaction`]), `receive` (the inbox's [`EventBus::receive`]), `inbox_store`
-//!    ([`InboxStore`]), `admin` (statistics, dead letters and their replay, retention, stale leases), `cli/` (`args`, `commands`,
-//!    `render`), `nats/` (`relay`, `inbox`), and `private` (what the macros' expansions call).
+//!    ([`InboxStore`]), `admin` (statistics, dead letters and their replay, retention, stale
+//!    leases), `cli/` (`args`, `commands`, `render`), `nats/` (`relay`, `inbox`), and `private`
+//!    (what the macros' expansions call).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
