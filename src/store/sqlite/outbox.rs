@@ -166,7 +166,9 @@ impl Outbox for Sqlite {
             .await
     }
 
-    // The statement and the reading of its rows in one trip to the blocking pool.
+    // `CLAIM`, and the reading of its rows, in one trip to the blocking pool: through
+    // diesel-async's `load` the rows would be copied on the blocking thread and decoded again on
+    // the runtime while the poller holds the write turn (BENCHMARKS.md, D1 on SQLite).
     async fn claim(
         conn: &mut Conn,
         listeners: &[&'static str],
