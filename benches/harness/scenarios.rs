@@ -78,7 +78,9 @@ where
 }
 
 /// E1: emit with one `persist` and one no-op listener, until the listener ran and its result is
-/// written; baseline: the same `persist` in a plain diesel-async transaction.
+/// written; baselines: the same `persist` in a plain diesel-async transaction, and alone in
+/// autocommit (one statement, no `BEGIN` or `COMMIT`). Each round runs the three in a rotated
+/// order; the two rows share the bus's figures.
 async fn e1<B: BenchBackend>(args: &Args) -> Vec<Row>
 where
     BenchUser: Entity<B>,
@@ -95,7 +97,7 @@ where
         .unwrap();
     let mut rows = Vec::new();
     for &clients in &args.concurrency {
-        let mut row = Row {
+        let mut in_tx = Row {
             backend: B::NAME,
             scenario: "E1 emit end-to-end",
             case: format!("{clients} emitters"),
@@ -105,48 +107,78 @@ where
             baseline_name: "plain insert tx",
             lower_is_better: false,
         };
+        let mut autocommit = Row {
+            baseline_name: "plain insert, autocommit",
+            ..in_tx.clone()
+        };
         for round in 0..args.rounds {
-            for bus_first in [round % 2 == 1, round % 2 == 0] {
+            for turn in 0..3 {
                 let n = args.events;
                 let started = Instant::now();
-                if bus_first {
-                    let target = recorder.runs.load(Ordering::Relaxed) + n as u64;
-                    fan_out(clients, n, |count| {
-                        let bus = bus.clone();
-                        let payload = args.payload;
-                        async move {
-                            for _ in 0..count {
-                                let (user, event) = next_user(payload);
-                                bus.emit(event, [persist(&user)]).await.unwrap();
+                match (round + turn) % 3 {
+                    0 => {
+                        let target = recorder.runs.load(Ordering::Relaxed) + n as u64;
+                        fan_out(clients, n, |count| {
+                            let bus = bus.clone();
+                            let payload = args.payload;
+                            async move {
+                                for _ in 0..count {
+                                    let (user, event) = next_user(payload);
+                                    bus.emit(event, [persist(&user)]).await.unwrap();
+                                }
                             }
-                        }
-                    })
-                    .await;
-                    settle(&bus, &recorder, target).await;
-                    row.txbus.push(n as f64 / started.elapsed().as_secs_f64());
-                } else {
-                    fan_out(clients, n, |count| {
-                        let pool = pool.clone();
-                        let payload = args.payload;
-                        async move {
-                            for _ in 0..count {
-                                let (user, _) = next_user(payload);
-                                let mut conn = pool.get().await.unwrap();
-                                conn.transaction(async |c| {
-                                    <BenchUser as Entity<B>>::persist(&user, c).await
-                                })
-                                .await
-                                .unwrap();
+                        })
+                        .await;
+                        settle(&bus, &recorder, target).await;
+                        let rate = n as f64 / started.elapsed().as_secs_f64();
+                        in_tx.txbus.push(rate);
+                        autocommit.txbus.push(rate);
+                    }
+                    1 => {
+                        fan_out(clients, n, |count| {
+                            let pool = pool.clone();
+                            let payload = args.payload;
+                            async move {
+                                for _ in 0..count {
+                                    let (user, _) = next_user(payload);
+                                    let mut conn = pool.get().await.unwrap();
+                                    conn.transaction(async |c| {
+                                        <BenchUser as Entity<B>>::persist(&user, c).await
+                                    })
+                                    .await
+                                    .unwrap();
+                                }
                             }
-                        }
-                    })
-                    .await;
-                    row.baseline
-                        .push(n as f64 / started.elapsed().as_secs_f64());
+                        })
+                        .await;
+                        in_tx
+                            .baseline
+                            .push(n as f64 / started.elapsed().as_secs_f64());
+                    }
+                    _ => {
+                        fan_out(clients, n, |count| {
+                            let pool = pool.clone();
+                            let payload = args.payload;
+                            async move {
+                                for _ in 0..count {
+                                    let (user, _) = next_user(payload);
+                                    let mut conn = pool.get().await.unwrap();
+                                    <BenchUser as Entity<B>>::persist(&user, &mut conn)
+                                        .await
+                                        .unwrap();
+                                }
+                            }
+                        })
+                        .await;
+                        autocommit
+                            .baseline
+                            .push(n as f64 / started.elapsed().as_secs_f64());
+                    }
                 }
             }
         }
-        rows.push(row);
+        rows.push(in_tx);
+        rows.push(autocommit);
     }
     bus.shutdown().await;
     rows
@@ -345,12 +377,40 @@ async fn handoff_latencies(clients: usize, n: usize) -> Vec<Duration> {
     receiver.await.unwrap()
 }
 
+/// The bus D1 and M1 drain with: polls every 50 ms, claims of 1,000 and 1,000 listeners at once.
 fn drain_bus<B: TestBackend>(pool: Pool<B>, recorder: Arc<Recorder>) -> txbus::EventBusBuilder<B> {
     EventBus::builder(pool)
         .state(recorder)
         .retry_every(Duration::from_millis(50))
         .max_events_per_retry(1000)
         .max_concurrent_listeners(1000)
+}
+
+/// Drains a backlog with one bus in this process (tuned as [`drain_bus`], or with the builder's
+/// defaults), checks that every delivery ran once, and returns deliveries per second.
+async fn drain_here<B: BenchBackend>(n: usize, payload: &str, tuned: bool) -> f64
+where
+    BenchUser: Entity<B>,
+{
+    let db = B::open().await;
+    txbus::migrate(&db.pool).await.unwrap();
+    bulk_backlog::<B>(&db.pool, n, payload).await;
+    let pool = pool_for::<B>(&db.url, 8).await;
+    let recorder = Arc::new(Recorder::default());
+    let started = Instant::now();
+    let builder = if tuned {
+        drain_bus(pool.clone(), recorder.clone())
+    } else {
+        EventBus::builder(pool.clone()).state(recorder.clone())
+    };
+    let bus = builder.build().await.unwrap();
+    settle(&bus, &recorder, n as u64).await;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(deliveries_left(&pool).await, 0);
+    let seen: HashSet<i64> = recorder.seen.lock().unwrap().iter().copied().collect();
+    assert_eq!(seen.len(), n, "every delivery ran once");
+    bus.shutdown().await;
+    rate
 }
 
 async fn deliveries_left<B: TestBackend>(pool: &Pool<B>) -> i64 {
@@ -382,36 +442,32 @@ where
         case: format!("{n} backlog, 2 processes"),
         ..one.clone()
     };
+    let mut defaults = Row {
+        case: format!("{n} backlog, 1 process, default settings"),
+        ..one.clone()
+    };
     for _ in 0..args.rounds {
         // Baseline.
         let db = B::open().await;
         txbus::migrate(&db.pool).await.unwrap();
         bulk_backlog::<B>(&db.pool, n, &payload).await;
         let started = Instant::now();
-        while B::raw_drain(&db.pool, 1000).await > 0 {}
+        fan_out(B::DRAINERS, B::DRAINERS, |_| {
+            let pool = db.pool.clone();
+            async move { while B::raw_drain(&pool, 1000).await > 0 {} }
+        })
+        .await;
         let rate = n as f64 / started.elapsed().as_secs_f64();
-        one.baseline.push(rate);
-        two.baseline.push(rate);
+        assert_eq!(deliveries_left(&db.pool).await, 0);
+        for row in [&mut one, &mut two, &mut defaults] {
+            row.baseline.push(rate);
+        }
         drop(db);
 
-        // One process.
-        let db = B::open().await;
-        txbus::migrate(&db.pool).await.unwrap();
-        bulk_backlog::<B>(&db.pool, n, &payload).await;
-        let pool = pool_for::<B>(&db.url, 8).await;
-        let recorder = Arc::new(Recorder::default());
-        let started = Instant::now();
-        let bus = drain_bus(pool.clone(), recorder.clone())
-            .build()
-            .await
-            .unwrap();
-        settle(&bus, &recorder, n as u64).await;
-        one.txbus.push(n as f64 / started.elapsed().as_secs_f64());
-        assert_eq!(deliveries_left(&pool).await, 0);
-        let seen: HashSet<i64> = recorder.seen.lock().unwrap().iter().copied().collect();
-        assert_eq!(seen.len(), n, "every delivery ran once");
-        bus.shutdown().await;
-        drop(db);
+        one.txbus.push(drain_here::<B>(n, &payload, true).await);
+        defaults
+            .txbus
+            .push(drain_here::<B>(n, &payload, false).await);
 
         // Two processes.
         let db = B::open().await;
@@ -469,7 +525,7 @@ where
         );
         drop(db);
     }
-    vec![one, two]
+    vec![one, two, defaults]
 }
 
 /// S1: `bus.stats()` on a table of pending deliveries, at the D1 and M1 backlog sizes; baseline:
