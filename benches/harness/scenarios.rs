@@ -413,6 +413,10 @@ where
     rate
 }
 
+/// Whether any delivery is left (1) or none (0), stopping at the first row found.
+const ANY_LEFT: &str =
+    "SELECT count(*) AS n FROM (SELECT 1 AS one FROM txbus_deliveries LIMIT 1) t";
+
 async fn deliveries_left<B: TestBackend>(pool: &Pool<B>) -> i64 {
     B::count(pool, "SELECT count(*) AS n FROM txbus_deliveries").await
 }
@@ -490,15 +494,27 @@ where
                         &n.to_string(),
                         out.to_str().unwrap(),
                     ])
+                    .stdin(Stdio::piped())
                     .stdout(Stdio::null())
                     .spawn()
                     .unwrap()
             })
             .collect();
-        for mut child in children {
-            assert!(child.wait().unwrap().success(), "a draining child failed");
+        // This process watches the table, with a query that stops at the first row left, so
+        // that the children spend nothing on it; closing their input tells them to stop.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while B::count(&db.pool, ANY_LEFT).await > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the two processes did not drain the backlog"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         two.txbus.push(n as f64 / started.elapsed().as_secs_f64());
+        for mut child in children {
+            drop(child.stdin.take());
+            assert!(child.wait().unwrap().success(), "a draining child failed");
+        }
         let mut all = Vec::new();
         let mut shares = Vec::new();
         for out in &outs {
@@ -698,10 +714,14 @@ where
                 .build()
                 .await
                 .unwrap();
-            // Run until the shared backlog is gone, then report what ran here.
-            while deliveries_left(&pool).await > 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // Run until the parent, which watches the shared backlog, closes our input; then
+            // report what ran here.
+            tokio::task::spawn_blocking(|| {
+                std::io::copy(&mut std::io::stdin(), &mut std::io::sink())
+            })
+            .await
+            .unwrap()
+            .unwrap();
             bus.wait_idle().await;
             bus.shutdown().await;
             let ids: Vec<String> = recorder

@@ -198,9 +198,24 @@ impl Runner {
             },
             _in_flight: job.in_flight,
         };
-        // Without room, the lease runs out and the delivery becomes due by itself.
-        if let Some(reports) = self.reports_sender() {
-            let _ = reports.try_send(report);
+        let Some(reports) = self.reports_sender() else {
+            // The bus is past recording anything: the lease runs out and the delivery becomes
+            // due by itself.
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(report)) = reports.try_send(report) {
+            // The completer is behind: wait for room in a task of its own, so that the delivery
+            // is due again in moments rather than after its lease. The report keeps the bus
+            // busy, so the completer outlives the wait.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        let _ = reports.send(report).await;
+                    });
+                }
+                Err(_) => tracing::debug!(event_id = %report.outcome.key.event_id,
+                    "no runtime to hand a delivery back on; it runs again after its lease"),
+            }
         }
     }
 
@@ -291,26 +306,29 @@ mod tests {
         line: line!(),
     };
 
-    #[tokio::test]
-    async fn a_run_whose_lease_ran_out_before_it_started_is_handed_back_with_its_attempt() {
-        let (runner, _jobs, mut reports) = Runner::new(4, State::default(), None);
-        let now = Instant::now();
-        let key = DeliveryKey {
-            event_id: crate::event::EventId::new(7),
-            listener: LATE.id,
-            attempt: 3,
-        };
-        let job = Job {
-            key,
+    fn job(runner: &Runner, event_id: i64, attempt: u32, deadline: Instant) -> Job {
+        Job {
+            key: DeliveryKey {
+                event_id: crate::event::EventId::new(event_id),
+                listener: LATE.id,
+                attempt,
+            },
             def: &LATE,
             payload: "{}".into(),
             emitted_at: SystemTime::now(),
-            deadline: now,
-            ready: now,
+            deadline,
+            ready: Instant::now(),
             settings: EventSettings::default(),
             in_flight: runner.tracker.enter(),
             parent: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_lease_ran_out_before_it_started_is_handed_back_with_its_attempt() {
+        let (runner, _jobs, mut reports) = Runner::new(4, State::default(), None);
+        let job = job(&runner, 7, 3, Instant::now());
+        let key = job.key;
         runner.submit(job, false);
         let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
             .await
@@ -330,5 +348,30 @@ mod tests {
         };
         assert_eq!(reported, key);
         assert!(error.contains("lease ran out"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn hand_backs_beyond_the_completers_room_wait_for_it_instead_of_being_dropped() {
+        let (runner, _jobs, mut reports) = Runner::new(1, State::default(), None);
+        let room = 64 * 4;
+        let later = Instant::now() + Duration::from_secs(60);
+        for id in 0..room as i64 + 10 {
+            runner.release(job(&runner, id, 1, later));
+        }
+        let mut handed_back = Vec::new();
+        while handed_back.len() < room + 10 {
+            let Ok(Some(report)) =
+                tokio::time::timeout(Duration::from_secs(30), reports.recv()).await
+            else {
+                panic!(
+                    "only {} of {} hand-backs arrived",
+                    handed_back.len(),
+                    room + 10
+                );
+            };
+            handed_back.push(report.outcome.key.event_id.get());
+        }
+        handed_back.sort_unstable();
+        assert_eq!(handed_back, (0..room as i64 + 10).collect::<Vec<_>>());
     }
 }
