@@ -129,14 +129,7 @@ impl<'c, B: Backend> Transaction<'c, B> {
             if !B::reserve_message(self.conn, &id, window).await? {
                 return Ok(Received::Duplicate);
             }
-            let leased = Instant::now();
-            let inserted = B::insert_event(self.conn, &prepared.new).await?;
-            self.written.push(Written {
-                prepared,
-                inserted,
-                leased,
-            });
-            Ok(Received::Accepted(inserted.id))
+            Ok(Received::Accepted(self.add(prepared).await?))
         }
     }
 }

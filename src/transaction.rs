@@ -1,15 +1,16 @@
 //! `EventBus::transaction`: events emitted inside the caller's own transaction.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Instant;
 
 use tracing::Instrument;
 
 use crate::bus::EventBus;
-use crate::engine::{Engine, Written};
+use crate::engine::{Engine, Prepared, Written};
 use crate::error::Error;
 use crate::event::{Event, EventId};
-use crate::store::{Backend, TxConn};
+use crate::store::{Backend, Inserted, TxConn};
 
 /// A transaction opened by [`EventBus::transaction`]: run your queries on
 /// [`conn`](Self::conn) and emit events with [`emit`](Self::emit); all of it commits together,
@@ -17,8 +18,22 @@ use crate::store::{Backend, TxConn};
 pub struct Transaction<'c, B: Backend> {
     pub(crate) conn: &'c mut B::Connection,
     pub(crate) engine: &'c Engine<B>,
+    /// Events emitted so far, with their ids; their deliveries are written at the commit.
     pub(crate) written: Vec<Written>,
+    ids: Ids,
 }
+
+/// Event ids taken ahead for the transaction's emits, in blocks: 8, then twice as many each
+/// time, up to the backend's [`ID_BLOCK`](crate::store::Outbox::ID_BLOCK).
+struct Ids {
+    taken: VecDeque<Inserted>,
+    /// When the last block was taken: the leases of its events started no earlier.
+    leased: Instant,
+    next_block: usize,
+}
+
+/// The first block of ids a transaction takes.
+const FIRST_ID_BLOCK: usize = 8;
 
 impl<'c, B: Backend> Transaction<'c, B> {
     /// The transaction's connection, for your own diesel-async queries.
@@ -28,22 +43,49 @@ impl<'c, B: Backend> Transaction<'c, B> {
 
     /// Writes `event` and its deliveries in this transaction and returns its id. Its listeners
     /// run after the commit, and never if the transaction rolls back.
+    ///
+    /// The deliveries of all the transaction's events are written together, with the commit:
+    /// a transaction that emits a hundred events sends one statement for them, not a hundred.
+    /// Their ids are taken ahead, in blocks (one at a time on MySQL): the ids of one
+    /// transaction's events increase in the order of its `emit`s, and ids are never reused, but
+    /// they may leave gaps, and a transaction that commits later may hold smaller ids than one
+    /// that committed before it. Each event's emit time, and the lease and expiry that count
+    /// from it, is the database's clock when its id was taken. A write the database refuses
+    /// (a payload PostgreSQL's `jsonb` does not take, say) fails the commit, and the
+    /// transaction rolls back.
     pub fn emit<E: Event>(
         &mut self,
         event: &E,
     ) -> impl Future<Output = Result<EventId, Error>> + Send + use<'_, 'c, B, E> {
         let prepared = self.engine.prepare(event);
-        async move {
-            let prepared = prepared?;
-            let leased = Instant::now();
-            let inserted = B::insert_event(self.conn, &prepared.new).await?;
-            self.written.push(Written {
-                prepared,
-                inserted,
-                leased,
-            });
-            Ok(inserted.id)
-        }
+        async move { self.add(prepared?).await }
+    }
+
+    /// Gives `prepared` an id and keeps it for the commit, which writes its deliveries.
+    pub(crate) async fn add(&mut self, prepared: Prepared) -> Result<EventId, Error> {
+        let inserted = match self.ids.taken.pop_front() {
+            Some(inserted) => inserted,
+            None => self.take_ids().await?,
+        };
+        self.written.push(Written {
+            prepared,
+            inserted,
+            leased: self.ids.leased,
+        });
+        Ok(inserted.id)
+    }
+
+    /// Takes the next block of ids and returns the first.
+    async fn take_ids(&mut self) -> Result<Inserted, Error> {
+        let block = self.ids.next_block.clamp(1, B::ID_BLOCK.max(1));
+        self.ids.leased = Instant::now();
+        self.ids.taken = B::reserve_ids(self.conn, block).await?.into();
+        self.ids.next_block = block.saturating_mul(2);
+        self.ids.taken.pop_front().ok_or_else(|| {
+            Error::Database(diesel::result::Error::QueryBuilderError(
+                "the database returned no event id".into(),
+            ))
+        })
     }
 }
 
@@ -115,16 +157,22 @@ impl<B: Backend> EventBus<B> {
                 conn: guard.conn()?,
                 engine,
                 written: Vec::new(),
+                ids: Ids {
+                    taken: VecDeque::new(),
+                    leased: Instant::now(),
+                    next_block: FIRST_ID_BLOCK,
+                },
             };
             let result = f(&mut tx).await;
             let written = tx.written;
             match result {
                 Ok(value) => {
-                    let committed = guard.commit().await;
-                    if committed.is_err() {
-                        guard.settle();
-                    }
-                    committed?;
+                    let events: Vec<_> = written
+                        .iter()
+                        .map(|w| (w.inserted, &w.prepared.new))
+                        .collect();
+                    guard.commit_with_events(&events).await?;
+                    drop(events);
                     drop(guard);
                     tracing::Span::current().record("events", written.len());
                     engine.dispatch(written);

@@ -26,7 +26,7 @@ where
     fn now_plus(seconds: u32) -> String;
 
     /// Takes `n` consecutive event ids; returns the first.
-    fn reserve_ids(pool: &Pool<Self>, n: usize) -> impl Future<Output = i64> + Send;
+    fn reserve_event_ids(pool: &Pool<Self>, n: usize) -> impl Future<Output = i64> + Send;
 
     /// Statements to run first, on the connection that writes the backlog.
     fn backlog_setup() -> &'static [&'static str] {
@@ -63,7 +63,7 @@ where
     let mut written = 0;
     while written < n {
         let chunk = CHUNK.min(n - written);
-        let first = B::reserve_ids(pool, chunk).await;
+        let first = B::reserve_event_ids(pool, chunk).await;
         exec(
             pool,
             &format!(
@@ -97,7 +97,7 @@ impl BenchBackend for txbus::Postgres {
         format!("(now() + interval '{seconds} seconds')")
     }
 
-    async fn reserve_ids(pool: &Pool<Self>, n: usize) -> i64 {
+    async fn reserve_event_ids(pool: &Pool<Self>, n: usize) -> i64 {
         // The sequence hands out ids one by one; move it past the block and use the block.
         let mut conn = pool.get().await.unwrap();
         let first: Id = diesel::sql_query(
@@ -148,7 +148,7 @@ impl BenchBackend for txbus::Mysql {
         ]
     }
 
-    async fn reserve_ids(pool: &Pool<Self>, n: usize) -> i64 {
+    async fn reserve_event_ids(pool: &Pool<Self>, n: usize) -> i64 {
         // One AUTO_INCREMENT row per id, in one statement: the ids of a multi-row insert are
         // consecutive while no other session inserts into the table, as here.
         let mut conn = pool.get().await.unwrap();
@@ -223,7 +223,7 @@ impl BenchBackend for txbus::Sqlite {
         )
     }
 
-    async fn reserve_ids(pool: &Pool<Self>, n: usize) -> i64 {
+    async fn reserve_event_ids(pool: &Pool<Self>, n: usize) -> i64 {
         let mut conn = pool.get().await.unwrap();
         let last: Id = diesel::sql_query(
             "UPDATE txbus_sequence SET value = value + ? WHERE name = 'event_id' RETURNING value AS id",

@@ -103,6 +103,28 @@ pub trait Outbox<B: Backend = Self> {
     /// it writes every delivery in one statement, atomic by itself.
     const INSERT_IS_ATOMIC: bool = false;
 
+    /// The most event ids [`reserve_ids`](Self::reserve_ids) is asked for at once. A
+    /// transaction's `tx.emit`s take their ids in blocks that start small and double up to it.
+    const ID_BLOCK: usize;
+
+    /// Takes `n` fresh event ids, in increasing order, each with the database clock, in the
+    /// transaction open on `conn`. Their deliveries are written by
+    /// [`commit_with_events`](Self::commit_with_events).
+    fn reserve_ids(
+        conn: &mut B::Connection,
+        n: usize,
+    ) -> impl Future<Output = QueryResult<Vec<Inserted>>> + Send;
+
+    /// Writes the deliveries of `events`, whose ids and emit times were reserved, as the last
+    /// statement of the transaction opened by [`Backend::begin`], and commits: each delivery
+    /// leased to the emitter from its event's emit time. When it returns the transaction is
+    /// over: committed on `Ok`; on `Err` rolled back, or left for the caller's rollback when
+    /// the transaction manager still counts it open.
+    fn commit_with_events(
+        conn: &mut B::Connection,
+        events: &[(Inserted, &NewEvent)],
+    ) -> impl Future<Output = QueryResult<()>> + Send;
+
     /// Writes one delivery per listener of `event`, leased to the emitter, in the transaction
     /// open on `conn`. With no listener, writes nothing and only reserves an id.
     fn insert_event(

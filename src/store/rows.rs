@@ -123,10 +123,16 @@ pub(crate) fn inserted(rows: Vec<InsertedRow>) -> diesel::QueryResult<crate::sto
         .into_iter()
         .next()
         .ok_or(diesel::result::Error::NotFound)?;
-    Ok(crate::store::Inserted {
-        id: EventId::new(row.id),
-        emitted_at: system_time_from_micros(row.emitted_at_us),
-    })
+    Ok(row.into())
+}
+
+impl From<InsertedRow> for crate::store::Inserted {
+    fn from(row: InsertedRow) -> Self {
+        Self {
+            id: EventId::new(row.id),
+            emitted_at: system_time_from_micros(row.emitted_at_us),
+        }
+    }
 }
 
 impl From<ClaimedRow> for crate::store::Claimed {

@@ -6,8 +6,8 @@ use diesel::QueryResult;
 use diesel_async::{AsyncConnection, TransactionManager};
 
 use crate::error::Error;
-use crate::store::Backend;
 use crate::store::pool::{Pool, PooledConnection, WriteTurn};
+use crate::store::{Backend, Inserted, NewEvent};
 
 type Manager<B> = <<B as Backend>::Connection as AsyncConnection>::TransactionManager;
 
@@ -85,6 +85,31 @@ impl<B: Backend> TxConn<B> {
         Manager::<B>::commit_transaction(self.conn()?).await?;
         self.in_doubt = false;
         Ok(())
+    }
+
+    /// Writes the deliveries of `events` and commits (see [`Outbox::commit_with_events`](crate::store::Outbox::commit_with_events)).
+    /// On failure, the transaction is rolled back if it is still open.
+    pub(crate) async fn commit_with_events(
+        &mut self,
+        events: &[(Inserted, &NewEvent)],
+    ) -> Result<(), Error> {
+        if events.is_empty() {
+            let committed = self.commit().await;
+            if committed.is_err() {
+                self.settle();
+            }
+            return committed;
+        }
+        match B::commit_with_events(self.conn()?, events).await {
+            Ok(()) => {
+                self.in_doubt = false;
+                Ok(())
+            }
+            Err(error) => {
+                self.rollback_if_open().await;
+                Err(error.into())
+            }
+        }
     }
 
     /// After a failure: rolls back if a transaction is still open, then settles.

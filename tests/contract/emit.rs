@@ -402,6 +402,72 @@ pub async fn concurrent_emits_are_each_delivered_once<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// A transaction's emits take their ids in blocks and write their deliveries at the commit:
+/// hundreds of them (more than any block) are each delivered once, with the ids `tx.emit`
+/// returned, increasing in emit order; the next transaction's ids come after them all.
+pub async fn a_transaction_of_many_emits_delivers_each_once<B: TestBackend>() {
+    const EMITS: u32 = 300;
+    let db = B::open().await;
+    let probe = Probe::new();
+    let bus = bus(db.pool.clone(), &probe).build().await.unwrap();
+    let ids = bus
+        .transaction(async |tx| {
+            let mut ids = Vec::new();
+            for n in 0..EMITS {
+                ids.push(tx.emit(&Counted { task: 1, n }).await?);
+            }
+            Ok::<_, txbus::Error>(ids)
+        })
+        .await
+        .unwrap();
+    let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    assert!(
+        raw.windows(2).all(|w| w[0] < w[1]),
+        "ids increase in emit order: {raw:?}"
+    );
+    let calls = probe
+        .wait_until("every delivery", |c| c.len() >= EMITS as usize)
+        .await;
+    crate::support::idle(&bus).await;
+    assert_eq!(
+        probe.calls().len(),
+        EMITS as usize,
+        "no event twice: {}",
+        calls.len()
+    );
+    let mut delivered: Vec<(i64, String)> = probe
+        .calls()
+        .into_iter()
+        .map(|c| (c.event_id.get(), c.note))
+        .collect();
+    delivered.sort();
+    let expected: Vec<(i64, String)> = raw
+        .iter()
+        .zip(0..EMITS)
+        .map(|(id, n)| (*id, format!("1/{n}")))
+        .collect();
+    assert_eq!(
+        delivered, expected,
+        "each event once, under the id its emit returned"
+    );
+    crate::support::eventually("the tables to empty", || async {
+        (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await == 0).then_some(())
+    })
+    .await;
+
+    let next = bus
+        .transaction(async |tx| tx.emit(&Counted { task: 2, n: 0 }).await)
+        .await
+        .unwrap();
+    assert!(next.get() > raw[raw.len() - 1], "{next} after {raw:?}");
+    probe
+        .wait_until("the next transaction's event", |c| {
+            c.len() == EMITS as usize + 1
+        })
+        .await;
+    bus.shutdown().await;
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
 #[event(name = "contract.started_at_once")]
 struct StartedAtOnce {

@@ -30,6 +30,7 @@ macro_rules! scenarios {
             emit::listeners_run_after_the_commit,
             emit::event_without_listeners_writes_nothing,
             emit::concurrent_emits_are_each_delivered_once,
+            emit::a_transaction_of_many_emits_delivers_each_once,
             emit::emit_after_shutdown_is_refused,
             emit::a_listener_starts_before_emit_returns,
             retry::failures_are_retried_with_backoff,

@@ -29,6 +29,23 @@ const INSERT_EVENT: &str = concat!(
     listeners_table!()
 );
 
+// The deliveries of a transaction's events, from a JSON array of
+// `[event_id, listener, name, payload, emitted_at_us, lease_ms, expires_us]`.
+const INSERT_EVENTS: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at)
+SELECT x.event_id, x.listener, x.name, x.payload, x.at, x.lease, 1, x.at,
+       x.at + INTERVAL x.lease * 1000 MICROSECOND, x.at + INTERVAL x.expires MICROSECOND
+FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00') AS at
+      FROM JSON_TABLE(?, '$[*]' COLUMNS (
+          event_id BIGINT PATH '$[0]',
+          listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
+          name VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[2]',
+          payload LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[3]',
+          emitted_us BIGINT PATH '$[4]',
+          lease BIGINT PATH '$[5]',
+          expires BIGINT PATH '$[6]')) j) x";
+
 /// Opens the JSON array of `[event_id, listener, attempts]` of successes as a table `k`.
 macro_rules! done_table {
     () => {
@@ -234,6 +251,52 @@ LIMIT 10000",
                 .await?;
         }
         Ok(inserted)
+    }
+
+    // Ids come one row of the `AUTO_INCREMENT` table at a time: the ids of a multi-row insert
+    // need not be consecutive (`innodb_autoinc_lock_mode = 2`) and could not be read back.
+    const ID_BLOCK: usize = 1;
+
+    async fn reserve_ids(conn: &mut AsyncMysqlConnection, n: usize) -> QueryResult<Vec<Inserted>> {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            sql::<<Self as Backend>::Db>(NEXT_EVENT_ID)
+                .execute(conn)
+                .await?;
+            ids.push(inserted(sql(LOAD_EVENT_ID).load(conn).await?)?);
+        }
+        Ok(ids)
+    }
+
+    async fn commit_with_events(
+        conn: &mut AsyncMysqlConnection,
+        events: &[(Inserted, &NewEvent)],
+    ) -> QueryResult<()> {
+        let rows: Vec<_> = events
+            .iter()
+            .flat_map(|(inserted, event)| {
+                event.listeners.iter().map(move |listener| {
+                    json!([
+                        inserted.id.get(),
+                        listener,
+                        event.name,
+                        &*event.payload,
+                        crate::store::micros_since_epoch(inserted.emitted_at),
+                        lease_ms(event.lease),
+                        micros(event.expires_after),
+                    ])
+                })
+            })
+            .collect();
+        let written = if rows.is_empty() {
+            Ok(0)
+        } else {
+            sql::<<Self as Backend>::Db>(INSERT_EVENTS)
+                .bind(serde_json::Value::from(rows).to_string())
+                .execute(conn)
+                .await
+        };
+        finish::<Self, _, _>(conn, written).await.map(drop)
     }
 
     async fn record(

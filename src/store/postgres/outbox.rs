@@ -37,6 +37,22 @@ const RESERVE_ID: &str = "\
 SELECT nextval('txbus_event_ids') AS id,
        (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us";
 
+const RESERVE_IDS: &str = "\
+SELECT nextval('txbus_event_ids') AS id,
+       (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us
+FROM generate_series(1, $1)";
+
+// The deliveries of a transaction's events, one row of the arrays per delivery, with the emit
+// times their ids were reserved at.
+const INSERT_EVENTS: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at)
+SELECT x.id, x.listener, x.name, x.payload::jsonb, t.at, x.lease, 1, t.at,
+       t.at + x.lease * interval '1 millisecond', t.at + x.expires * interval '1 microsecond'
+FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[])
+     AS x (id, listener, name, payload, emitted_us, lease, expires)
+CROSS JOIN LATERAL (SELECT timestamptz 'epoch' + x.emitted_us * interval '1 microsecond' AS at) t";
+
 // The fences of the result writes say `COALESCE(dead_at, delivered_at) IS NULL` rather than
 // `dead_at IS NULL AND delivered_at IS NULL`: the latter is the predicate of the partial index
 // `txbus_deliveries_due`, and with statistics taken while the table was small the planner scans
@@ -140,6 +156,65 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
 
     // One statement writes every delivery of the event.
     const INSERT_IS_ATOMIC: bool = true;
+
+    const ID_BLOCK: usize = 256;
+
+    async fn reserve_ids(conn: &mut AsyncPgConnection, n: usize) -> QueryResult<Vec<Inserted>> {
+        let rows: Vec<InsertedRow> = sql::<Pg>(RESERVE_IDS)
+            .bind(crate::store::rows::limit(n))
+            .load(conn)
+            .await?;
+        let mut ids: Vec<Inserted> = rows.into_iter().map(Inserted::from).collect();
+        ids.sort_by_key(|i| i.id.get());
+        Ok(ids)
+    }
+
+    // The insert and COMMIT travel together, as in `commit_with_event`.
+    async fn commit_with_events(
+        conn: &mut AsyncPgConnection,
+        events: &[(Inserted, &NewEvent)],
+    ) -> QueryResult<()> {
+        let deliveries = events.iter().flat_map(|(inserted, event)| {
+            event
+                .listeners
+                .iter()
+                .map(move |listener| (inserted, *event, *listener))
+        });
+        let mut columns = EventColumns::default();
+        for (inserted, event, listener) in deliveries {
+            columns.ids.push(inserted.id.get());
+            columns.listeners.push(listener);
+            columns.names.push(event.name);
+            columns.payloads.push(&event.payload);
+            columns
+                .emitted
+                .push(crate::store::micros_since_epoch(inserted.emitted_at));
+            columns.leases.push(lease_ms(event.lease));
+            columns.expires.push(micros(event.expires_after));
+        }
+        if columns.ids.is_empty() {
+            return AnsiTransactionManager::commit_transaction(conn).await;
+        }
+        let result = {
+            let shared: &AsyncPgConnection = conn;
+            let (written, committed) = tokio::join!(
+                biased;
+                sql::<Pg>(INSERT_EVENTS)
+                    .bind(&columns.ids[..])
+                    .bind_list(&columns.listeners)
+                    .bind_list(&columns.names)
+                    .bind_list(&columns.payloads)
+                    .bind(&columns.emitted[..])
+                    .bind(&columns.leases[..])
+                    .bind(&columns.expires[..])
+                    .execute(&mut &*shared),
+                sql::<Pg>("COMMIT").execute(&mut &*shared),
+            );
+            written.and(committed).map(drop)
+        };
+        change_depth(conn, TransactionDepthChange::DecreaseDepth)?;
+        result
+    }
 
     async fn insert_event(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
         inserted(insert_rows(conn, event).await?)
@@ -339,6 +414,18 @@ impl QueryId for WithEvent<'_> {
 
 impl Query for WithEvent<'_> {
     type SqlType = Untyped;
+}
+
+/// The columns of [`INSERT_EVENTS`], one entry per delivery.
+#[derive(Default)]
+struct EventColumns<'a> {
+    ids: Vec<i64>,
+    listeners: Vec<&'a str>,
+    names: Vec<&'a str>,
+    payloads: Vec<&'a str>,
+    emitted: Vec<i64>,
+    leases: Vec<i64>,
+    expires: Vec<i64>,
 }
 
 fn key_columns(keys: &[DeliveryKey]) -> (Vec<i64>, Vec<&'static str>, Vec<i32>) {

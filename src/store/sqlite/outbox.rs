@@ -62,8 +62,14 @@ const UPDATE_FAILED: &str = concat!(
     RETURNING event_id, listener, dead_reason"
 );
 
+const RESERVE_IDS: &str = concat!(
+    "UPDATE txbus_sequence SET value = value + ?1 WHERE name = 'event_id' RETURNING value AS id, ",
+    now_ms!(),
+    " AS now_ms"
+);
+
 rows! {
-    /// The next event id and the clock.
+    /// The next event id (the last of a block) and the clock.
     struct IdRow { id: i64, now_ms: i64 }
 }
 
@@ -160,6 +166,47 @@ impl Outbox for Sqlite {
         .await
     }
 
+    const ID_BLOCK: usize = 256;
+
+    async fn reserve_ids(conn: &mut Conn, n: usize) -> QueryResult<Vec<Inserted>> {
+        let n = rows::limit(n);
+        let last: IdRow = conn
+            .spawn_blocking(move |c| sql::<Db>(RESERVE_IDS).bind(n).get_result(c))
+            .await?;
+        let emitted_at = system_time_from_micros(last.now_ms.saturating_mul(1000));
+        Ok((last.id - n + 1..=last.id)
+            .map(|id| Inserted {
+                id: EventId::new(id),
+                emitted_at,
+            })
+            .collect())
+    }
+
+    // Every insert and the COMMIT (or the ROLLBACK) in one trip to the blocking pool.
+    async fn commit_with_events(
+        conn: &mut Conn,
+        events: &[(Inserted, &NewEvent)],
+    ) -> QueryResult<()> {
+        let rows: Vec<(Inserted, EventRow)> = events
+            .iter()
+            .filter(|(_, event)| !event.listeners.is_empty())
+            .map(|(inserted, event)| (*inserted, EventRow::new(event)))
+            .collect();
+        conn.spawn_blocking(move |c| {
+            let written = rows
+                .iter()
+                .try_for_each(|(inserted, row)| row.write(c, inserted));
+            match written {
+                Ok(()) => AnsiTransactionManager::commit_transaction(c),
+                Err(error) => {
+                    let _ = AnsiTransactionManager::rollback_transaction(c);
+                    Err(error)
+                }
+            }
+        })
+        .await
+    }
+
     async fn emit_alone(conn: &mut Conn, event: &NewEvent) -> QueryResult<Inserted> {
         let row = EventRow::new(event);
         conn.spawn_blocking(move |c| c.immediate_transaction(|c| row.insert(c)))
@@ -249,20 +296,28 @@ impl EventRow {
     /// Takes the next event id and writes one delivery per listener, in the open transaction.
     fn insert(self, c: &mut SqliteConnection) -> QueryResult<Inserted> {
         let id: IdRow = sql::<Db>(NEXT_EVENT_ID).get_result(c)?;
+        let inserted = Inserted {
+            id: EventId::new(id.id),
+            emitted_at: system_time_from_micros(id.now_ms.saturating_mul(1000)),
+        };
+        self.write(c, &inserted)?;
+        Ok(inserted)
+    }
+
+    /// Writes one delivery per listener for the event `inserted` names, in the open
+    /// transaction.
+    fn write(&self, c: &mut SqliteConnection, inserted: &Inserted) -> QueryResult<()> {
         if let Some(listeners) = &self.listeners {
             sql::<Db>(INSERT_EVENT)
-                .bind(id.id)
+                .bind(inserted.id.get())
                 .bind(self.name)
                 .bind(&*self.payload)
-                .bind(id.now_ms)
+                .bind(crate::store::micros_since_epoch(inserted.emitted_at) / 1000)
                 .bind(self.lease)
                 .bind(self.expires_us)
                 .bind(listeners.as_str())
                 .execute(c)?;
         }
-        Ok(Inserted {
-            id: EventId::new(id.id),
-            emitted_at: system_time_from_micros(id.now_ms.saturating_mul(1000)),
-        })
+        Ok(())
     }
 }
