@@ -126,6 +126,7 @@ pub(crate) fn inserted(rows: Vec<InsertedRow>) -> diesel::QueryResult<crate::sto
     Ok(row.into())
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 impl From<InsertedRow> for crate::store::Inserted {
     fn from(row: InsertedRow) -> Self {
         Self {
