@@ -158,7 +158,10 @@ impl<B: Backend> EventBusBuilder<B> {
         self
     }
 
-    /// How often the poller looks for due and expired deliveries. Default: 1 second.
+    /// How often the poller looks for due and expired deliveries. Default: 1 second. Retries
+    /// this process wrote do not wait for it: the poller wakes when each falls due. What it
+    /// bounds is how long work written elsewhere waits: a retry written by another instance,
+    /// a delivery whose lease ran out after a crash.
     pub fn retry_every(mut self, interval: Duration) -> Self {
         self.retry_every = interval;
         self
@@ -286,7 +289,7 @@ impl<B: Backend> EventBusBuilder<B> {
                     this.pool,
                     !this.retention.delivered.is_zero(),
                     reports,
-                    runner.phase.subscribe(),
+                    runner.clone(),
                 ))),
                 poller: this.poller.then(|| tokio::spawn(poll_loop(engine.clone()))),
             };

@@ -1,12 +1,14 @@
 //! Writes listener results to the database in batches: whatever arrived while the previous
 //! batch was being written goes in the next one, so a busy bus writes few, large batches.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::delivery::Outcome;
-use crate::dispatch::{Phase, Report};
+use crate::delivery::{Outcome, Resolution};
+use crate::dispatch::{Phase, Report, Runner};
 use crate::error::{Chain, Error};
 use crate::store::{Backend, Pool, Recorded};
 
@@ -20,14 +22,22 @@ const LINGER: Duration = Duration::from_millis(2);
 /// How often a batch is tried when the database is reachable but the write fails.
 const MAX_STATEMENT_FAILURES: u32 = 5;
 
+/// How many tasks at most wait to wake the poller for retries falling due; beyond them, retries
+/// run at the poller's next tick.
+const MAX_DUE_TIMERS: usize = 64;
+
+/// Retries falling due within this of each other are claimed by one wake-up, at the last one.
+const DUE_TOGETHER: Duration = Duration::from_millis(10);
+
 /// Receives reports until every sender is gone, writing each batch before taking the next.
 /// With `retain`, successes are marked delivered instead of deleted.
 pub(crate) async fn complete_loop<B: Backend>(
     pool: Pool<B>,
     retain: bool,
     mut reports: mpsc::Receiver<Report>,
-    phase: watch::Receiver<Phase>,
+    runner: Arc<Runner>,
 ) {
+    let phase = runner.phase.subscribe();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while reports.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Let a burst gather: one write for many results is one commit instead of many.
@@ -42,28 +52,78 @@ pub(crate) async fn complete_loop<B: Backend>(
         }
         let (outcomes, in_flight): (Vec<Outcome>, Vec<_>) =
             batch.drain(..).map(|r| (r.outcome, r._in_flight)).unzip();
-        write(&pool, &outcomes, retain, &phase).await;
+        if write(&pool, &outcomes, retain, &phase).await {
+            wake_when_due(&runner, &outcomes);
+        }
         // Only now is the bus idle for these deliveries.
         drop(in_flight);
     }
 }
 
+/// Wakes the poller when the retries just written fall due (they are due from the database's
+/// clock at the write, which came before now), so that they run within moments of their time
+/// instead of at the next poll.
+fn wake_when_due(runner: &Arc<Runner>, outcomes: &[Outcome]) {
+    let mut delays: Vec<Duration> = outcomes
+        .iter()
+        .filter_map(|o| match &o.resolution {
+            Resolution::Retry { delay, .. } => Some(*delay),
+            _ => None,
+        })
+        .collect();
+    if delays.is_empty() || runner.due_timers.fetch_add(1, Ordering::Relaxed) >= MAX_DUE_TIMERS {
+        if !delays.is_empty() {
+            runner.due_timers.fetch_sub(1, Ordering::Relaxed);
+        }
+        return;
+    }
+    delays.sort_unstable();
+    // One wake-up per group of retries due together, at the group's last.
+    let written = Instant::now();
+    let mut wakes: Vec<Instant> = Vec::new();
+    let mut first = None;
+    for delay in delays {
+        match first {
+            Some(start) if delay - start < DUE_TOGETHER => {
+                if let Some(last) = wakes.last_mut() {
+                    *last = written + delay;
+                }
+            }
+            _ => {
+                first = Some(delay);
+                wakes.push(written + delay);
+            }
+        }
+    }
+    let runner = runner.clone();
+    let mut phase = runner.phase.subscribe();
+    tokio::spawn(async move {
+        for wake in wakes {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => runner.retry_due.notify_one(),
+                _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
+            }
+        }
+        runner.due_timers.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
 /// Writes one batch, retrying while the database is unreachable, and a few times for other
-/// errors. A batch that cannot be written is not lost work: its deliveries run again once their
-/// leases pass.
+/// errors; returns whether it was written. A batch that cannot be written is not lost work: its
+/// deliveries run again once their leases pass.
 async fn write<B: Backend>(
     pool: &Pool<B>,
     outcomes: &[Outcome],
     retain: bool,
     phase: &watch::Receiver<Phase>,
-) {
+) -> bool {
     let mut pause = Duration::from_millis(50);
     let mut failures = 0;
     loop {
         let error = match record::<B>(pool, outcomes, retain).await {
             Ok(recorded) => {
                 report(outcomes.len(), recorded);
-                return;
+                return true;
             }
             Err(error) => error,
         };
@@ -84,7 +144,7 @@ async fn write<B: Backend>(
         {
             tracing::error!(error = %Chain(&error), results = outcomes.len(),
                 "could not record listener results; those deliveries will run again after their leases");
-            return;
+            return false;
         }
         tracing::warn!(error = %Chain(&error), results = outcomes.len(), retry_in = ?pause,
             "could not record listener results; retrying");

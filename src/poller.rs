@@ -1,6 +1,7 @@
 //! The background poller: every `retry_every` it makes expired deliveries dead, then claims due
 //! deliveries of this process's listeners, as many as can start at once, and hands them to the
-//! runner. While full batches keep coming it claims again as soon as listeners free up.
+//! runner. While full batches keep coming it claims again as soon as listeners free up. A retry
+//! this process wrote wakes it when it falls due.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,13 +48,16 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
                 _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
             }
         } else {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = engine.poll_now.notified() => {}
+            // A retry falling due only needs a claim; ticks and requested polls also count
+            // towards the sweep.
+            let counted = tokio::select! {
+                _ = tick.tick() => true,
+                _ = engine.poll_now.notified() => true,
+                _ = runner.retry_due.notified() => false,
                 _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
-            }
-            polls += 1;
-            if polls % SWEEP_EVERY_POLLS == 1 {
+            };
+            polls += u64::from(counted);
+            if counted && polls % SWEEP_EVERY_POLLS == 1 {
                 if let Err(error) = sweep(&engine, &known).await {
                     tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying later");
                 }

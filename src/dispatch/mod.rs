@@ -7,6 +7,7 @@
 //! - `tracker`: the deliveries in flight, for `wait_idle`;
 //! - `transactional`: listeners that run in a transaction which also completes their delivery.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -85,6 +86,11 @@ pub(crate) struct Runner {
     pub(crate) phase: watch::Sender<Phase>,
     /// Signalled when a listener finishes, so the poller can claim more.
     pub(crate) freed: Notify,
+    /// Signalled when a retry written by this process falls due, so the poller claims it then
+    /// rather than at its next tick.
+    pub(crate) retry_due: Notify,
+    /// Tasks waiting to signal [`retry_due`](Self::retry_due).
+    pub(crate) due_timers: AtomicUsize,
     state: Arc<State>,
     /// Runs the transactional listeners, when the binary has any.
     transactions: Option<Arc<dyn Transactions>>,
@@ -114,6 +120,8 @@ impl Runner {
             tracker: Arc::default(),
             phase: watch::Sender::new(Phase::Running),
             freed: Notify::new(),
+            retry_due: Notify::new(),
+            due_timers: AtomicUsize::new(0),
             state: Arc::new(state),
             transactions,
         });

@@ -78,6 +78,36 @@ pub async fn failures_are_retried_with_backoff<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// A retry this process wrote wakes its poller when it falls due: with a poll only every hour,
+/// both retries still run.
+pub async fn retries_run_when_due_without_waiting_for_a_poll<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let settings = fast_settings().retry_after(Duration::from_millis(300));
+    let bus = bus(db.pool.clone(), &probe)
+        .retry_every(HOUR)
+        .event::<Retried>(settings)
+        .build()
+        .await
+        .unwrap();
+    bus.emit(Retried { n: 2 }, []).await.unwrap();
+    probe
+        .wait_until("three runs of the failing listener", |c| {
+            c.iter()
+                .filter(|c| c.listener == "retried_fails_twice")
+                .count()
+                == 3
+        })
+        .await;
+    let attempts: Vec<_> = probe
+        .calls_of("retried_fails_twice")
+        .iter()
+        .map(|c| c.attempt)
+        .collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    bus.shutdown().await;
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
 #[event(name = "contract.slow")]
 struct Slow {
