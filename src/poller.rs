@@ -1,7 +1,8 @@
 //! The background poller: every `retry_every` it makes expired deliveries dead, then claims due
 //! deliveries of this process's listeners, as many as can start at once, and hands them to the
 //! runner. While full batches keep coming it claims again as soon as listeners free up. A retry
-//! this process wrote wakes it when it falls due.
+//! this process wrote wakes it when it falls due; after a poll that leaves nothing due, it also
+//! wakes when the earliest delivery waiting in the table falls due.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +27,10 @@ const SWEEP_EVERY_POLLS: u64 = 10;
 /// does its backend's housekeeping.
 const ORPHAN_REPORT_EVERY: Duration = Duration::from_secs(60);
 
+/// The shortest wait for a delivery that falls due: it keeps a row due in a moment from
+/// turning the poller into a busy loop.
+const MIN_WAIT: Duration = Duration::from_millis(1);
+
 /// How many due deliveries one orphan report looks at, at most.
 const ORPHAN_SAMPLE: usize = 10_000;
 
@@ -36,6 +41,8 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
     let mut tick = tokio::time::interval(engine.config.retry_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut more = false;
+    // When the earliest delivery waiting in the table falls due, if before the next tick.
+    let mut next_due: Option<Instant> = None;
     let mut polls: u64 = 0;
     let mut next_report = Instant::now();
     loop {
@@ -50,10 +57,12 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
         } else {
             // A retry falling due only needs a claim; ticks and requested polls also count
             // towards the sweep.
+            let due = next_due.take();
             let counted = tokio::select! {
                 _ = tick.tick() => true,
                 _ = engine.poll_now.notified() => true,
                 _ = runner.retry_due.notified() => false,
+                _ = sleep_until(due), if due.is_some() => false,
                 _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
             };
             polls += u64::from(counted);
@@ -87,6 +96,35 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
                 false
             }
         };
+        if !more && !known.is_empty() {
+            next_due = match waiting(&engine, &known).await {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::debug!(error = %Chain(&error), "could not read when the next delivery is due; polling at the next tick");
+                    None
+                }
+            };
+        }
+    }
+}
+
+/// When the earliest delivery of `known` listeners that waits in the table (a retry, a lease
+/// that ends) falls due, if that is before the next tick.
+async fn waiting<B: Backend>(
+    engine: &Engine<B>,
+    known: &[&'static str],
+) -> Result<Option<Instant>, Error> {
+    let mut conn = engine.pool.get().await?;
+    let due = B::next_due(&mut conn, known).await?;
+    Ok(due
+        .filter(|d| *d < engine.config.retry_every)
+        // The database's clock counts from before the answer arrived: wake no earlier than it.
+        .map(|d| Instant::now() + d.max(MIN_WAIT)))
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    if let Some(due) = due {
+        tokio::time::sleep_until(due.into()).await;
     }
 }
 

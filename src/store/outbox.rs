@@ -87,6 +87,10 @@ pub trait Outbox<B: Backend = Self> {
     /// more than `$2` rows: [`ListenerCount`] rows.
     const ORPHANS: &'static str;
 
+    /// How long until the earliest pending delivery of the listeners in the list `$1` that is
+    /// not due yet becomes due (a retry, the end of a lease): a [`NextDue`](rows::NextDue) row.
+    const NEXT_DUE: &'static str;
+
     /// Deletes delivery (`$1`, `$2`) if it is pending and its `attempts` is `$3`.
     const COMPLETE: &'static str;
 
@@ -197,6 +201,23 @@ pub trait Outbox<B: Backend = Self> {
             })
             .await?;
             Ok(rows.into_iter().map(Claimed::from).collect())
+        }
+    }
+
+    /// How long until a delivery of `listeners` that waits in the table falls due (see
+    /// [`Outbox::NEXT_DUE`]); `None` when none waits.
+    fn next_due(
+        conn: &mut B::Connection,
+        listeners: &[&'static str],
+    ) -> impl Future<Output = QueryResult<Option<Duration>>> + Send {
+        async move {
+            let row: rows::NextDue = sql::<B::Db>(Self::NEXT_DUE)
+                .bind_list(listeners)
+                .get_result(conn)
+                .await?;
+            Ok(row
+                .us
+                .map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))))
         }
     }
 

@@ -35,6 +35,9 @@ rows! {
     /// A lock's result: 1 when taken (`NULL` or 0 otherwise).
     pub(crate) struct Lock { n: Option<i64> }
 
+    /// How long until something is due, in microseconds (`NULL`: nothing is waiting).
+    pub(crate) struct NextDue { us: Option<i64> }
+
     /// An applied migration.
     pub(crate) struct Version { version: String }
 

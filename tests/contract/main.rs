@@ -35,6 +35,7 @@ macro_rules! scenarios {
             emit::a_listener_starts_before_emit_returns,
             retry::failures_are_retried_with_backoff,
             retry::retries_run_when_due_without_waiting_for_a_poll,
+            retry::a_retry_written_elsewhere_runs_when_due_without_waiting_for_a_poll,
             retry::timeouts_cancel_the_listener_without_overlap,
             retry::panics_are_retried_and_the_bus_keeps_working,
             retry::undeserializable_payload_fails_only_its_delivery,

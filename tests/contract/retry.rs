@@ -108,6 +108,52 @@ pub async fn retries_run_when_due_without_waiting_for_a_poll<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// A retry another process wrote wakes this one's poller when it falls due: the poller reads
+/// when the next delivery waiting in the table is due. With a poll only every hour, the retry
+/// still runs here, and the next one too.
+pub async fn a_retry_written_elsewhere_runs_when_due_without_waiting_for_a_poll<B: TestBackend>() {
+    let db = B::open().await;
+    let settings = fast_settings().retry_after(Duration::from_secs(4));
+    let first = Probe::new();
+    let elsewhere = bus(db.pool.clone(), &first)
+        .event::<Retried>(settings)
+        .build()
+        .await
+        .unwrap();
+    elsewhere.emit(Retried { n: 3 }, []).await.unwrap();
+    first
+        .wait_until("the failing listener's first run", |c| {
+            c.iter().any(|c| c.listener == "retried_fails_twice")
+        })
+        .await;
+    crate::support::idle(&elsewhere).await;
+    elsewhere.shutdown().await;
+
+    let second = Probe::new();
+    let bus = bus(db.pool.clone(), &second)
+        .retry_every(HOUR)
+        .event::<Retried>(settings)
+        .build()
+        .await
+        .unwrap();
+    second
+        .wait_until("the two retries", |c| {
+            c.iter()
+                .filter(|c| c.listener == "retried_fails_twice")
+                .count()
+                == 2
+        })
+        .await;
+    let attempts: Vec<_> = second
+        .calls_of("retried_fails_twice")
+        .iter()
+        .map(|c| c.attempt)
+        .collect();
+    assert_eq!(attempts, [2, 3]);
+    assert!(second.calls_of("retried_ok").is_empty());
+    bus.shutdown().await;
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
 #[event(name = "contract.slow")]
 struct Slow {

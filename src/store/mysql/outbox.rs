@@ -201,6 +201,15 @@ impl Outbox for Mysql {
     GROUP BY listener ORDER BY listener"
     );
 
+    const NEXT_DUE: &'static str = concat!(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), min(available_at)) AS us
+    FROM txbus_deliveries
+    WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at > UTC_TIMESTAMP(6)
+      AND listener IN (SELECT listener FROM ",
+        listeners_table!(),
+        ")"
+    );
+
     // Only a pending delivery (neither dead nor delivered) is still held by a run.
     const COMPLETE: &'static str = "\
 DELETE FROM txbus_deliveries

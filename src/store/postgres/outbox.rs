@@ -141,6 +141,12 @@ SELECT listener, count(*) AS n FROM (
     LIMIT $2) due
 GROUP BY listener ORDER BY listener";
 
+    const NEXT_DUE: &'static str = "\
+SELECT (extract(epoch FROM min(available_at) - now()) * 1000000)::int8 AS us
+FROM txbus_deliveries
+WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > now()
+  AND listener = ANY($1)";
+
     // Fenced like the result writes: `COALESCE` keeps the planner on the primary key.
     const COMPLETE: &'static str = "\
 DELETE FROM txbus_deliveries

@@ -139,6 +139,15 @@ impl Outbox for Sqlite {
     GROUP BY listener ORDER BY listener"
     );
 
+    const NEXT_DUE: &'static str = concat!(
+        "SELECT (min(available_at) - ",
+        now_ms!(),
+        ") * 1000 AS us FROM txbus_deliveries
+    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > ",
+        now_ms!(),
+        " AND listener IN (SELECT value FROM json_each(?1))"
+    );
+
     const COMPLETE: &'static str = DELETE_DONE;
 
     const COMPLETE_RETAINED: &'static str = MARK_DONE;
