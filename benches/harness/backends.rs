@@ -38,6 +38,12 @@ where
     /// overlap its completions), one on SQLite, whose writers take turns.
     const DRAINERS: usize = 2;
 
+    /// How many statements the database server has run so far, for a count of what an idle
+    /// bus costs it; `None` for an embedded database.
+    fn statements(_pool: &Pool<Self>) -> impl Future<Output = Option<i64>> + Send {
+        async { None }
+    }
+
     /// Deletes up to `batch` due deliveries with plain SQL, as a queue that only removes work
     /// would, with the predicate the due index serves; returns how many it removed.
     fn raw_drain(pool: &Pool<Self>, batch: i64) -> impl Future<Output = usize> + Send;
@@ -46,6 +52,14 @@ where
 /// Writes `n` events, each with one delivery for [`DRAIN_LISTENER`] that is due now, in chunks,
 /// as a crash would leave them.
 pub async fn bulk_backlog<B: BenchBackend>(pool: &Pool<B>, n: usize, payload: &str)
+where
+    BenchUser: Entity<B>,
+{
+    bulk_backlog_due::<B>(pool, n, payload, 0).await;
+}
+
+/// [`bulk_backlog`] with deliveries that fall due `due_in` seconds after the write.
+pub async fn bulk_backlog_due<B: BenchBackend>(pool: &Pool<B>, n: usize, payload: &str, due_in: u32)
 where
     BenchUser: Entity<B>,
 {
@@ -70,8 +84,9 @@ where
                 "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, \
                  lease_ms, attempts, available_at, expires_at) \
                  SELECT {first} + s.n - 1, '{DRAIN_LISTENER}', 'bench.drained', '{payload}', {now}, \
-                 30000, 0, {now}, {later} FROM ({series}) s",
+                 30000, 0, {due}, {later} FROM ({series}) s",
                 now = B::now_plus(0),
+                due = B::now_plus(due_in),
                 later = B::now_plus(24 * 3600),
                 series = B::series(chunk),
             ),
@@ -108,6 +123,20 @@ impl BenchBackend for txbus::Postgres {
         .await
         .unwrap();
         first.id
+    }
+
+    async fn statements(pool: &Pool<Self>) -> Option<i64> {
+        // Counted per transaction, and each statement outside one is one; backends report
+        // theirs at most once a second, and when they exit.
+        let mut conn = pool.get().await.unwrap();
+        let n: Id = diesel::sql_query(
+            "SELECT (xact_commit + xact_rollback)::int8 AS id FROM pg_stat_database \
+             WHERE datname = current_database()",
+        )
+        .get_result(&mut *conn)
+        .await
+        .unwrap();
+        Some(n.id)
     }
 
     async fn raw_drain(pool: &Pool<Self>, batch: i64) -> usize {
@@ -166,6 +195,19 @@ impl BenchBackend for txbus::Mysql {
         .await
         .unwrap();
         newest.id + 1
+    }
+
+    async fn statements(pool: &Pool<Self>) -> Option<i64> {
+        // The server's count of statements from clients, all sessions.
+        let mut conn = pool.get().await.unwrap();
+        let n: Id = diesel::sql_query(
+            "SELECT CAST(VARIABLE_VALUE AS SIGNED) AS id FROM information_schema.GLOBAL_STATUS \
+             WHERE VARIABLE_NAME = 'QUESTIONS'",
+        )
+        .get_result(&mut *conn)
+        .await
+        .unwrap();
+        Some(n.id)
     }
 
     async fn raw_drain(pool: &Pool<Self>, batch: i64) -> usize {

@@ -1,22 +1,26 @@
-//! The benchmark harness: scenarios E1, E2, L1, D1, M1, S1 (and N1 with feature `nats`) on each backend, each measured beside a
-//! baseline in the same run, rounds alternating, reported as medians with min–max.
+//! The benchmark harness: scenarios E1, E2, E3, L1, L2, L3, D1, M1, S1 (and N1 with feature
+//! `nats`) on each backend, each measured beside a baseline (or a target) in the same run, rounds
+//! alternating, reported as medians with min–max.
 //!
-//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] [--scenarios E1,E2,L1,D1,M1,S1,N1]
+//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,N1]
 //! [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] [--backlog N]
-//! [--memory-backlog N] [--overload N] [--smoke]`
+//! [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--smoke]`
 
 #![allow(dead_code)]
 
 mod backends;
+mod fanout;
+mod later;
 #[cfg(feature = "nats")]
 mod nats;
 mod scenarios;
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use txbus::{Context, ListenerError};
@@ -41,6 +45,26 @@ pub struct BenchUser {
     pub email: String,
 }
 
+diesel::table! {
+    /// The baseline's second table in E3: one large row per write.
+    bench_payloads (id) {
+        /// The primary key.
+        id -> BigInt,
+        /// The payload.
+        body -> Text,
+    }
+}
+
+/// E3's baseline writes one of these beside the user: the event's payload, once.
+#[derive(
+    Debug, Clone, diesel::Insertable, diesel::AsChangeset, diesel::Identifiable, txbus::Entity,
+)]
+#[diesel(table_name = bench_payloads)]
+pub struct BenchPayload {
+    pub id: i64,
+    pub body: String,
+}
+
 /// The event of every scenario; `padding` sets the payload size.
 #[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
 #[event(name = "bench.user_created")]
@@ -61,8 +85,16 @@ pub struct Drained {
 #[derive(Default)]
 pub struct Recorder {
     pub runs: AtomicU64,
+    /// Runs started (before their work).
+    pub started: AtomicU64,
     pub waits: Mutex<Vec<Duration>>,
     pub seen: Mutex<Vec<i64>>,
+    /// Each run's event and when it started (L2, L3).
+    pub starts: Mutex<Vec<(i64, Instant)>>,
+    /// When each event's failed first run ended (L3).
+    pub failed: Mutex<HashMap<i64, Instant>>,
+    /// From a failed run's end plus its retry delay to the retry's start (L3).
+    pub late: Mutex<Vec<Duration>>,
     /// How long the listener takes (M1 overload).
     pub work: Mutex<Duration>,
     /// Whether to keep ids and waits (not when measuring memory).
@@ -72,8 +104,11 @@ pub struct Recorder {
 #[txbus::listener(name = "bench.noop")]
 async fn noop(_event: UserCreated, ctx: Context) -> Result<(), ListenerError> {
     let recorder = ctx.state::<Arc<Recorder>>()?;
+    recorder.started.fetch_add(1, Ordering::Relaxed);
     if !recorder.quiet.load(Ordering::Relaxed) {
         recorder.waits.lock().unwrap().push(ctx.waited());
+        let start = (ctx.event_id().get(), Instant::now());
+        recorder.starts.lock().unwrap().push(start);
     }
     let work = *recorder.work.lock().unwrap();
     if !work.is_zero() {
@@ -88,10 +123,60 @@ async fn drain(_event: Drained, ctx: Context) -> Result<(), ListenerError> {
     let recorder = ctx.state::<Arc<Recorder>>()?;
     if !recorder.quiet.load(Ordering::Relaxed) {
         recorder.seen.lock().unwrap().push(ctx.event_id().get());
+        let start = (ctx.event_id().get(), Instant::now());
+        recorder.starts.lock().unwrap().push(start);
     }
     recorder.runs.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
+
+/// The event of L3: its listener fails the first run and succeeds the retry.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "bench.retried")]
+pub struct Retried {
+    pub n: u64,
+}
+
+/// The retry delay of [`Retried`] (plus up to 10 % jitter).
+pub const RETRY_AFTER: Duration = Duration::from_millis(20);
+
+#[txbus::listener(name = "bench.retry_once")]
+async fn retry_once(_event: Retried, ctx: Context) -> Result<(), ListenerError> {
+    let recorder = ctx.state::<Arc<Recorder>>()?;
+    let id = ctx.event_id().get();
+    if ctx.attempt() == 1 {
+        recorder.failed.lock().unwrap().insert(id, Instant::now());
+        return Err("the first run fails".into());
+    }
+    let failed = recorder.failed.lock().unwrap().get(&id).copied();
+    if let Some(failed) = failed {
+        let late = Instant::now().saturating_duration_since(failed + RETRY_AFTER);
+        recorder.late.lock().unwrap().push(late);
+    }
+    recorder.runs.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The event of E3: five listeners, a large payload.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "bench.fanned_out")]
+pub struct FannedOut {
+    pub id: i64,
+    pub padding: String,
+}
+
+macro_rules! fan_listeners {
+    ($($name:ident => $id:literal),*) => {$(
+        #[txbus::listener(name = $id)]
+        async fn $name(_event: FannedOut, ctx: Context) -> Result<(), ListenerError> {
+            ctx.state::<Arc<Recorder>>()?.runs.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    )*};
+}
+
+fan_listeners!(fan_1 => "bench.fan_1", fan_2 => "bench.fan_2", fan_3 => "bench.fan_3",
+    fan_4 => "bench.fan_4", fan_5 => "bench.fan_5");
 
 /// The sizes of a run.
 #[derive(Debug, Clone)]
@@ -106,13 +191,17 @@ pub struct Args {
     pub backlog: usize,
     pub memory_backlog: usize,
     pub overload: usize,
+    /// Deliveries held by the killed process (L2), and waiting in the table per round (L3).
+    pub later: usize,
+    /// How long an idle bus is watched for its statements (L3).
+    pub idle: Duration,
 }
 
 impl Default for Args {
     fn default() -> Self {
         Self {
             backends: compiled_backends(),
-            scenarios: ["E1", "E2", "L1", "D1", "M1", "S1", "N1"]
+            scenarios: ["E1", "E2", "E3", "L1", "L2", "L3", "D1", "M1", "S1", "N1"]
                 .into_iter()
                 .filter(|s| *s != "N1" || cfg!(feature = "nats"))
                 .map(String::from)
@@ -125,6 +214,8 @@ impl Default for Args {
             backlog: 100_000,
             memory_backlog: 1_000_000,
             overload: 50_000,
+            later: 200,
+            idle: Duration::from_secs(10),
         }
     }
 }
@@ -139,6 +230,8 @@ impl Args {
             backlog: 300,
             memory_backlog: 500,
             overload: 200,
+            later: 10,
+            idle: Duration::from_millis(200),
             ..Self::default()
         }
     }
@@ -169,6 +262,8 @@ impl Args {
                 "--backlog" => args.backlog = number(value()?)?,
                 "--memory-backlog" => args.memory_backlog = number(value()?)?,
                 "--overload" => args.overload = number(value()?)?,
+                "--later" => args.later = number(value()?)?.max(5),
+                "--idle-secs" => args.idle = Duration::from_secs(number(value()?)? as u64),
                 "--help" | "-h" => return Err(HELP.to_owned()),
                 other => return Err(format!("unknown argument {other}\n{HELP}")),
             }
@@ -178,8 +273,8 @@ impl Args {
 }
 
 const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
-[--scenarios E1,E2,L1,D1,M1,S1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
-[--backlog N] [--memory-backlog N] [--overload N] [--smoke]";
+[--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
+[--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--smoke]";
 
 fn compiled_backends() -> Vec<String> {
     let mut all = Vec::new();

@@ -41,7 +41,7 @@ pub async fn create_users<B: TestBackend>(pool: &Pool<B>) {
 }
 
 /// Waits until `recorder` counted `target` runs and the bus wrote every result.
-async fn settle<B: TestBackend>(bus: &EventBus<B>, recorder: &Recorder, target: u64) {
+pub async fn settle<B: TestBackend>(bus: &EventBus<B>, recorder: &Recorder, target: u64) {
     let deadline = Instant::now() + Duration::from_secs(600);
     while recorder.runs.load(Ordering::Relaxed) < target {
         assert!(Instant::now() < deadline, "deliveries did not all run");
@@ -58,6 +58,7 @@ async fn settle<B: TestBackend>(bus: &EventBus<B>, recorder: &Recorder, target: 
 pub async fn run<B: BenchBackend>(args: &Args) -> Vec<Row>
 where
     BenchUser: Entity<B>,
+    super::BenchPayload: Entity<B>,
 {
     let mut rows = Vec::new();
     for scenario in &args.scenarios {
@@ -65,7 +66,10 @@ where
         match scenario.as_str() {
             "E1" => rows.extend(e1::<B>(args).await),
             "E2" => rows.extend(e2::<B>(args).await),
+            "E3" => rows.extend(super::fanout::e3::<B>(args).await),
             "L1" => rows.extend(l1::<B>(args).await),
+            "L2" => rows.extend(super::later::l2::<B>(args).await),
+            "L3" => rows.extend(super::later::l3::<B>(args).await),
             "D1" => rows.extend(d1::<B>(args).await),
             "M1" => rows.extend(m1::<B>(args).await),
             "S1" => rows.extend(s1::<B>(args).await),
@@ -708,6 +712,7 @@ where
     let recorder = Arc::new(Recorder::default());
     recorder.quiet.store(mode != "drain", Ordering::Relaxed);
     match mode {
+        "hold" => super::later::hold::<B>(&url, n).await,
         "drain" => {
             let bus = drain_bus(pool.clone(), recorder.clone())
                 .run_migrations(false)
