@@ -23,7 +23,7 @@ pub struct Transaction<'c, B: Backend> {
     ids: Ids,
 }
 
-/// Event ids taken ahead for the transaction's emits, in blocks: 8, then twice as many each
+/// Event ids taken ahead for the transaction's emits, in blocks: 16, then twice as many each
 /// time, up to the backend's [`ID_BLOCK`](crate::store::Outbox::ID_BLOCK).
 struct Ids {
     taken: VecDeque<Inserted>,
@@ -33,7 +33,7 @@ struct Ids {
 }
 
 /// The first block of ids a transaction takes.
-const FIRST_ID_BLOCK: usize = 8;
+const FIRST_ID_BLOCK: usize = 16;
 
 impl<'c, B: Backend> Transaction<'c, B> {
     /// The transaction's connection, for your own diesel-async queries.
