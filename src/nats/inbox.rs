@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
-use futures_util::StreamExt;
-use tokio::sync::Semaphore;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::EVENT_HEADER;
@@ -21,6 +21,7 @@ use crate::event::Event;
 use crate::message::MessageId;
 use crate::receive::Received;
 use crate::store::Backend;
+use crate::transaction::Transaction;
 
 /// How long JetStream waits before it redelivers a message whose receipt failed (the database
 /// was unreachable, the bus was shutting down).
@@ -36,12 +37,36 @@ type Receive<B> = for<'a> fn(
     &'a [u8],
 ) -> Result<BoxFuture<'a, Result<Received, Error>>, serde_json::Error>;
 
+/// The same inside a transaction of several receipts; a payload that does not decode fails it.
+type ReceiveIn<B> = for<'t, 'c> fn(
+    &'t mut Transaction<'c, B>,
+    MessageId,
+    &'t [u8],
+) -> BoxFuture<'t, Result<Received, Error>>;
+
+/// How an inbox receives one event type: a message alone, or among others.
+struct Accept<B: Backend> {
+    alone: Receive<B>,
+    among: ReceiveIn<B>,
+}
+
+impl<B: Backend> Clone for Accept<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Accept<B> {}
+
 /// Receives the messages of a durable JetStream pull consumer into a bus's inbox.
 ///
 /// For each message it calls [`EventBus::receive`] with the message id
 /// `MessageId::new(<stream name>, <Nats-Msg-Id, or the stream sequence without one>)`, and
 /// acknowledges the message only once that receipt has committed (and waits for JetStream to
-/// confirm the acknowledgement). A message delivered again, or published twice with the same
+/// confirm the acknowledgement). Messages that arrive together are received in one
+/// transaction ([`Transaction::receive`] each, every one still deduplicated by its id) and
+/// acknowledged after its commit; if that transaction fails, each message is received alone,
+/// so that one message cannot hold back the others. A message delivered again, or published twice with the same
 /// `Nats-Msg-Id`, is a duplicate: acknowledged, not received again. The receipt runs the bus's
 /// listeners of the event like an emit; use a
 /// [`transactional`](macro@crate::listener) listener for effects that must happen once.
@@ -82,7 +107,7 @@ type Receive<B> = for<'a> fn(
 pub struct JetStreamInbox<B: Backend> {
     bus: EventBus<B>,
     consumer: PullConsumer,
-    events: HashMap<String, Receive<B>>,
+    events: HashMap<String, Accept<B>>,
     max_in_flight: usize,
 }
 
@@ -118,13 +143,19 @@ impl<B: Backend> JetStreamInbox<B> {
     /// this service with the same JSON shape and a name of its own (so that the publisher's
     /// listeners and this service's never share an event name).
     pub fn event_as<E: Event>(mut self, name: impl Into<String>) -> Self {
-        self.events.insert(name.into(), receive::<B, E>);
+        self.events.insert(
+            name.into(),
+            Accept {
+                alone: receive::<B, E>,
+                among: receive_among::<B, E>,
+            },
+        );
         self
     }
 
-    /// How many messages are received at once, at most. Default: 64. The consumer's
-    /// `max_ack_pending` caps the messages the server hands out unacknowledged, across all
-    /// consumers of it.
+    /// How many messages are received at once, at most, and so the most one transaction
+    /// receives. Default: 64. The consumer's `max_ack_pending` caps the messages the server
+    /// hands out unacknowledged, across all consumers of it.
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max.max(1);
         self
@@ -158,6 +189,8 @@ impl<B: Backend> JetStreamInbox<B> {
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
         let mut running = JoinSet::new();
         let (mut ended, mut failed) = (false, None);
+        // What the stream yielded while a batch was gathered, for the next turn.
+        let mut pending = None;
         tokio::pin!(shutdown);
         loop {
             while running.try_join_next().is_some() {}
@@ -168,17 +201,32 @@ impl<B: Backend> JetStreamInbox<B> {
                     Err(_) => break, // never closed
                 },
             };
-            let next = tokio::select! {
-                _ = &mut shutdown => break,
-                next = messages.next() => next,
+            let next = match pending.take() {
+                Some(next) => next,
+                None => tokio::select! {
+                    _ = &mut shutdown => break,
+                    next = messages.next() => next,
+                },
             };
             match next {
                 Some(Ok(message)) => {
+                    // Take along what has arrived already, while permits last.
+                    let mut batch = vec![(message, permit)];
+                    while batch.len() < self.max_in_flight {
+                        let Ok(permit) = permits.clone().try_acquire_owned() else {
+                            break;
+                        };
+                        match messages.next().now_or_never() {
+                            Some(Some(Ok(message))) => batch.push((message, permit)),
+                            Some(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
                     let inbox = inbox.clone();
-                    running.spawn(async move {
-                        inbox.handle(message).await;
-                        drop(permit);
-                    });
+                    running.spawn(async move { inbox.handle_batch(batch).await });
                 }
                 Some(Err(error)) if lasting(&error) => {
                     failed = Some(error);
@@ -211,17 +259,27 @@ impl<B: Backend> JetStreamInbox<B> {
 
 struct Shared<B: Backend> {
     bus: EventBus<B>,
-    events: HashMap<String, Receive<B>>,
+    events: HashMap<String, Accept<B>>,
+}
+
+/// A message read, and how to receive it (or why it cannot be).
+struct Item<B: Backend> {
+    message: Message,
+    stream: String,
+    sequence: u64,
+    id: MessageId,
+    accept: Result<Accept<B>, String>,
 }
 
 impl<B: Backend> Shared<B> {
-    async fn handle(&self, message: Message) {
+    /// Reads what a message is; `None` for one that is not from JetStream (logged).
+    fn read(&self, message: Message) -> Option<Item<B>> {
         let (stream, sequence) = match message.info() {
             Ok(info) => (info.stream.to_owned(), info.stream_sequence),
             Err(error) => {
                 tracing::warn!(error = %error, subject = %message.subject,
                     "not a JetStream message; ignored");
-                return;
+                return None;
             }
         };
         let headers = message.headers.as_ref();
@@ -232,27 +290,101 @@ impl<B: Backend> Shared<B> {
         };
         let key = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
             .unwrap_or_else(|| sequence.to_string());
-        let receive = match header(EVENT_HEADER) {
+        let accept = match header(EVENT_HEADER) {
             Some(name) => self.events.get(name.as_str()).copied().ok_or_else(|| {
                 format!("it names the event `{name}`, which this inbox does not accept")
             }),
             None => match self.events.values().next() {
-                Some(receive) if self.events.len() == 1 => Ok(*receive),
+                Some(accept) if self.events.len() == 1 => Ok(*accept),
                 _ => Err(format!(
                     "it has no {EVENT_HEADER} header, and this inbox accepts several event types"
                 )),
             },
         };
         let id = MessageId::new(stream.clone(), key);
-        let result = match receive {
-            Ok(receive) => match receive(&self.bus, id.clone(), &message.payload) {
+        Some(Item {
+            message,
+            stream,
+            sequence,
+            id,
+            accept,
+        })
+    }
+
+    /// Receives the messages that arrived together in one transaction, and acknowledges each
+    /// after its commit; when that fails, receives each alone.
+    async fn handle_batch(&self, batch: Vec<(Message, OwnedSemaphorePermit)>) {
+        let (messages, _permits): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let (items, refused): (Vec<_>, Vec<_>) = messages
+            .into_iter()
+            .filter_map(|message| self.read(message))
+            .partition(|item| item.accept.is_ok());
+        for item in refused {
+            self.handle(item).await;
+        }
+        if items.len() < 2 {
+            for item in items {
+                self.handle(item).await;
+            }
+            return;
+        }
+        let received = self
+            .bus
+            .transaction(async |tx| {
+                let mut received = Vec::with_capacity(items.len());
+                for item in &items {
+                    if let Ok(accept) = &item.accept {
+                        received.push(
+                            (accept.among)(tx, item.id.clone(), &item.message.payload).await?,
+                        );
+                    }
+                }
+                Ok::<_, Error>(received)
+            })
+            .await;
+        match received {
+            Ok(received) => {
+                let acks = items
+                    .iter()
+                    .zip(received)
+                    .map(|(item, received)| self.settle(item, Ok(received)));
+                futures_util::future::join_all(acks).await;
+            }
+            Err(error) => {
+                tracing::debug!(error = %Chain(&error), messages = items.len(),
+                    "receiving messages together failed; receiving each alone");
+                for item in items {
+                    self.handle(item).await;
+                }
+            }
+        }
+    }
+
+    /// Receives one message in a transaction of its own, and acknowledges it as its receipt
+    /// went.
+    async fn handle(&self, item: Item<B>) {
+        let result = match &item.accept {
+            Ok(accept) => match (accept.alone)(&self.bus, item.id.clone(), &item.message.payload) {
                 Ok(receipt) => receipt.await,
                 Err(error) => Err(Error::Invalid(format!(
                     "its payload does not deserialize: {error}"
                 ))),
             },
-            Err(reason) => Err(Error::Invalid(reason)),
+            Err(reason) => Err(Error::Invalid(reason.clone())),
         };
+        self.settle(&item, result).await;
+    }
+
+    /// Acknowledges a message after its receipt: done, terminated (it can never be received),
+    /// or negatively (to be redelivered).
+    async fn settle(&self, item: &Item<B>, result: Result<Received, Error>) {
+        let Item {
+            message,
+            stream,
+            sequence,
+            id,
+            ..
+        } = item;
         let ack = match result {
             Ok(received) => {
                 tracing::debug!(message_id = %id, duplicate = received.is_duplicate(), "received");
@@ -294,6 +426,19 @@ fn receive<'a, B: Backend, E: Event>(
 ) -> Result<BoxFuture<'a, Result<Received, Error>>, serde_json::Error> {
     let event: E = serde_json::from_slice(payload)?;
     Ok(Box::pin(bus.receive(id, event)))
+}
+
+fn receive_among<'t, 'c, B: Backend, E: Event>(
+    tx: &'t mut Transaction<'c, B>,
+    id: MessageId,
+    payload: &'t [u8],
+) -> BoxFuture<'t, Result<Received, Error>> {
+    Box::pin(async move {
+        let event: E = serde_json::from_slice(payload).map_err(|error| {
+            Error::Invalid(format!("its payload does not deserialize: {error}"))
+        })?;
+        tx.receive(id, &event).await
+    })
 }
 
 fn nats_error(what: &str, error: impl std::error::Error + Send + Sync + 'static) -> Error {

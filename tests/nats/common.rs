@@ -621,6 +621,62 @@ async fn poison_messages_are_terminated<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// Messages that arrive together are received in one transaction: their events take their ids
+/// and emit time from one block, so twenty messages waiting before the inbox starts are emitted
+/// at fewer than twenty distinct times. Each is still received once.
+async fn messages_that_arrive_together_share_a_transaction<B: TestBackend>() {
+    const MESSAGES: i64 = 20;
+    let (_a, b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    let consumer = stream.consumer(Duration::from_secs(5)).await;
+    let bus = EventBus::builder(b.another_pool().await)
+        .retain_delivered(Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    for id in 0..MESSAGES {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(EVENT_HEADER, "nats.order_placed");
+        stream
+            .jetstream
+            .publish_with_headers(
+                stream.subject(),
+                headers,
+                format!(r#"{{"id":{id}}}"#).into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let inbox = RunningInbox::start(&bus, &consumer);
+    until_done("every message to be projected", || async {
+        let rows = B::count(&b.pool, "SELECT count(*) AS n FROM nats_projection").await;
+        (rows >= MESSAGES, rows)
+    })
+    .await;
+    inbox.stop().await;
+    bus.shutdown().await;
+    assert_eq!(
+        B::count(
+            &b.pool,
+            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) AS n FROM nats_projection"
+        )
+        .await,
+        MESSAGES,
+        "each message projected once"
+    );
+    let times = B::count(
+        &b.pool,
+        "SELECT count(DISTINCT emitted_at) AS n FROM txbus_deliveries WHERE listener = 'nats_b.project'",
+    )
+    .await;
+    assert!(
+        times < MESSAGES,
+        "{times} distinct emit times for {MESSAGES} messages: none were received together"
+    );
+}
+
 /// B's database unreachable while messages arrive: the receipts fail, the messages are
 /// negatively acknowledged and redelivered, and after the outage each is received once.
 /// PostgreSQL only: a TCP proxy stands between B and its database.
@@ -875,6 +931,10 @@ where
         trial(format!("{name}::poison_messages_are_terminated"), || {
             runtime().block_on(poison_messages_are_terminated::<B>())
         }),
+        trial(
+            format!("{name}::messages_that_arrive_together_share_a_transaction"),
+            || runtime().block_on(messages_that_arrive_together_share_a_transaction::<B>()),
+        ),
         trial(format!("{name}::relay_deliveries_are_listeners"), || {
             runtime().block_on(relay_deliveries_are_listeners::<B>())
         }),
