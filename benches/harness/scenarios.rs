@@ -454,98 +454,124 @@ where
         case: format!("{n} backlog, 1 process, default settings"),
         ..one.clone()
     };
-    for _ in 0..args.rounds {
-        // Baseline.
-        let db = B::open().await;
-        txbus::migrate(&db.pool).await.unwrap();
-        bulk_backlog::<B>(&db.pool, n, &payload).await;
-        let started = Instant::now();
-        fan_out(B::DRAINERS, B::DRAINERS, |_| {
-            let pool = db.pool.clone();
-            async move { while B::raw_drain(&pool, 1000).await > 0 {} }
-        })
-        .await;
-        let rate = n as f64 / started.elapsed().as_secs_f64();
-        assert_eq!(deliveries_left(&db.pool).await, 0);
-        for row in [&mut one, &mut two, &mut defaults] {
-            row.baseline.push(rate);
+    for round in 0..args.rounds {
+        // The bus's phases and the baseline, in one order and then in the other.
+        let phases = if round % 2 == 0 {
+            [0, 1, 2, 3]
+        } else {
+            [3, 2, 1, 0]
+        };
+        for phase in phases {
+            match phase {
+                0 => {
+                    let rate = drain_plain::<B>(n, &payload).await;
+                    for row in [&mut one, &mut two, &mut defaults] {
+                        row.baseline.push(rate);
+                    }
+                }
+                1 => one.txbus.push(drain_here::<B>(n, &payload, true).await),
+                2 => defaults
+                    .txbus
+                    .push(drain_here::<B>(n, &payload, false).await),
+                _ => two.txbus.push(drain_two::<B>(n, &payload).await),
+            }
         }
-        drop(db);
-
-        one.txbus.push(drain_here::<B>(n, &payload, true).await);
-        defaults
-            .txbus
-            .push(drain_here::<B>(n, &payload, false).await);
-
-        // Two processes.
-        let db = B::open().await;
-        txbus::migrate(&db.pool).await.unwrap();
-        bulk_backlog::<B>(&db.pool, n, &payload).await;
-        let dir = std::env::temp_dir();
-        let outs: Vec<_> = (0..2)
-            .map(|i| dir.join(format!("txbus-bench-{}-{i}.ids", std::process::id())))
-            .collect();
-        let started = Instant::now();
-        let children: Vec<_> = outs
-            .iter()
-            .map(|out| {
-                Command::new(std::env::current_exe().unwrap())
-                    .args([
-                        "--child",
-                        "drain",
-                        B::NAME,
-                        &db.url,
-                        &n.to_string(),
-                        out.to_str().unwrap(),
-                    ])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        // This process watches the table, with a query that stops at the first row left, so
-        // that the children spend nothing on it; closing their input tells them to stop.
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while B::count(&db.pool, ANY_LEFT).await > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the two processes did not drain the backlog"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        two.txbus.push(n as f64 / started.elapsed().as_secs_f64());
-        for mut child in children {
-            drop(child.stdin.take());
-            assert!(child.wait().unwrap().success(), "a draining child failed");
-        }
-        let mut all = Vec::new();
-        let mut shares = Vec::new();
-        for out in &outs {
-            let ids: Vec<i64> = std::fs::read_to_string(out)
-                .unwrap()
-                .lines()
-                .filter(|l| !l.is_empty())
-                .map(|l| l.parse().unwrap())
-                .collect();
-            shares.push(ids.len());
-            all.extend(ids);
-            let _ = std::fs::remove_file(out);
-        }
-        let distinct: HashSet<i64> = all.iter().copied().collect();
-        assert_eq!(
-            all.len(),
-            n,
-            "no delivery ran twice across the two processes: {shares:?}"
-        );
-        assert_eq!(distinct.len(), n, "every delivery ran");
-        eprintln!(
-            "[{}] D1 two processes shared the backlog {shares:?}",
-            B::NAME
-        );
-        drop(db);
     }
     vec![one, two, defaults]
+}
+
+/// The plain-SQL drain of a backlog of `n`; deliveries per second.
+async fn drain_plain<B: BenchBackend>(n: usize, payload: &str) -> f64
+where
+    BenchUser: Entity<B>,
+{
+    let db = B::open().await;
+    txbus::migrate(&db.pool).await.unwrap();
+    bulk_backlog::<B>(&db.pool, n, payload).await;
+    let started = Instant::now();
+    fan_out(B::DRAINERS, B::DRAINERS, |_| {
+        let pool = db.pool.clone();
+        async move { while B::raw_drain(&pool, 1000).await > 0 {} }
+    })
+    .await;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(deliveries_left(&db.pool).await, 0);
+    rate
+}
+
+/// Drains a backlog of `n` with two child processes, checks that they split it and that
+/// nothing ran twice; deliveries per second.
+async fn drain_two<B: BenchBackend>(n: usize, payload: &str) -> f64
+where
+    BenchUser: Entity<B>,
+{
+    let db = B::open().await;
+    txbus::migrate(&db.pool).await.unwrap();
+    bulk_backlog::<B>(&db.pool, n, payload).await;
+    let dir = std::env::temp_dir();
+    let outs: Vec<_> = (0..2)
+        .map(|i| dir.join(format!("txbus-bench-{}-{i}.ids", std::process::id())))
+        .collect();
+    let started = Instant::now();
+    let children: Vec<_> = outs
+        .iter()
+        .map(|out| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--child",
+                    "drain",
+                    B::NAME,
+                    &db.url,
+                    &n.to_string(),
+                    out.to_str().unwrap(),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // This process watches the table, with a query that stops at the first row left, so
+    // that the children spend nothing on it; closing their input tells them to stop.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while B::count(&db.pool, ANY_LEFT).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the two processes did not drain the backlog"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    for mut child in children {
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success(), "a draining child failed");
+    }
+    let mut all = Vec::new();
+    let mut shares = Vec::new();
+    for out in &outs {
+        let ids: Vec<i64> = std::fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.parse().unwrap())
+            .collect();
+        shares.push(ids.len());
+        all.extend(ids);
+        let _ = std::fs::remove_file(out);
+    }
+    let distinct: HashSet<i64> = all.iter().copied().collect();
+    assert_eq!(
+        all.len(),
+        n,
+        "no delivery ran twice across the two processes: {shares:?}"
+    );
+    assert_eq!(distinct.len(), n, "every delivery ran");
+    eprintln!(
+        "[{}] D1 two processes shared the backlog {shares:?}",
+        B::NAME
+    );
+    drop(db);
+    rate
 }
 
 /// S1: `bus.stats()` on a table of pending deliveries, at the D1 and M1 backlog sizes; baseline:
