@@ -71,10 +71,11 @@ fn wake_when_due(runner: &Arc<Runner>, outcomes: &[Outcome]) {
             _ => None,
         })
         .collect();
-    if delays.is_empty() || runner.due_timers.fetch_add(1, Ordering::Relaxed) >= MAX_DUE_TIMERS {
-        if !delays.is_empty() {
-            runner.due_timers.fetch_sub(1, Ordering::Relaxed);
-        }
+    if delays.is_empty() {
+        return;
+    }
+    if runner.due_timers.fetch_add(1, Ordering::Relaxed) >= MAX_DUE_TIMERS {
+        runner.due_timers.fetch_sub(1, Ordering::Relaxed);
         return;
     }
     delays.sort_unstable();
