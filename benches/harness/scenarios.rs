@@ -138,7 +138,8 @@ where
                         in_tx.txbus.push(rate);
                         autocommit.txbus.push(rate);
                     }
-                    1 => {
+                    baseline => {
+                        let in_transaction = baseline == 1;
                         fan_out(clients, n, |count| {
                             let pool = pool.clone();
                             let payload = args.payload;
@@ -146,36 +147,27 @@ where
                                 for _ in 0..count {
                                     let (user, _) = next_user(payload);
                                     let mut conn = pool.get().await.unwrap();
-                                    conn.transaction(async |c| {
-                                        <BenchUser as Entity<B>>::persist(&user, c).await
-                                    })
-                                    .await
-                                    .unwrap();
-                                }
-                            }
-                        })
-                        .await;
-                        in_tx
-                            .baseline
-                            .push(n as f64 / started.elapsed().as_secs_f64());
-                    }
-                    _ => {
-                        fan_out(clients, n, |count| {
-                            let pool = pool.clone();
-                            let payload = args.payload;
-                            async move {
-                                for _ in 0..count {
-                                    let (user, _) = next_user(payload);
-                                    let mut conn = pool.get().await.unwrap();
-                                    <BenchUser as Entity<B>>::persist(&user, &mut conn)
+                                    if in_transaction {
+                                        conn.transaction(async |c| {
+                                            <BenchUser as Entity<B>>::persist(&user, c).await
+                                        })
                                         .await
                                         .unwrap();
+                                    } else {
+                                        <BenchUser as Entity<B>>::persist(&user, &mut conn)
+                                            .await
+                                            .unwrap();
+                                    }
                                 }
                             }
                         })
                         .await;
-                        autocommit
-                            .baseline
+                        let row = if in_transaction {
+                            &mut in_tx
+                        } else {
+                            &mut autocommit
+                        };
+                        row.baseline
                             .push(n as f64 / started.elapsed().as_secs_f64());
                     }
                 }

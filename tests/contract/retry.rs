@@ -91,21 +91,25 @@ pub async fn retries_run_when_due_without_waiting_for_a_poll<B: TestBackend>() {
         .await
         .unwrap();
     bus.emit(Retried { n: 2 }, []).await.unwrap();
+    assert_eq!(failing_attempts(&probe, 3).await, [1, 2, 3]);
+    bus.shutdown().await;
+}
+
+/// Waits until the failing listener ran `runs` times here; returns the attempts of its runs.
+async fn failing_attempts(probe: &Probe, runs: usize) -> Vec<u32> {
     probe
-        .wait_until("three runs of the failing listener", |c| {
+        .wait_until("runs of the failing listener", |c| {
             c.iter()
                 .filter(|c| c.listener == "retried_fails_twice")
                 .count()
-                == 3
+                == runs
         })
         .await;
-    let attempts: Vec<_> = probe
+    probe
         .calls_of("retried_fails_twice")
         .iter()
         .map(|c| c.attempt)
-        .collect();
-    assert_eq!(attempts, [1, 2, 3]);
-    bus.shutdown().await;
+        .collect()
 }
 
 /// A retry another process wrote wakes this one's poller when it falls due: the poller reads
@@ -136,20 +140,7 @@ pub async fn a_retry_written_elsewhere_runs_when_due_without_waiting_for_a_poll<
         .build()
         .await
         .unwrap();
-    second
-        .wait_until("the two retries", |c| {
-            c.iter()
-                .filter(|c| c.listener == "retried_fails_twice")
-                .count()
-                == 2
-        })
-        .await;
-    let attempts: Vec<_> = second
-        .calls_of("retried_fails_twice")
-        .iter()
-        .map(|c| c.attempt)
-        .collect();
-    assert_eq!(attempts, [2, 3]);
+    assert_eq!(failing_attempts(&second, 2).await, [2, 3]);
     assert!(second.calls_of("retried_ok").is_empty());
     bus.shutdown().await;
 }
