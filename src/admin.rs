@@ -338,7 +338,7 @@ pub(crate) fn rfc3339(time: SystemTime) -> String {
     }
 }
 
-fn time<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn time<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
     rfc3339(*time).serialize(serializer)
 }
 

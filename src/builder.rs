@@ -293,6 +293,7 @@ impl<B: Backend> EventBusBuilder<B> {
                 completer: Some(tokio::spawn(complete_loop(
                     this.pool,
                     !this.retention.delivered.is_zero(),
+                    this.retry_every,
                     reports,
                     runner.clone(),
                 ))),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use crate::dispatch::Runner;
-use crate::engine::{Engine, Written};
+use crate::engine::{Engine, Prepared, Written};
 use crate::error::Error;
 use crate::event::{Event, EventId};
 use crate::store::{Backend, Operation, Pool, TxConn};
@@ -140,16 +140,23 @@ impl<B: Backend> EventBus<B> {
         event: E,
         ops: impl IntoIterator<Item = Operation<'a, B>>,
     ) -> impl Future<Output = Result<EventId, Error>> + Send + 'a {
-        let ops: Vec<Operation<'a, B>> = ops.into_iter().collect();
-        let span = tracing::info_span!(
-            "txbus.emit",
-            event = E::NAME,
-            event_id = tracing::field::Empty
-        );
+        let prepared = self.engine.prepare(&event);
+        self.write(E::NAME, prepared, ops.into_iter().collect())
+    }
+
+    /// Writes `ops` and the prepared event in one transaction, then dispatches it.
+    pub(crate) fn write<'a>(
+        &'a self,
+        name: &'static str,
+        prepared: Result<Prepared, Error>,
+        ops: Vec<Operation<'a, B>>,
+    ) -> impl Future<Output = Result<EventId, Error>> + Send + 'a {
+        let span =
+            tracing::info_span!("txbus.emit", event = name, event_id = tracing::field::Empty);
         async move {
             let engine = &*self.engine;
             engine.check_running()?;
-            let prepared = engine.prepare(&event)?;
+            let prepared = prepared?;
             let mut guard = TxConn::<B>::checkout(&engine.pool).await?;
             guard.enter();
             let leased = Instant::now();

@@ -2,13 +2,12 @@
 //! batch was being written goes in the next one, so a busy bus writes few, large batches.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::delivery::{Outcome, Resolution};
-use crate::dispatch::{Phase, Report, Runner};
+use crate::dispatch::{self, Phase, Report, Runner};
 use crate::error::{Chain, Error};
 use crate::store::{Backend, Pool, Recorded};
 
@@ -22,18 +21,13 @@ const LINGER: Duration = Duration::from_millis(2);
 /// How often a batch is tried when the database is reachable but the write fails.
 const MAX_STATEMENT_FAILURES: u32 = 5;
 
-/// How many tasks at most wait to wake the poller for retries falling due; beyond them, retries
-/// run at the poller's next tick.
-const MAX_DUE_TIMERS: usize = 64;
-
-/// Retries falling due within this of each other are claimed by one wake-up, at the last one.
-const DUE_TOGETHER: Duration = Duration::from_millis(10);
-
 /// Receives reports until every sender is gone, writing each batch before taking the next.
-/// With `retain`, successes are marked delivered instead of deleted.
+/// With `retain`, successes are marked delivered instead of deleted. Retries shorter than
+/// `retry_every` wake the poller when they fall due.
 pub(crate) async fn complete_loop<B: Backend>(
     pool: Pool<B>,
     retain: bool,
+    retry_every: Duration,
     mut reports: mpsc::Receiver<Report>,
     runner: Arc<Runner>,
 ) {
@@ -53,60 +47,16 @@ pub(crate) async fn complete_loop<B: Backend>(
         let (outcomes, in_flight): (Vec<Outcome>, Vec<_>) =
             batch.drain(..).map(|r| (r.outcome, r._in_flight)).unzip();
         if write(&pool, &outcomes, retain, &phase).await {
-            wake_when_due(&runner, &outcomes);
+            // Retries are due from the database's clock at the write, which came before now.
+            let retries = outcomes.iter().filter_map(|o| match &o.resolution {
+                Resolution::Retry { delay, .. } => Some(*delay),
+                _ => None,
+            });
+            dispatch::wake_when_due(&runner, retries.collect(), retry_every);
         }
         // Only now is the bus idle for these deliveries.
         drop(in_flight);
     }
-}
-
-/// Wakes the poller when the retries just written fall due (they are due from the database's
-/// clock at the write, which came before now), so that they run within moments of their time
-/// instead of at the next poll.
-fn wake_when_due(runner: &Arc<Runner>, outcomes: &[Outcome]) {
-    let mut delays: Vec<Duration> = outcomes
-        .iter()
-        .filter_map(|o| match &o.resolution {
-            Resolution::Retry { delay, .. } => Some(*delay),
-            _ => None,
-        })
-        .collect();
-    if delays.is_empty() {
-        return;
-    }
-    if runner.due_timers.fetch_add(1, Ordering::Relaxed) >= MAX_DUE_TIMERS {
-        runner.due_timers.fetch_sub(1, Ordering::Relaxed);
-        return;
-    }
-    delays.sort_unstable();
-    // One wake-up per group of retries due together, at the group's last.
-    let written = Instant::now();
-    let mut wakes: Vec<Instant> = Vec::new();
-    let mut first = None;
-    for delay in delays {
-        match first {
-            Some(start) if delay - start < DUE_TOGETHER => {
-                if let Some(last) = wakes.last_mut() {
-                    *last = written + delay;
-                }
-            }
-            _ => {
-                first = Some(delay);
-                wakes.push(written + delay);
-            }
-        }
-    }
-    let runner = runner.clone();
-    let mut phase = runner.phase.subscribe();
-    tokio::spawn(async move {
-        for wake in wakes {
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake.into()) => runner.retry_due.notify_one(),
-                _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
-            }
-        }
-        runner.due_timers.fetch_sub(1, Ordering::Relaxed);
-    });
 }
 
 /// Writes one batch, retrying while the database is unreachable, and a few times for other

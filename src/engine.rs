@@ -125,6 +125,7 @@ impl<B: Backend> Engine<B> {
                 listeners: listeners.ids,
                 lease: settings.max_execution_time,
                 expires_after: settings.expires_after,
+                due_in: None,
             },
             listeners: listeners.defs,
             settings,
@@ -132,12 +133,14 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Starts the listeners of committed events; each that can start at once runs in the
-    /// caller's task until it first waits.
+    /// caller's task until it first waits. Scheduled events are left to the poller, which they
+    /// wake when they fall due.
     pub(crate) fn dispatch(&self, written: Vec<Written>) {
         let ready = Instant::now();
         // Runs follow from the span that emitted (or received) their event.
         let parent = tracing::Span::current().id();
         let _span = tracing::debug_span!("txbus.dispatch", events = written.len()).entered();
+        let mut scheduled = Vec::new();
         for Written {
             prepared,
             inserted,
@@ -145,6 +148,12 @@ impl<B: Backend> Engine<B> {
         } in written
         {
             crate::metrics::emitted(prepared.new.name);
+            if let Some(due_in) = prepared.new.due_in {
+                if !prepared.listeners.is_empty() {
+                    scheduled.push(due_in);
+                }
+                continue;
+            }
             let deadline = dispatch::deadline(leased, prepared.new.lease);
             for &def in prepared.listeners.iter() {
                 self.runner.submit(
@@ -167,6 +176,7 @@ impl<B: Backend> Engine<B> {
                 );
             }
         }
+        dispatch::wake_when_due(&self.runner, scheduled, self.config.retry_every);
     }
 
     /// One retention round, unless another instance is running one (`None`). Returns the rows

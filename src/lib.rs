@@ -139,6 +139,7 @@ mod inbox_store;
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
 mod receive;
+mod schedule;
 mod transaction;
 
 pub use admin::{DeadLetter, DeadLetterQuery};
@@ -153,6 +154,7 @@ pub use inbox_store::{InboxMessage, InboxStore};
 pub use listener::{Context, ListenerError};
 pub use message::MessageId;
 pub use receive::Received;
+pub use schedule::ScheduledDelivery;
 pub use settings::EventSettings;
 pub use stats::{DeliveryCounts, Stats};
 #[cfg(feature = "mysql")]

@@ -12,10 +12,10 @@ use crate::store::{Backend, ListenerRow, Pool};
 
 /// Deliveries by state: of one listener, or of all.
 ///
-/// A pending delivery is in exactly one of four states: `due` (may run now), `running` (leased
+/// A pending delivery is in exactly one of five states: `due` (may run now), `running` (leased
 /// to a run whose lease holds), `stale` (leased, but the lease passed without a result: its
-/// process died or lost the database; it runs again when claimed) and `retrying` (failed,
-/// waiting for its retry time).
+/// process died or lost the database; it runs again when claimed), `retrying` (failed,
+/// waiting for its retry time) and `scheduled` (a scheduled event not due yet, never run).
 ///
 /// Serialized (as `txbus status --json` prints it) with its fields, `pending` (their sum) and
 /// `oldest_pending_age_seconds`.
@@ -30,19 +30,23 @@ pub struct DeliveryCounts {
     pub stale: u64,
     /// Waiting for their retry time.
     pub retrying: u64,
+    /// Scheduled events not due yet ([`EventBus::emit_after`](crate::EventBus::emit_after)),
+    /// never run.
+    pub scheduled: u64,
     /// Dead letters.
     pub dead: u64,
     /// Succeeded and kept for [`retain_delivered`](crate::EventBusBuilder::retain_delivered).
     pub delivered: u64,
-    /// How long ago the oldest pending delivery's event was emitted, by the database's clock
-    /// (in JSON: `oldest_pending_age_seconds`).
+    /// How long the longest-waiting pending delivery that may run has waited, by the
+    /// database's clock: since its event was emitted, or for a scheduled event since it fell
+    /// due (in JSON: `oldest_pending_age_seconds`). Scheduled events not due yet do not count.
     pub oldest_pending_age: Option<Duration>,
 }
 
 impl DeliveryCounts {
-    /// Deliveries not finished: due, running, stale and retrying.
+    /// Deliveries not finished: due, running, stale, retrying and scheduled.
     pub fn pending(&self) -> u64 {
-        self.due + self.running + self.stale + self.retrying
+        self.due + self.running + self.stale + self.retrying + self.scheduled
     }
 
     fn from_row(row: &ListenerRow, now_us: i64) -> Self {
@@ -52,6 +56,7 @@ impl DeliveryCounts {
             running: count(row.running),
             stale: count(row.stale),
             retrying: count(row.retrying),
+            scheduled: count(row.scheduled),
             dead: count(row.dead),
             delivered: count(row.delivered),
             oldest_pending_age: row.oldest_pending_us.map(|oldest| {
@@ -65,6 +70,7 @@ impl DeliveryCounts {
         self.running += other.running;
         self.stale += other.stale;
         self.retrying += other.retrying;
+        self.scheduled += other.scheduled;
         self.dead += other.dead;
         self.delivered += other.delivered;
         self.oldest_pending_age = self.oldest_pending_age.max(other.oldest_pending_age);
@@ -73,11 +79,12 @@ impl DeliveryCounts {
 
 impl Serialize for DeliveryCounts {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut counts = serializer.serialize_struct("DeliveryCounts", 8)?;
+        let mut counts = serializer.serialize_struct("DeliveryCounts", 9)?;
         counts.serialize_field("due", &self.due)?;
         counts.serialize_field("running", &self.running)?;
         counts.serialize_field("stale", &self.stale)?;
         counts.serialize_field("retrying", &self.retrying)?;
+        counts.serialize_field("scheduled", &self.scheduled)?;
         counts.serialize_field("dead", &self.dead)?;
         counts.serialize_field("delivered", &self.delivered)?;
         counts.serialize_field("pending", &self.pending())?;

@@ -1,6 +1,6 @@
-//! The `txbus` command line, run as a process against PostgreSQL: status and dead letters as
-//! tables and JSON, replay, purge, migrate; bad arguments and an unreachable database fail with
-//! a message and a non-zero exit code.
+//! The `txbus` command line, run as a process against PostgreSQL: status, dead letters and
+//! scheduled deliveries as tables and JSON, replay, purge, migrate; bad arguments and an
+//! unreachable database fail with a message and a non-zero exit code.
 #![allow(
     missing_docs,
     unreachable_pub,
@@ -89,6 +89,11 @@ async fn the_command_line_inspects_and_repairs() {
     })
     .await;
 
+    let later = bus
+        .emit_after(Duration::from_secs(3600), Invoice { number: 3 }, [])
+        .await
+        .unwrap();
+
     // Status.
     let table = stdout(&txbus(&url, &["status"]));
     assert!(table.starts_with("LISTENER"), "{table}");
@@ -97,9 +102,33 @@ async fn the_command_line_inspects_and_repairs() {
         .find(|l| l.starts_with("cli.send_invoice"))
         .unwrap();
     let columns: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(columns[1..7], ["0", "0", "0", "0", "2", "0"], "{table}");
+    // Marked: the pending (scheduled) delivery waits for a listener this binary lacks.
+    assert_eq!(
+        columns[1..9],
+        ["*", "0", "0", "0", "0", "1", "2", "0"],
+        "{table}"
+    );
     let status = json(&txbus(&url, &["status", "--json"]));
     assert_eq!(status["total"]["dead"], 2, "{status}");
+    assert_eq!(status["total"]["scheduled"], 1, "{status}");
+
+    // Scheduled deliveries.
+    let table = stdout(&txbus(&url, &["scheduled", "list"]));
+    assert!(table.starts_with("DUE"), "{table}");
+    let line = table.lines().nth(1).unwrap();
+    assert!(
+        line.contains(&later.get().to_string()) && line.contains("cli.invoice"),
+        "{table}"
+    );
+    assert!(
+        table.trim_end().ends_with("1 scheduled deliveries"),
+        "{table}"
+    );
+    let scheduled = json(&txbus(&url, &["scheduled", "list", "--json"]));
+    assert_eq!(scheduled[0]["event_id"], later.get(), "{scheduled}");
+    assert_eq!(scheduled[0]["listener"], "cli.send_invoice");
+    assert!(scheduled[0]["due_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(bus.cancel(later).await.unwrap(), 1);
     assert_eq!(status["listeners"]["cli.send_invoice"]["dead"], 2);
     assert_eq!(status["inbox_ids"], 0);
 

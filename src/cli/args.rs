@@ -34,6 +34,9 @@ pub(super) enum Command {
     /// List, replay dead letters.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// List the deliveries of scheduled events not due yet.
+    #[command(subcommand)]
+    Scheduled(ScheduledCommand),
     /// Delete dead letters that died longer ago than --older-than.
     Purge {
         /// How old: 90s, 30m, 12h, 14d, 1h30m.
@@ -70,6 +73,16 @@ pub(super) enum DeadCommand {
         all: bool,
         #[command(flatten)]
         filter: Filter,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum ScheduledCommand {
+    /// Scheduled deliveries not due yet, soonest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
 }
 
@@ -161,5 +174,10 @@ mod tests {
             Cli::try_parse_from(["txbus", "dead", "replay", "--all", "--listener", "x"]).is_ok()
         );
         assert!(Cli::try_parse_from(["txbus", "purge"]).is_err());
+        let cli = Cli::try_parse_from(["txbus", "scheduled", "list", "--limit", "3"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Scheduled(ScheduledCommand::List { limit: 3 })
+        ));
     }
 }

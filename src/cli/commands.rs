@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::args::{Cli, Command, DeadCommand};
+use super::args::{Cli, Command, DeadCommand, ScheduledCommand};
 use super::render::{self, Output};
 use super::{EXIT_NOT_FOUND, EXIT_OK};
 use crate::bus::EventBus;
@@ -71,6 +71,9 @@ async fn command<B: Backend>(bus: &EventBus<B>, cli: &Cli) -> Result<u8, Error> 
                 format!("replayed {replayed} dead letters\n"),
                 json!({ "replayed": replayed }),
             )
+        }
+        Command::Scheduled(ScheduledCommand::List { limit }) => {
+            render::scheduled(&bus.scheduled(*limit).await.map_err(missing_tables)?)
         }
         Command::Purge { older_than } => {
             let purged = bus.purge_dead(*older_than).await.map_err(missing_tables)?;

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::admin::{DeadLetter, rfc3339};
 use crate::listener::ListenerDef;
 use crate::registry::LISTENERS;
+use crate::schedule::ScheduledDelivery;
 use crate::stats::{DeliveryCounts, Stats};
 
 /// Output for people, and the same for scripts.
@@ -61,6 +62,7 @@ pub(super) fn status(stats: &Stats) -> Output {
             c.running.to_string(),
             c.stale.to_string(),
             c.retrying.to_string(),
+            c.scheduled.to_string(),
             c.dead.to_string(),
             c.delivered.to_string(),
             c.oldest_pending_age.map_or("-".to_owned(), age),
@@ -85,11 +87,12 @@ pub(super) fn status(stats: &Stats) -> Output {
         "RUNNING",
         "STALE",
         "RETRYING",
+        "SCHEDULED",
         "DEAD",
         "DELIVERED",
         "OLDEST",
     ];
-    let mut text = table(&header, rows, &[1, 2, 3, 4, 5, 6, 7]);
+    let mut text = table(&header, rows, &[1, 2, 3, 4, 5, 6, 7, 8]);
     if !stats.orphans.is_empty() {
         text.push_str("* no listener of this binary takes these deliveries\n");
     }
@@ -138,6 +141,28 @@ pub(super) fn dead_letters(dead: &[DeadLetter]) -> Output {
     Output {
         table: text,
         json: serde_json::to_value(dead).unwrap_or(Value::Null),
+    }
+}
+
+/// Scheduled deliveries not due yet, one per row, soonest first.
+pub(super) fn scheduled(scheduled: &[ScheduledDelivery]) -> Output {
+    let rows = scheduled
+        .iter()
+        .map(|s| {
+            vec![
+                rfc3339(s.due_at),
+                s.event_id.to_string(),
+                s.event_name.clone(),
+                s.listener.clone(),
+            ]
+        })
+        .collect();
+    let header = ["DUE", "EVENT", "EVENT NAME", "LISTENER"];
+    let mut text = table(&header, rows, &[1]);
+    text.push_str(&format!("{} scheduled deliveries\n", scheduled.len()));
+    Output {
+        table: text,
+        json: serde_json::to_value(scheduled).unwrap_or(Value::Null),
     }
 }
 
@@ -232,6 +257,7 @@ mod tests {
         stats.listeners.insert(
             "billing".into(),
             DeliveryCounts {
+                scheduled: 3,
                 dead: 2,
                 ..DeliveryCounts::default()
             },
@@ -246,7 +272,8 @@ mod tests {
             .unwrap()
             .split_whitespace()
             .collect();
-        assert_eq!(billing, ["billing", "0", "0", "0", "0", "2", "0", "-"]);
+        assert_eq!(billing, ["billing", "0", "0", "0", "0", "3", "2", "0", "-"]);
         assert_eq!(output.json["listeners"]["billing"]["dead"], 2);
+        assert_eq!(output.json["listeners"]["billing"]["scheduled"], 3);
     }
 }

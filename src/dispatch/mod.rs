@@ -17,11 +17,13 @@ use crate::delivery::{DeliveryKey, Outcome, Resolution};
 use crate::listener::{ListenerDef, State};
 use crate::settings::{EventSettings, MAX_DURATION};
 
+mod due;
 mod retry;
 mod run;
 mod tracker;
 mod transactional;
 
+pub(crate) use due::wake_when_due;
 pub(crate) use run::{Transactions, run};
 pub(crate) use tracker::{InFlight, Tracker};
 pub(crate) use transactional::PoolTransactions;
@@ -86,8 +88,8 @@ pub(crate) struct Runner {
     pub(crate) phase: watch::Sender<Phase>,
     /// Signalled when a listener finishes, so the poller can claim more.
     pub(crate) freed: Notify,
-    /// Signalled when a retry written by this process falls due, so the poller claims it then
-    /// rather than at its next tick.
+    /// Signalled when a retry or a scheduled event written by this process falls due, so the
+    /// poller claims it then rather than at its next tick.
     pub(crate) retry_due: Notify,
     /// Tasks waiting to signal [`retry_due`](Self::retry_due).
     pub(crate) due_timers: AtomicUsize,

@@ -27,6 +27,16 @@ rows! {
         payload: String,
     }
 
+    /// A scheduled delivery not due yet, as stored.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct ScheduledRow {
+        event_id: i64,
+        event_name: String,
+        listener: String,
+        due_at_us: i64,
+        emitted_at_us: i64,
+    }
+
     /// A row of the statistics statement: one per listener (none when the table is empty: then
     /// one with a `NULL` listener), each with the inbox counts and the clock.
     pub(crate) struct StatsRow {
@@ -35,6 +45,7 @@ rows! {
         running: Option<i64>,
         stale: Option<i64>,
         retrying: Option<i64>,
+        scheduled: Option<i64>,
         dead: Option<i64>,
         delivered: Option<i64>,
         oldest_us: Option<i64>,
@@ -47,7 +58,7 @@ rows! {
 /// The counts of one listener's deliveries by state. A live delivery (neither dead nor
 /// delivered) is exactly one of: due (available, not leased), running (leased, lease not
 /// passed), stale (leased, lease passed without a result), retrying (not leased, available
-/// later).
+/// later, run before), scheduled (not leased, available later, never run).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ListenerRow {
     pub(crate) listener: String,
@@ -55,9 +66,11 @@ pub(crate) struct ListenerRow {
     pub(crate) running: i64,
     pub(crate) stale: i64,
     pub(crate) retrying: i64,
+    pub(crate) scheduled: i64,
     pub(crate) dead: i64,
     pub(crate) delivered: i64,
-    /// The earliest emit time of its live deliveries, in microseconds since the Unix epoch.
+    /// Since when the longest-waiting of its deliveries that may run has waited (its emit, or
+    /// its due time if it never ran), in microseconds since the Unix epoch.
     pub(crate) oldest_pending_us: Option<i64>,
 }
 
@@ -86,6 +99,7 @@ impl StatsRows {
                     running: row.running.unwrap_or(0),
                     stale: row.stale.unwrap_or(0),
                     retrying: row.retrying.unwrap_or(0),
+                    scheduled: row.scheduled.unwrap_or(0),
                     dead: row.dead.unwrap_or(0),
                     delivered: row.delivered.unwrap_or(0),
                     oldest_pending_us: row.oldest_us,
@@ -164,6 +178,10 @@ pub trait Admin<B: Backend = Self> {
     /// then event id descending, then listener in byte order): [`DeadRow`]s.
     const DEAD_LETTERS: &'static str;
 
+    /// Up to `$1` scheduled deliveries not due yet (never run, not leased, available later),
+    /// soonest due first: [`ScheduledRow`]s.
+    const SCHEDULED: &'static str;
+
     /// Makes up to `$8` dead letters matching `$1`..`$5` whose key comes after (`$6`, `$7`) in
     /// key order (event id, then listener in byte order) pending again: due now, lease and
     /// reason cleared, expiring after the same window as when emitted, counted from now. The
@@ -201,6 +219,19 @@ pub trait Admin<B: Backend = Self> {
         async move {
             filter
                 .bind(sql::<B::Db>(Self::DEAD_LETTERS))
+                .bind(rows::limit(limit))
+                .load(conn)
+                .await
+        }
+    }
+
+    /// Up to `limit` scheduled deliveries not due yet, soonest first.
+    fn scheduled(
+        conn: &mut B::Connection,
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<ScheduledRow>>> + Send {
+        async move {
+            sql::<B::Db>(Self::SCHEDULED)
                 .bind(rows::limit(limit))
                 .load(conn)
                 .await

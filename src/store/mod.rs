@@ -58,7 +58,9 @@ pub use postgres::Postgres;
 #[cfg(feature = "sqlite")]
 pub use sqlite::Sqlite;
 
-pub(crate) use admin::{Admin, DeadFilter, DeadRow, ListenerRow, Retention, RoundLock};
+pub(crate) use admin::{
+    Admin, DeadFilter, DeadRow, ListenerRow, Retention, RoundLock, ScheduledRow,
+};
 pub(crate) use entity::Persist;
 pub(crate) use inbox::{Inbox, Receipt, StoredMessage, Take};
 pub(crate) use migrate::Migrations;

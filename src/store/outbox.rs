@@ -24,6 +24,22 @@ pub struct NewEvent {
     pub(crate) listeners: Arc<[&'static str]>,
     pub(crate) lease: Duration,
     pub(crate) expires_after: Duration,
+    /// For a scheduled event, how long after the emit (by the database's clock) it falls due.
+    /// Its deliveries are then written not leased (`attempts` 0, `available_at` the due time),
+    /// and expire `expires_after` past the due time.
+    pub(crate) due_in: Option<Duration>,
+}
+
+impl NewEvent {
+    /// Microseconds from the emit to the expiry of its deliveries: `expires_after`, counted
+    /// from the due time for a scheduled event.
+    pub(crate) fn expires_us(&self) -> i64 {
+        rows::micros(
+            self.due_in
+                .unwrap_or_default()
+                .saturating_add(self.expires_after),
+        )
+    }
 }
 
 /// A written event.
@@ -90,6 +106,10 @@ pub trait Outbox<B: Backend = Self> {
     /// How long until the earliest pending delivery of the listeners in the list `$1` that is
     /// not due yet becomes due (a retry, the end of a lease): a [`NextDue`](rows::NextDue) row.
     const NEXT_DUE: &'static str;
+
+    /// Deletes the deliveries of event `$1` that are pending and not running: not leased, or
+    /// leased with the lease passed (a run that can no longer record its result).
+    const CANCEL: &'static str;
 
     /// Deletes delivery (`$1`, `$2`) if it is pending and its `attempts` is `$3`.
     const COMPLETE: &'static str;
@@ -218,6 +238,21 @@ pub trait Outbox<B: Backend = Self> {
             Ok(row
                 .us
                 .map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))))
+        }
+    }
+
+    /// Deletes the deliveries of `event_id` that have not started and not finished (see
+    /// [`Outbox::CANCEL`]); returns how many.
+    fn cancel(
+        conn: &mut B::Connection,
+        event_id: EventId,
+    ) -> impl Future<Output = QueryResult<u64>> + Send {
+        async move {
+            let deleted = sql::<B::Db>(Self::CANCEL)
+                .bind(event_id.get())
+                .execute(conn)
+                .await?;
+            Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
         }
     }
 

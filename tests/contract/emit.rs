@@ -24,7 +24,7 @@ pub struct User {
     pub email: String,
 }
 
-fn user(id: i64, email: &str) -> User {
+pub fn user(id: i64, email: &str) -> User {
     User {
         id,
         email: email.to_owned(),

@@ -18,6 +18,7 @@ mod ops;
 #[cfg(feature = "postgres")]
 mod pipeline;
 mod retry;
+mod schedule;
 mod sharing;
 
 /// Calls `$callback!(<args>; <every scenario>)`: the one list of scenarios.
@@ -59,6 +60,13 @@ macro_rules! scenarios {
             ops::retention_empties_the_table_after_its_windows,
             ops::operations_on_an_empty_bus,
             ops::a_renamed_listener_runs_deliveries_of_its_aliases,
+            schedule::scheduled_events_run_when_due_and_not_before,
+            schedule::a_scheduled_event_written_elsewhere_runs_when_due,
+            schedule::a_scheduled_event_rolls_back_with_its_transaction,
+            schedule::cancel_removes_what_has_not_started,
+            schedule::retries_and_expiry_count_from_the_due_time,
+            schedule::scheduled_events_survive_a_restart,
+            schedule::bad_schedules_are_refused,
         );
     };
 }

@@ -24,8 +24,8 @@ impl Admin for Mysql {
     // Every pending delivery is in exactly one of due, running, stale, retrying. SUM is DECIMAL
     // in MySQL: cast, so that it reads as BIGINT. UTC_TIMESTAMP is fixed for the whole statement.
     const STATS: &'static str = "\
-SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.dead, s.delivered, s.oldest_us,
-       i.n AS inbox_ids, m.n AS inbox_messages,
+SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead, s.delivered,
+       s.oldest_us, i.n AS inbox_ids, m.n AS inbox_messages,
        TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
@@ -40,15 +40,33 @@ LEFT JOIN (
                               AND available_at <= UTC_TIMESTAMP(6)
                          THEN 1 ELSE 0 END) AS SIGNED) AS stale,
            CAST(SUM(CASE WHEN pending AND leased_at IS NULL AND available_at > UTC_TIMESTAMP(6)
+                              AND attempts > 0
                          THEN 1 ELSE 0 END) AS SIGNED) AS retrying,
+           CAST(SUM(CASE WHEN pending AND leased_at IS NULL AND available_at > UTC_TIMESTAMP(6)
+                              AND attempts = 0
+                         THEN 1 ELSE 0 END) AS SIGNED) AS scheduled,
            count(dead_at) AS dead,
            count(delivered_at) AS delivered,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00',
-                         MIN(CASE WHEN pending THEN emitted_at END)) AS oldest_us
-    FROM (SELECT listener, leased_at, available_at, dead_at, delivered_at, emitted_at,
+                         MIN(CASE WHEN NOT pending THEN NULL
+                                  WHEN attempts = 0 AND leased_at IS NULL
+                                       AND available_at > UTC_TIMESTAMP(6) THEN NULL
+                                  WHEN attempts = 0 AND leased_at IS NULL THEN available_at
+                                  ELSE emitted_at END)) AS oldest_us
+    FROM (SELECT listener, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
                  dead_at IS NULL AND delivered_at IS NULL AS pending
           FROM txbus_deliveries) d
     GROUP BY listener) s ON TRUE";
+
+    const SCHEDULED: &'static str = "\
+SELECT event_id, event_name, listener,
+       TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', available_at) AS due_at_us,
+       TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', emitted_at) AS emitted_at_us
+FROM txbus_deliveries
+WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > UTC_TIMESTAMP(6)
+  AND leased_at IS NULL AND attempts = 0
+ORDER BY available_at, event_id, CAST(listener AS BINARY)
+LIMIT ?";
 
     // utf8mb4_bin pads with spaces when it compares ('a' sorts after 'a\t'): the listener is
     // compared and ordered as bytes, as Rust orders strings.

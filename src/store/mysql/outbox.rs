@@ -29,13 +29,27 @@ const INSERT_EVENT: &str = concat!(
     listeners_table!()
 );
 
+// A scheduled event: its deliveries are not leased, and fall due at `e.t` plus the fourth value.
+const INSERT_SCHEDULED: &str = concat!(
+    "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                                   attempts, leased_at, available_at, expires_at)
+    SELECT ?, j.listener, ?, ?, e.t, ?, 0, NULL, e.t + INTERVAL ? MICROSECOND,
+           e.t + INTERVAL ? MICROSECOND
+    FROM (SELECT TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AS t) e CROSS JOIN ",
+    listeners_table!()
+);
+
 // The deliveries of a transaction's events, from a JSON array of
-// `[event_id, listener, name, payload, emitted_at_us, lease_ms, expires_us]`.
+// `[event_id, listener, name, payload, emitted_at_us, lease_ms, expires_us, due_us]`: a
+// scheduled event's deliveries fall due `due_us` after the emit and are not leased; the others
+// have -1 there.
 const INSERT_EVENTS: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
                               attempts, leased_at, available_at, expires_at)
-SELECT x.event_id, x.listener, x.name, x.payload, x.at, x.lease, 1, x.at,
-       x.at + INTERVAL x.lease * 1000 MICROSECOND, x.at + INTERVAL x.expires MICROSECOND
+SELECT x.event_id, x.listener, x.name, x.payload, x.at, x.lease,
+       CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN x.at END,
+       x.at + INTERVAL CASE WHEN x.due < 0 THEN x.lease * 1000 ELSE x.due END MICROSECOND,
+       x.at + INTERVAL x.expires MICROSECOND
 FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00') AS at
       FROM JSON_TABLE(?, '$[*]' COLUMNS (
           event_id BIGINT PATH '$[0]',
@@ -44,7 +58,8 @@ FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00')
           payload LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[3]',
           emitted_us BIGINT PATH '$[4]',
           lease BIGINT PATH '$[5]',
-          expires BIGINT PATH '$[6]')) j) x";
+          expires BIGINT PATH '$[6]',
+          due BIGINT PATH '$[7]')) j) x";
 
 /// Opens the JSON array of `[event_id, listener, attempts]` of successes as a table `k`.
 macro_rules! done_table {
@@ -210,6 +225,11 @@ impl Outbox for Mysql {
         ")"
     );
 
+    const CANCEL: &'static str = "\
+DELETE FROM txbus_deliveries
+WHERE event_id = ? AND dead_at IS NULL AND delivered_at IS NULL
+  AND (leased_at IS NULL OR available_at <= UTC_TIMESTAMP(6))";
+
     // Only a pending delivery (neither dead nor delivered) is still held by a run.
     const COMPLETE: &'static str = "\
 DELETE FROM txbus_deliveries
@@ -247,13 +267,17 @@ LIMIT 10000",
         let inserted = inserted(rows)?;
         if !event.listeners.is_empty() {
             let lease = lease_ms(event.lease);
-            sql::<<Self as Backend>::Db>(INSERT_EVENT)
+            let (statement, available_us) = match event.due_in {
+                None => (INSERT_EVENT, lease.saturating_mul(1000)),
+                Some(due_in) => (INSERT_SCHEDULED, micros(due_in)),
+            };
+            sql::<<Self as Backend>::Db>(statement)
                 .bind(inserted.id.get())
                 .bind(event.name)
                 .bind(&*event.payload)
                 .bind(lease)
-                .bind(lease.saturating_mul(1000))
-                .bind(micros(event.expires_after))
+                .bind(available_us)
+                .bind(event.expires_us())
                 .bind(crate::store::micros_since_epoch(inserted.emitted_at))
                 .bind_list(&event.listeners)
                 .execute(conn)
@@ -292,7 +316,8 @@ LIMIT 10000",
                         &*event.payload,
                         crate::store::micros_since_epoch(inserted.emitted_at),
                         lease_ms(event.lease),
-                        micros(event.expires_after),
+                        event.expires_us(),
+                        event.due_in.map_or(-1, micros),
                     ])
                 })
             })

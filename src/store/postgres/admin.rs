@@ -16,10 +16,11 @@ macro_rules! dead_filter {
 }
 
 impl Admin for Postgres {
-    // Every pending delivery is in exactly one of due, running, stale, retrying.
+    // Every pending delivery is in exactly one of due, running, stale, retrying, scheduled. A
+    // delivery never run waits since its due time, any other since its emit.
     const STATS: &'static str = "\
-SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.dead, s.delivered, s.oldest_us,
-       i.n AS inbox_ids, m.n AS inbox_messages,
+SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead, s.delivered,
+       s.oldest_us, i.n AS inbox_ids, m.n AS inbox_messages,
        (extract(epoch FROM now()) * 1000000)::int8 AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
@@ -30,13 +31,18 @@ LEFT JOIN (
                AS running,
            count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at <= now())
                AS stale,
-           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now())
-               AS retrying,
+           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now()
+                                  AND attempts > 0) AS retrying,
+           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now()
+                                  AND attempts = 0) AS scheduled,
            count(dead_at) AS dead,
            count(delivered_at) AS delivered,
-           (extract(epoch FROM min(emitted_at) FILTER (WHERE pending)) * 1000000)::int8
-               AS oldest_us
-    FROM (SELECT listener, leased_at, available_at, dead_at, delivered_at, emitted_at,
+           (extract(epoch FROM min(CASE WHEN attempts = 0 AND leased_at IS NULL
+                                        THEN available_at ELSE emitted_at END)
+                               FILTER (WHERE pending AND NOT (attempts = 0 AND leased_at IS NULL
+                                                              AND available_at > now())))
+            * 1000000)::int8 AS oldest_us
+    FROM (SELECT listener, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
                  dead_at IS NULL AND delivered_at IS NULL AS pending
           FROM txbus_deliveries) d
     GROUP BY listener) s ON true";
@@ -53,6 +59,17 @@ WHERE ",
 ORDER BY dead_at DESC, event_id DESC, listener COLLATE \"C\"
 LIMIT $6"
     );
+
+    // The due index serves it: pending deliveries by `available_at`, from now on.
+    const SCHEDULED: &'static str = "\
+SELECT event_id, event_name, listener,
+       (extract(epoch FROM available_at) * 1000000)::int8 AS due_at_us,
+       (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us
+FROM txbus_deliveries
+WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > now()
+  AND leased_at IS NULL AND attempts = 0
+ORDER BY available_at, event_id, listener COLLATE \"C\"
+LIMIT $1";
 
     // Keyset pages in byte order of the listener (COLLATE "C"), as Rust orders strings.
     const REPLAY: Update = Update::Returning(concat!(

@@ -33,6 +33,24 @@ VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3
         statement_timestamp() + $4 * interval '1 microsecond')
 RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
 
+// A scheduled event: its deliveries are not leased, and fall due `$6` microseconds from now.
+const INSERT_SCHEDULED: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at)
+SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
+       statement_timestamp() + $6 * interval '1 microsecond',
+       statement_timestamp() + $4 * interval '1 microsecond'
+FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
+const INSERT_SCHEDULED_ONE: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at)
+VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
+        statement_timestamp() + $6 * interval '1 microsecond',
+        statement_timestamp() + $4 * interval '1 microsecond')
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
 const RESERVE_ID: &str = "\
 SELECT nextval('txbus_event_ids') AS id,
        (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us";
@@ -43,14 +61,19 @@ SELECT nextval('txbus_event_ids') AS id,
 FROM generate_series(1, $1)";
 
 // The deliveries of a transaction's events, one row of the arrays per delivery, with the emit
-// times their ids were reserved at.
+// times their ids were reserved at. A scheduled event's deliveries have the microseconds until
+// they fall due in `due`, and are not leased; the others have -1 there.
 const INSERT_EVENTS: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
                               attempts, leased_at, available_at, expires_at)
-SELECT x.id, x.listener, x.name, x.payload::jsonb, t.at, x.lease, 1, t.at,
-       t.at + x.lease * interval '1 millisecond', t.at + x.expires * interval '1 microsecond'
-FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[])
-     AS x (id, listener, name, payload, emitted_us, lease, expires)
+SELECT x.id, x.listener, x.name, x.payload::jsonb, t.at, x.lease,
+       CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN t.at END,
+       t.at + CASE WHEN x.due < 0 THEN x.lease * interval '1 millisecond'
+                   ELSE x.due * interval '1 microsecond' END,
+       t.at + x.expires * interval '1 microsecond'
+FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
+            $8::int8[])
+     AS x (id, listener, name, payload, emitted_us, lease, expires, due)
 CROSS JOIN LATERAL (SELECT timestamptz 'epoch' + x.emitted_us * interval '1 microsecond' AS at) t";
 
 // The fences of the result writes say `COALESCE(dead_at, delivered_at) IS NULL` rather than
@@ -147,6 +170,12 @@ FROM txbus_deliveries
 WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > now()
   AND listener = ANY($1)";
 
+    // `COALESCE` keeps the planner on the primary key, as in the result writes.
+    const CANCEL: &'static str = "\
+DELETE FROM txbus_deliveries
+WHERE event_id = $1 AND COALESCE(dead_at, delivered_at) IS NULL
+  AND (leased_at IS NULL OR available_at <= now())";
+
     // Fenced like the result writes: `COALESCE` keeps the planner on the primary key.
     const COMPLETE: &'static str = "\
 DELETE FROM txbus_deliveries
@@ -196,7 +225,8 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
                 .emitted
                 .push(crate::store::micros_since_epoch(inserted.emitted_at));
             columns.leases.push(lease_ms(event.lease));
-            columns.expires.push(micros(event.expires_after));
+            columns.expires.push(event.expires_us());
+            columns.due.push(event.due_in.map_or(-1, micros));
         }
         if columns.ids.is_empty() {
             return AnsiTransactionManager::commit_transaction(conn).await;
@@ -213,6 +243,7 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
                     .bind(&columns.emitted[..])
                     .bind(&columns.leases[..])
                     .bind(&columns.expires[..])
+                    .bind(&columns.due[..])
                     .execute(&mut &*shared),
                 sql::<Pg>("COMMIT").execute(&mut &*shared),
             );
@@ -350,19 +381,25 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
 
 /// The insert of an event's deliveries, or without listeners the reservation of its id.
 fn insert_statement(event: &NewEvent) -> Sql<'_, Pg> {
-    let statement = match &*event.listeners {
-        [] => return sql(RESERVE_ID),
-        [_] => INSERT_EVENT_ONE,
-        _ => INSERT_EVENT,
+    let statement = match (&*event.listeners, event.due_in) {
+        ([], _) => return sql(RESERVE_ID),
+        ([_], None) => INSERT_EVENT_ONE,
+        (_, None) => INSERT_EVENT,
+        ([_], Some(_)) => INSERT_SCHEDULED_ONE,
+        (_, Some(_)) => INSERT_SCHEDULED,
     };
     let statement = sql(statement)
         .bind(event.name)
         .bind(&*event.payload)
         .bind(lease_ms(event.lease))
-        .bind(micros(event.expires_after));
-    match &*event.listeners {
+        .bind(event.expires_us());
+    let statement = match &*event.listeners {
         [one] => statement.bind(*one),
         all => statement.bind_list(all),
+    };
+    match event.due_in {
+        Some(due_in) => statement.bind(micros(due_in)),
+        None => statement,
     }
 }
 
@@ -432,6 +469,7 @@ struct EventColumns<'a> {
     emitted: Vec<i64>,
     leases: Vec<i64>,
     expires: Vec<i64>,
+    due: Vec<i64>,
 }
 
 fn key_columns(keys: &[DeliveryKey]) -> (Vec<i64>, Vec<&'static str>, Vec<i32>) {

@@ -21,33 +21,46 @@ impl Admin for Sqlite {
     // Every pending delivery is in exactly one of due, running, stale, retrying. SQLite treats
     // its clock as a constant of the statement, so every count and `now_us` see the same time.
     const STATS: &'static str = concat!(
-        "SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.dead, s.delivered, s.oldest_us,
-       i.n AS inbox_ids, m.n AS inbox_messages, ",
+        "SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead,
+       s.delivered, s.oldest_us, i.n AS inbox_ids, m.n AS inbox_messages, ",
         now_ms!(),
         " * 1000 AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
 LEFT JOIN (
     SELECT listener,
-           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at <= ",
-        now_ms!(),
-        ") AS due,
-           count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at > ",
-        now_ms!(),
-        ") AS running,
-           count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at <= ",
-        now_ms!(),
-        ") AS stale,
-           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > ",
-        now_ms!(),
-        ") AS retrying,
+           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at <= now) AS due,
+           count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at > now)
+               AS running,
+           count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at <= now)
+               AS stale,
+           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now
+                                  AND attempts > 0) AS retrying,
+           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now
+                                  AND attempts = 0) AS scheduled,
            count(dead_at) AS dead,
            count(delivered_at) AS delivered,
-           min(emitted_at) FILTER (WHERE pending) * 1000 AS oldest_us
-    FROM (SELECT listener, leased_at, available_at, dead_at, delivered_at, emitted_at,
-                 dead_at IS NULL AND delivered_at IS NULL AS pending
+           min(CASE WHEN attempts = 0 AND leased_at IS NULL THEN available_at
+                    ELSE emitted_at END)
+               FILTER (WHERE pending AND NOT (attempts = 0 AND leased_at IS NULL
+                                              AND available_at > now)) * 1000 AS oldest_us
+    FROM (SELECT listener, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
+                 dead_at IS NULL AND delivered_at IS NULL AS pending, ",
+        now_ms!(),
+        " AS now
           FROM txbus_deliveries) d
     GROUP BY listener) s ON true"
+    );
+
+    const SCHEDULED: &'static str = concat!(
+        "SELECT event_id, event_name, listener, available_at * 1000 AS due_at_us,
+       emitted_at * 1000 AS emitted_at_us
+FROM txbus_deliveries
+WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > ",
+        now_ms!(),
+        " AND leased_at IS NULL AND attempts = 0
+ORDER BY available_at, event_id, listener
+LIMIT ?"
     );
 
     const DEAD_LETTERS: &'static str = concat!(

@@ -28,6 +28,12 @@ INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_a
                               attempts, leased_at, available_at, expires_at)
 SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 / 1000 FROM json_each(?7)";
 
+// A scheduled event: its deliveries are not leased, and fall due `?8` microseconds after `?4`.
+const INSERT_SCHEDULED: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 0, NULL, ?4 + ?8 / 1000, ?4 + ?6 / 1000 FROM json_each(?7)";
+
 const DELETE_DONE: &str = "\
 DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?
     AND dead_at IS NULL AND delivered_at IS NULL";
@@ -146,6 +152,14 @@ impl Outbox for Sqlite {
     WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > ",
         now_ms!(),
         " AND listener IN (SELECT value FROM json_each(?1))"
+    );
+
+    const CANCEL: &'static str = concat!(
+        "DELETE FROM txbus_deliveries
+    WHERE event_id = ? AND dead_at IS NULL AND delivered_at IS NULL
+    AND (leased_at IS NULL OR available_at <= ",
+        now_ms!(),
+        ")"
     );
 
     const COMPLETE: &'static str = DELETE_DONE;
@@ -287,6 +301,8 @@ struct EventRow {
     payload: Arc<str>,
     lease: i64,
     expires_us: i64,
+    /// For a scheduled event, microseconds from the emit to its due time.
+    due_us: Option<i64>,
     listeners: Option<String>,
 }
 
@@ -296,7 +312,8 @@ impl EventRow {
             name: event.name,
             payload: event.payload.clone(),
             lease: lease_ms(event.lease),
-            expires_us: crate::store::rows::micros(event.expires_after),
+            expires_us: event.expires_us(),
+            due_us: event.due_in.map(crate::store::rows::micros),
             listeners: (!event.listeners.is_empty())
                 .then(|| serde_json::Value::from(&*event.listeners).to_string()),
         }
@@ -317,15 +334,22 @@ impl EventRow {
     /// transaction.
     fn write(&self, c: &mut SqliteConnection, inserted: &Inserted) -> QueryResult<()> {
         if let Some(listeners) = &self.listeners {
-            sql::<Db>(INSERT_EVENT)
-                .bind(inserted.id.get())
-                .bind(self.name)
-                .bind(&*self.payload)
-                .bind(crate::store::micros_since_epoch(inserted.emitted_at) / 1000)
-                .bind(self.lease)
-                .bind(self.expires_us)
-                .bind(listeners.as_str())
-                .execute(c)?;
+            let statement = sql::<Db>(match self.due_us {
+                None => INSERT_EVENT,
+                Some(_) => INSERT_SCHEDULED,
+            })
+            .bind(inserted.id.get())
+            .bind(self.name)
+            .bind(&*self.payload)
+            .bind(crate::store::micros_since_epoch(inserted.emitted_at) / 1000)
+            .bind(self.lease)
+            .bind(self.expires_us)
+            .bind(listeners.as_str());
+            match self.due_us {
+                Some(due_us) => statement.bind(due_us),
+                None => statement,
+            }
+            .execute(c)?;
         }
         Ok(())
     }
