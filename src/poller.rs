@@ -115,7 +115,7 @@ async fn waiting<B: Backend>(
     known: &[&'static str],
 ) -> Result<Option<Instant>, Error> {
     let mut conn = engine.pool.get().await?;
-    let due = B::next_due(&mut conn, known).await?;
+    let due = B::next_due(&mut conn, known, engine.config.retry_every).await?;
     Ok(due
         .filter(|d| *d < engine.config.retry_every)
         // The database's clock counts from before the answer arrived: wake no earlier than it.

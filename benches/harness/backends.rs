@@ -25,6 +25,10 @@ where
     /// The database clock plus `seconds`, as the backend's delivery time columns want it.
     fn now_plus(seconds: u32) -> String;
 
+    /// A statement that refreshes the planner's statistics of `txbus_deliveries` after a bulk
+    /// write, where the server does not do it by itself at once.
+    const ANALYZE: Option<&'static str> = None;
+
     /// Takes `n` consecutive event ids; returns the first.
     fn reserve_event_ids(pool: &Pool<Self>, n: usize) -> impl Future<Output = i64> + Send;
 
@@ -111,6 +115,8 @@ impl BenchBackend for txbus::Postgres {
     fn now_plus(seconds: u32) -> String {
         format!("(now() + interval '{seconds} seconds')")
     }
+
+    const ANALYZE: Option<&'static str> = Some("ANALYZE txbus_deliveries");
 
     async fn reserve_event_ids(pool: &Pool<Self>, n: usize) -> i64 {
         // The sequence hands out ids one by one; move it past the block and use the block.

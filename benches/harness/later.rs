@@ -25,11 +25,11 @@ pub fn l2_settings() -> EventSettings {
     EventSettings::default().max_execution_time(L2_LEASE)
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -256,24 +256,7 @@ where
         };
         for _ in 0..args.rounds.min(1) {
             for poller in [true, false] {
-                let before = B::statements(&db.pool).await.unwrap_or(0);
-                let pool = pool_for::<B>(&db.url, 4).await;
-                let bus = EventBus::builder(pool)
-                    .state(Arc::new(Recorder::default()))
-                    .retry_every(every)
-                    .poller(poller)
-                    .run_migrations(false)
-                    .build()
-                    .await
-                    .unwrap();
-                tokio::time::sleep(idle).await;
-                bus.shutdown().await;
-                drop(bus);
-                // The servers count a session's statements by the time it has ended.
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                let after = B::statements(&db.pool).await.unwrap_or(0);
-                // Less the two statements that read the count.
-                let rate = (after - before - 2) as f64 / idle.as_secs_f64();
+                let rate = idle_statements::<B>(&db.url, every, poller, idle).await;
                 if poller {
                     row.txbus.push(rate);
                 } else {
@@ -284,4 +267,36 @@ where
         rows.push(row);
     }
     rows
+}
+
+/// Statements per second the database at `url` runs while a bus polling every `every` (or with
+/// its poller off) idles on it for `idle`.
+pub async fn idle_statements<B: BenchBackend>(
+    url: &str,
+    every: Duration,
+    poller: bool,
+    idle: Duration,
+) -> f64
+where
+    BenchUser: Entity<B>,
+{
+    let counter = pool_for::<B>(url, 1).await;
+    let before = B::statements(&counter).await.unwrap_or(0);
+    let pool = pool_for::<B>(url, 4).await;
+    let bus = EventBus::builder(pool)
+        .state(Arc::new(Recorder::default()))
+        .retry_every(every)
+        .poller(poller)
+        .run_migrations(false)
+        .build()
+        .await
+        .unwrap();
+    tokio::time::sleep(idle).await;
+    bus.shutdown().await;
+    drop(bus);
+    // The servers count a session's statements by the time it has ended.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = B::statements(&counter).await.unwrap_or(0);
+    // Less the two statements that read the count.
+    (after - before - 2) as f64 / idle.as_secs_f64()
 }

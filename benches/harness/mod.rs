@@ -1,10 +1,11 @@
-//! The benchmark harness: scenarios E1, E2, E3, L1, L2, L3, D1, M1, S1 (and N1 with feature
+//! The benchmark harness: scenarios E1, E2, E3, L1, L2, L3, D1, M1, S1, T1 (and N1 with feature
 //! `nats`) on each backend, each measured beside a baseline (or a target) in the same run, rounds
 //! alternating, reported as medians with min–max.
 //!
-//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,N1]
-//! [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] [--backlog N]
-//! [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--smoke]`
+//! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite]
+//! [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,N1] [--concurrency 1,4,16] [--events N] [--rounds N]
+//! [--payload BYTES] [--backlog N] [--memory-backlog N] [--overload N] [--later N]
+//! [--idle-secs N] [--scheduled N] [--smoke]`
 
 #![allow(dead_code)]
 
@@ -14,6 +15,7 @@ mod later;
 #[cfg(feature = "nats")]
 mod nats;
 mod scenarios;
+mod scheduled;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -193,19 +195,23 @@ pub struct Args {
     pub overload: usize,
     /// Deliveries held by the killed process (L2), and waiting in the table per round (L3).
     pub later: usize,
-    /// How long an idle bus is watched for its statements (L3).
+    /// How long an idle bus is watched for its statements (L3, T1).
     pub idle: Duration,
+    /// Scheduled deliveries not due in the table of T1's idle bus.
+    pub scheduled: usize,
 }
 
 impl Default for Args {
     fn default() -> Self {
         Self {
             backends: compiled_backends(),
-            scenarios: ["E1", "E2", "E3", "L1", "L2", "L3", "D1", "M1", "S1", "N1"]
-                .into_iter()
-                .filter(|s| *s != "N1" || cfg!(feature = "nats"))
-                .map(String::from)
-                .collect(),
+            scenarios: [
+                "E1", "E2", "E3", "L1", "L2", "L3", "D1", "M1", "S1", "T1", "N1",
+            ]
+            .into_iter()
+            .filter(|s| *s != "N1" || cfg!(feature = "nats"))
+            .map(String::from)
+            .collect(),
             concurrency: vec![1, 4, 16],
             events: 3000,
             batch_transactions: 20,
@@ -216,6 +222,7 @@ impl Default for Args {
             overload: 50_000,
             later: 200,
             idle: Duration::from_secs(10),
+            scheduled: 1_000_000,
         }
     }
 }
@@ -232,6 +239,7 @@ impl Args {
             overload: 200,
             later: 10,
             idle: Duration::from_millis(200),
+            scheduled: 500,
             ..Self::default()
         }
     }
@@ -264,6 +272,7 @@ impl Args {
                 "--overload" => args.overload = number(value()?)?,
                 "--later" => args.later = number(value()?)?.max(5),
                 "--idle-secs" => args.idle = Duration::from_secs(number(value()?)? as u64),
+                "--scheduled" => args.scheduled = number(value()?)?,
                 "--help" | "-h" => return Err(HELP.to_owned()),
                 other => return Err(format!("unknown argument {other}\n{HELP}")),
             }
@@ -273,8 +282,8 @@ impl Args {
 }
 
 const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
-[--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
-[--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--smoke]";
+[--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
+[--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--scheduled N] [--smoke]";
 
 fn compiled_backends() -> Vec<String> {
     let mut all = Vec::new();

@@ -73,6 +73,7 @@ where
             "D1" => rows.extend(d1::<B>(args).await),
             "M1" => rows.extend(m1::<B>(args).await),
             "S1" => rows.extend(s1::<B>(args).await),
+            "T1" => rows.extend(super::scheduled::t1::<B>(args).await),
             #[cfg(feature = "nats")]
             "N1" => rows.extend(super::nats::n1::<B>(args).await),
             other => panic!("unknown scenario {other}"),
@@ -374,7 +375,10 @@ async fn handoff_latencies(clients: usize, n: usize) -> Vec<Duration> {
 }
 
 /// The bus D1 and M1 drain with: polls every 50 ms, claims of 1,000 and 1,000 listeners at once.
-fn drain_bus<B: TestBackend>(pool: Pool<B>, recorder: Arc<Recorder>) -> txbus::EventBusBuilder<B> {
+pub fn drain_bus<B: TestBackend>(
+    pool: Pool<B>,
+    recorder: Arc<Recorder>,
+) -> txbus::EventBusBuilder<B> {
     EventBus::builder(pool)
         .state(recorder)
         .retry_every(Duration::from_millis(50))
@@ -384,7 +388,7 @@ fn drain_bus<B: TestBackend>(pool: Pool<B>, recorder: Arc<Recorder>) -> txbus::E
 
 /// Drains a backlog with one bus in this process (tuned as [`drain_bus`], or with the builder's
 /// defaults), checks that every delivery ran once, and returns deliveries per second.
-async fn drain_here<B: BenchBackend>(n: usize, payload: &str, tuned: bool) -> f64
+pub async fn drain_here<B: BenchBackend>(n: usize, payload: &str, tuned: bool) -> f64
 where
     BenchUser: Entity<B>,
 {
@@ -413,7 +417,7 @@ where
 const ANY_LEFT: &str =
     "SELECT count(*) AS n FROM (SELECT 1 AS one FROM txbus_deliveries LIMIT 1) t";
 
-async fn deliveries_left<B: TestBackend>(pool: &Pool<B>) -> i64 {
+pub async fn deliveries_left<B: TestBackend>(pool: &Pool<B>) -> i64 {
     B::count(pool, "SELECT count(*) AS n FROM txbus_deliveries").await
 }
 

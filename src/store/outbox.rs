@@ -104,7 +104,9 @@ pub trait Outbox<B: Backend = Self> {
     const ORPHANS: &'static str;
 
     /// How long until the earliest pending delivery of the listeners in the list `$1` that is
-    /// not due yet becomes due (a retry, the end of a lease): a [`NextDue`](rows::NextDue) row.
+    /// not due yet becomes due (a retry, the end of a lease, a scheduled event), if within `$2`
+    /// microseconds: a [`NextDue`](rows::NextDue) row. The bound keeps the index scan to the
+    /// rows due within it, however many wait for later (or for other listeners).
     const NEXT_DUE: &'static str;
 
     /// Deletes the deliveries of event `$1` that are pending and not running: not leased, or
@@ -224,15 +226,17 @@ pub trait Outbox<B: Backend = Self> {
         }
     }
 
-    /// How long until a delivery of `listeners` that waits in the table falls due (see
-    /// [`Outbox::NEXT_DUE`]); `None` when none waits.
+    /// How long until a delivery of `listeners` that waits in the table falls due, if within
+    /// `within` (see [`Outbox::NEXT_DUE`]); `None` when none falls due by then.
     fn next_due(
         conn: &mut B::Connection,
         listeners: &[&'static str],
+        within: Duration,
     ) -> impl Future<Output = QueryResult<Option<Duration>>> + Send {
         async move {
             let row: rows::NextDue = sql::<B::Db>(Self::NEXT_DUE)
                 .bind_list(listeners)
+                .bind(rows::micros(within))
                 .get_result(conn)
                 .await?;
             Ok(row

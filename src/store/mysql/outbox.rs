@@ -222,7 +222,8 @@ impl Outbox for Mysql {
     WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at > UTC_TIMESTAMP(6)
       AND listener IN (SELECT listener FROM ",
         listeners_table!(),
-        ")"
+        ")
+      AND available_at <= UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND"
     );
 
     const CANCEL: &'static str = "\

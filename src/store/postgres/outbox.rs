@@ -168,7 +168,7 @@ GROUP BY listener ORDER BY listener";
 SELECT (extract(epoch FROM min(available_at) - now()) * 1000000)::int8 AS us
 FROM txbus_deliveries
 WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > now()
-  AND listener = ANY($1)";
+  AND available_at <= now() + $2 * interval '1 microsecond' AND listener = ANY($1)";
 
     // `COALESCE` keeps the planner on the primary key, as in the result writes.
     const CANCEL: &'static str = "\

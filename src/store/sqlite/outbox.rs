@@ -151,7 +151,9 @@ impl Outbox for Sqlite {
         ") * 1000 AS us FROM txbus_deliveries
     WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > ",
         now_ms!(),
-        " AND listener IN (SELECT value FROM json_each(?1))"
+        " AND available_at <= ",
+        now_ms!(),
+        " + ?2 / 1000 AND listener IN (SELECT value FROM json_each(?1))"
     );
 
     const CANCEL: &'static str = concat!(
