@@ -61,6 +61,12 @@
 //! # }
 //! ```
 //!
+//! ## Scheduling and cancelling
+//! [`EventBus::emit_after`] and [`EventBus::emit_at`] commit an event whose listeners first run
+//! when it is due; [`EventBus::cancel`] deletes the deliveries of an event that have not started.
+//! Both work inside a transaction too ([`Transaction::emit_after`], [`Transaction::cancel`]), so a
+//! timeout is scheduled with the entity it guards and cancelled with the write that settles it.
+//!
 //! ## Receiving from outside
 //! [`EventBus::receive`] turns a message from a broker, a webhook or a file into an event the
 //! first time its [`MessageId`] is seen within the dedup window, and does nothing for a
@@ -91,11 +97,12 @@
 //!    pipelined emit in `postgres/pipeline`).
 //! 3. **Engine**: `engine` (what a bus's handles and tasks share, and its lifecycle),
 //!    `dispatch/` (the queue and concurrency bound in `mod`, one run of a listener in `run`, the
-//!    retry decision in `retry`, idle tracking in `tracker`, transactional listeners in
-//!    `transactional`), `completion` (results written in batches), `poller` (expiry and claims
+//!    retry decision in `retry`, wake-ups when deliveries written here fall due in `due`, idle
+//!    tracking in `tracker`, transactional listeners in `transactional`), `completion` (results written in batches), `poller` (expiry and claims
 //!    of due deliveries), `stats`, `metrics`, `registry` (the listeners linked in).
 //! 4. **Surface**: `bus` ([`EventBus`]), `builder` ([`EventBusBuilder`]), `transaction`
-//!    ([`Transaction`]), `receive` (the inbox's [`EventBus::receive`]), `inbox_store`
+//!    ([`Transaction`]), `schedule` (scheduled events and cancellation), `receive` (the
+//!    inbox's [`EventBus::receive`]), `inbox_store`
 //!    ([`InboxStore`]), `admin` (statistics, dead letters and their replay, retention, stale
 //!    leases), `cli/` (`args`, `commands`, `render`), `nats/` (`relay`, `inbox`), and `private`
 //!    (what the macros' expansions call).

@@ -4,7 +4,8 @@
 //! this process wrote wakes it when it falls due; after a poll that leaves nothing due, it also
 //! wakes when the earliest delivery waiting in the table falls due.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::time::MissedTickBehavior;
@@ -22,6 +23,9 @@ const EXPIRE_BATCH: usize = 1000;
 /// Every how many polls the expiry sweep for listeners this process lacks runs: it scans the due
 /// deliveries, so not at every poll. (Expired deliveries of known listeners die when claimed.)
 const SWEEP_EVERY_POLLS: u64 = 10;
+
+/// Every how many polls the gauges (feature `metrics`) are refreshed, at most.
+const GAUGES_EVERY_POLLS: u32 = 10;
 
 /// How often the poller reports due deliveries whose listener this process does not have, and
 /// does its backend's housekeeping.
@@ -45,6 +49,10 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
     let mut next_due: Option<Instant> = None;
     let mut polls: u64 = 0;
     let mut next_report = Instant::now();
+    let gauges = Arc::new(Gauges {
+        running: AtomicBool::new(false),
+        not_before: Mutex::new(Instant::now()),
+    });
     loop {
         if more {
             // A full batch came back: more is probably due. Claim again when a listener frees
@@ -73,14 +81,9 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
                 if let Err(error) = engine.cleanup().await {
                     tracing::warn!(error = %Chain(&error), "retention cleanup failed; retrying later");
                 }
-                if crate::metrics::GAUGES {
-                    match crate::stats::read(&engine.pool, &engine.registry).await {
-                        Ok(stats) => crate::metrics::gauges(&stats),
-                        Err(error) => {
-                            tracing::debug!(error = %Chain(&error), "could not refresh the gauges; retrying later");
-                        }
-                    }
-                }
+            }
+            if crate::metrics::GAUGES {
+                refresh_gauges(&engine, &gauges);
             }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + ORPHAN_REPORT_EVERY;
@@ -106,6 +109,43 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
             };
         }
     }
+}
+
+/// When the gauges are refreshed next.
+struct Gauges {
+    running: AtomicBool,
+    not_before: Mutex<Instant>,
+}
+
+/// Refreshes the gauges in a task of its own, unless the last refresh is still running or was
+/// too recent: every ten polls, and no more than 5 % of the time (the statistics read the whole
+/// table, so a large one is read less often). A slow read never holds up a claim.
+fn refresh_gauges<B: Backend>(engine: &Arc<Engine<B>>, gauges: &Arc<Gauges>) {
+    let due = *gauges
+        .not_before
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        <= Instant::now();
+    if !due || gauges.running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let engine = engine.clone();
+    let gauges = gauges.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        match crate::stats::read(&engine.pool, &engine.registry).await {
+            Ok(stats) => crate::metrics::gauges(&stats),
+            Err(error) => {
+                tracing::debug!(error = %Chain(&error), "could not refresh the gauges; retrying later");
+            }
+        }
+        let pause = (engine.config.retry_every * GAUGES_EVERY_POLLS).max(started.elapsed() * 20);
+        *gauges
+            .not_before
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now() + pause;
+        gauges.running.store(false, Ordering::Release);
+    });
 }
 
 /// When the earliest delivery of `known` listeners that waits in the table (a retry, a lease

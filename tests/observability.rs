@@ -213,6 +213,13 @@ async fn scenario<B: TestBackend>() {
     for n in 0..EVENTS as u32 {
         ids.push(bus.emit(Order { n }, []).await.unwrap());
     }
+    // Counted apart: not in the backlog.
+    let later = Order { n: EVENTS as u32 };
+    ids.push(
+        bus.emit_after(Duration::from_secs(3600), later, [])
+            .await
+            .unwrap(),
+    );
 
     // Until the results are all in and the poller has refreshed the gauges with them.
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -222,10 +229,12 @@ async fn scenario<B: TestBackend>() {
             .gauges
             .get("txbus_dead_letters{listener=obs.abort}");
         let backlog = collected.gauges.get("txbus_backlog{listener=obs.flaky}");
+        let scheduled = collected.gauges.get("txbus_scheduled{listener=obs.flaky}");
         if collected.counter("txbus_deliveries_total{listener=obs.flaky,outcome=succeeded}")
             == EVENTS
             && dead == Some(&(EVENTS as f64))
             && backlog == Some(&0.0)
+            && scheduled == Some(&1.0)
         {
             break;
         }
@@ -239,7 +248,7 @@ async fn scenario<B: TestBackend>() {
     bus.shutdown().await;
 
     let expected_counters = [
-        ("txbus_events_emitted_total{event=obs.order}", EVENTS),
+        ("txbus_events_emitted_total{event=obs.order}", EVENTS + 1),
         (
             "txbus_deliveries_total{listener=obs.ok,outcome=succeeded}",
             EVENTS,
@@ -288,6 +297,7 @@ async fn scenario<B: TestBackend>() {
             "{name}"
         );
     }
+    // The scheduled event is pending, but does not wait to run yet.
     assert_eq!(
         collected
             .gauges
@@ -301,7 +311,7 @@ async fn scenario<B: TestBackend>() {
     let emits: Vec<_> = named("txbus.emit")
         .filter(|s| s.fields.get("event").map(String::as_str) == Some("obs.order"))
         .collect();
-    assert_eq!(emits.len(), EVENTS as usize);
+    assert_eq!(emits.len(), EVENTS as usize + 1);
     let emitted_ids: Vec<String> = ids.iter().map(|id| id.get().to_string()).collect();
     for emit in &emits {
         assert!(emitted_ids.contains(&emit.fields["event_id"]), "{emit:?}");

@@ -81,6 +81,27 @@ async fn public_futures_are_send_and_spawnable() {
     let (first, again) = received.await.unwrap().unwrap();
     assert!(first.event_id().is_some() && again.is_duplicate());
 
+    let scheduled = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            let hour = std::time::Duration::from_secs(3600);
+            let later = bus.emit_after(hour, Noted { n: 4 }, []).await?;
+            let at = std::time::SystemTime::now() + hour;
+            bus.emit_at(at, Noted { n: 5 }, []).await?;
+            let listed = bus.scheduled(10).await?.len();
+            let cancelled = bus
+                .transaction(async |tx| {
+                    let own = tx.emit_after(hour, &Noted { n: 6 }).await?;
+                    tx.emit_at(at, &Noted { n: 7 }).await?;
+                    Ok::<_, Error>(tx.cancel(own).await? + tx.cancel(later).await?)
+                })
+                .await?;
+            Ok::<_, Error>((listed, cancelled + bus.cancel(later).await?))
+        }
+    });
+    // No listener of `Noted` in this binary: scheduled events have no deliveries.
+    assert_eq!(scheduled.await.unwrap().unwrap(), (0, 0));
+
     let store = InboxStore::new(db.pool.clone());
     let message = InboxMessage::new(MessageId::new("s", "m"), &1).unwrap();
     let stored = tokio::spawn({
