@@ -388,7 +388,7 @@ pub fn drain_bus<B: TestBackend>(
 
 /// Drains a backlog with one bus in this process (tuned as [`drain_bus`], or with the builder's
 /// defaults), checks that every delivery ran once, and returns deliveries per second.
-pub async fn drain_here<B: BenchBackend>(n: usize, payload: &str, tuned: bool) -> f64
+async fn drain_here<B: BenchBackend>(n: usize, payload: &str, tuned: bool) -> f64
 where
     BenchUser: Entity<B>,
 {
