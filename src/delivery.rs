@@ -21,17 +21,25 @@ pub enum DeadReason {
     Aborted,
     /// It expired while no running instance had its listener.
     NoListener,
+    /// Its payload, stored by an older version of the event's type, could not be upcast (an
+    /// upcaster failed, or the result did not deserialize): see [`Event::upcast`](crate::Event::upcast).
+    UpcastFailed,
+    /// It expired while no running instance knew its event's version (stored by a newer
+    /// version of the event's type than the instances that have its listener).
+    UnknownVersion,
 }
 
 impl DeadReason {
-    /// The code stored in `txbus_deliveries.dead_reason`: `expired`, `max_attempts`, `aborted`
-    /// or `no_listener`.
+    /// The code stored in `txbus_deliveries.dead_reason`: `expired`, `max_attempts`, `aborted`,
+    /// `no_listener`, `upcast_failed` or `unknown_version`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Expired => "expired",
             Self::MaxAttempts => "max_attempts",
             Self::Aborted => "aborted",
             Self::NoListener => "no_listener",
+            Self::UpcastFailed => "upcast_failed",
+            Self::UnknownVersion => "unknown_version",
         }
     }
 }
@@ -57,10 +65,13 @@ impl FromStr for DeadReason {
             "max_attempts" => Self::MaxAttempts,
             "aborted" => Self::Aborted,
             "no_listener" => Self::NoListener,
+            "upcast_failed" => Self::UpcastFailed,
+            "unknown_version" => Self::UnknownVersion,
             other => {
                 return Err(Error::Invalid(format!(
                     "unknown dead letter reason `{other}` (expected expired, max_attempts, \
-                     aborted or no_listener; was it written by a newer txbus?)"
+                     aborted, no_listener, upcast_failed or unknown_version; was it written by \
+                     a newer txbus?)"
                 )));
             }
         })

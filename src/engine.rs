@@ -126,6 +126,7 @@ impl<B: Backend> Engine<B> {
                 lease: settings.max_execution_time,
                 expires_after: settings.expires_after,
                 due_in: None,
+                version: E::VERSION,
             },
             listeners: listeners.defs,
             settings,
@@ -155,7 +156,13 @@ impl<B: Backend> Engine<B> {
                 continue;
             }
             let deadline = dispatch::deadline(leased, prepared.new.lease);
-            for &def in prepared.listeners.iter() {
+            // A listener of an older version of the event's type (another type with the same
+            // name) leaves it to the poller of an instance that knows the version.
+            let runnable = prepared
+                .listeners
+                .iter()
+                .filter(|def| def.version >= prepared.new.version);
+            for &def in runnable {
                 self.runner.submit(
                     Job {
                         key: DeliveryKey {
@@ -165,6 +172,7 @@ impl<B: Backend> Engine<B> {
                         },
                         def,
                         payload: prepared.new.payload.clone(),
+                        version: prepared.new.version,
                         emitted_at: inserted.emitted_at,
                         deadline,
                         ready,

@@ -24,6 +24,76 @@ use serde::de::DeserializeOwned;
 pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The stable name stored with each event of this type.
     const NAME: &'static str;
+
+    /// The version of this type's shape, stored with every delivery (default 1). Raise it when a
+    /// change would keep stored payloads from deserializing (a renamed, retyped or removed
+    /// field), and give [`upcast`](Self::upcast) a step from the version before; adding an
+    /// optional field with `#[serde(default)]` needs no new version.
+    ///
+    /// The derive sets it with `#[event(version = N, upcast(1 => f, 2 => g, ...))]`, and checks
+    /// at compile time that every version below `N` has its step.
+    const VERSION: u32 = 1;
+
+    /// Turns a payload stored at `version` into the shape of `version + 1`. A delivery stored
+    /// at version `k` below [`VERSION`](Self::VERSION) is upcast step by step, `k` to `k + 1`
+    /// and on to `VERSION`, when it runs (first runs, retries and replays alike), then
+    /// deserialized. An error makes the delivery a dead letter at once, with the reason
+    /// `upcast_failed` and the error's text: retrying cannot fix it; after a fix, replay it.
+    ///
+    /// The derive implements it from `upcast(...)`; the default has no step for any version.
+    ///
+    /// ```
+    /// use serde_json::{Value, json};
+    /// use txbus::UpcastError;
+    ///
+    /// // Version 1 had `total` in whole units; version 2 has `total_cents`.
+    /// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+    /// #[event(name = "order.placed", version = 2, upcast(1 => cents))]
+    /// struct OrderPlaced { order_id: i64, total_cents: i64 }
+    ///
+    /// fn cents(mut v1: Value) -> Result<Value, UpcastError> {
+    ///     let total = v1["total"].as_i64().ok_or_else(|| UpcastError::new("`total` is not an integer"))?;
+    ///     v1["total_cents"] = json!(total * 100);
+    ///     Ok(v1)
+    /// }
+    ///
+    /// use txbus::Event;
+    /// let v2 = OrderPlaced::upcast(1, json!({ "order_id": 7, "total": 12 })).unwrap();
+    /// assert_eq!(v2["total_cents"], 1200);
+    /// ```
+    fn upcast(version: u32, payload: serde_json::Value) -> Result<serde_json::Value, UpcastError> {
+        let _ = payload;
+        Err(UpcastError::new(format!(
+            "`{}` has no upcaster from version {version}",
+            Self::NAME
+        )))
+    }
+}
+
+/// Why a stored payload could not be brought to its event type's current version: returned by
+/// an upcaster (see [`Event::upcast`]). `?` converts a `serde_json::Error` into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpcastError(String);
+
+impl UpcastError {
+    /// An upcast error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl fmt::Display for UpcastError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UpcastError {}
+
+impl From<serde_json::Error> for UpcastError {
+    fn from(error: serde_json::Error) -> Self {
+        Self(error.to_string())
+    }
 }
 
 /// The id of a stored event, assigned by the database when it is emitted (a number in JSON).

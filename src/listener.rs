@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 
+use crate::delivery::DeadReason;
 use crate::error::StateError;
 use crate::event::EventId;
 
@@ -36,6 +37,9 @@ pub struct ListenerDef {
     pub event: &'static str,
     /// The Rust type of that event, for messages.
     pub event_type: fn() -> &'static str,
+    /// That type's [`Event::VERSION`](crate::Event::VERSION): deliveries stored at a newer
+    /// version are left to instances that know it.
+    pub version: u32,
     /// How to run it.
     pub kind: ListenerKind,
     /// Where the function is defined.
@@ -116,6 +120,8 @@ pub struct Context {
     pub(crate) emitted_at: SystemTime,
     pub(crate) waited: Duration,
     pub(crate) state: Arc<State>,
+    /// The version of the event's type that wrote the payload.
+    pub(crate) stored_version: u32,
 }
 
 impl ListenerDef {
@@ -216,6 +222,8 @@ pub struct ListenerError {
 enum Action {
     Retry(Option<Duration>),
     Abort,
+    /// Given up by the bus itself, for this reason (a payload it cannot upcast, say).
+    Dead(DeadReason),
 }
 
 impl ListenerError {
@@ -235,16 +243,33 @@ impl ListenerError {
         }
     }
 
+    /// A permanent failure the bus decided on, with its reason.
+    pub(crate) fn dead(reason: DeadReason, error: impl Into<BoxError>) -> Self {
+        Self {
+            error: error.into(),
+            action: Action::Dead(reason),
+        }
+    }
+
     /// Whether this failure gives up the delivery.
     pub fn is_abort(&self) -> bool {
-        self.action == Action::Abort
+        matches!(self.action, Action::Abort | Action::Dead(_))
+    }
+
+    /// Why the delivery gives up, when it does.
+    pub(crate) fn dead_reason(&self) -> Option<DeadReason> {
+        match self.action {
+            Action::Retry(_) => None,
+            Action::Abort => Some(DeadReason::Aborted),
+            Action::Dead(reason) => Some(reason),
+        }
     }
 
     /// The delay requested with [`retry_after`](Self::retry_after), if any.
     pub fn retry_delay(&self) -> Option<Duration> {
         match self.action {
             Action::Retry(delay) => delay,
-            Action::Abort => None,
+            Action::Abort | Action::Dead(_) => None,
         }
     }
 
@@ -320,6 +345,7 @@ mod tests {
             emitted_at: SystemTime::UNIX_EPOCH,
             waited: Duration::ZERO,
             state: Arc::new(state),
+            stored_version: 1,
         };
         assert_eq!(ctx.state::<u32>(), Ok(&7));
         let missing = ctx.state::<String>().unwrap_err();

@@ -42,6 +42,7 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
     let runner = engine.runner.clone();
     let mut phase = runner.phase.subscribe();
     let known = engine.registry.names();
+    let versions = engine.registry.versions();
     let mut tick = tokio::time::interval(engine.config.retry_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut more = false;
@@ -75,7 +76,7 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
             };
             polls += u64::from(counted);
             if counted && polls % SWEEP_EVERY_POLLS == 1 {
-                if let Err(error) = sweep(&engine, &known).await {
+                if let Err(error) = sweep(&engine, &known, &versions).await {
                     tracing::warn!(error = %Chain(&error), "expiry sweep failed; retrying later");
                 }
                 if let Err(error) = engine.cleanup().await {
@@ -92,7 +93,7 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
                 }
             }
         }
-        more = match claim(&engine, &known).await {
+        more = match claim(&engine, &known, &versions).await {
             Ok(more) => more,
             Err(error) => {
                 tracing::warn!(error = %Chain(&error), "claiming due deliveries failed; retrying at the next poll");
@@ -170,10 +171,14 @@ async fn sleep_until(due: Option<Instant>) {
 
 /// Makes expired deliveries of listeners nobody here has dead, and forgets received message ids
 /// older than the dedup window.
-async fn sweep<B: Backend>(engine: &Engine<B>, known: &[&'static str]) -> Result<(), Error> {
+async fn sweep<B: Backend>(
+    engine: &Engine<B>,
+    known: &[&'static str],
+    versions: &str,
+) -> Result<(), Error> {
     let (_turn, mut conn) = engine.pool.get_for_write().await?;
     B::purge_inbox(&mut conn, engine.config.inbox_dedup_window, EXPIRE_BATCH).await?;
-    let died = B::expire(&mut conn, known, EXPIRE_BATCH).await?;
+    let died = B::expire(&mut conn, known, versions, EXPIRE_BATCH).await?;
     for died in died {
         crate::metrics::died(&died.listener, &died.reason);
         tracing::error!(event_id = %died.event_id, listener = %died.listener, reason = %died.reason,
@@ -196,7 +201,11 @@ async fn housekeeping<B: Backend>(engine: &Engine<B>, known: &[&'static str]) ->
 }
 
 /// Claims one batch and queues it. Returns whether the batch was full.
-async fn claim<B: Backend>(engine: &Engine<B>, known: &[&'static str]) -> Result<bool, Error> {
+async fn claim<B: Backend>(
+    engine: &Engine<B>,
+    known: &[&'static str],
+    versions: &str,
+) -> Result<bool, Error> {
     if known.is_empty() {
         return Ok(false);
     }
@@ -208,7 +217,7 @@ async fn claim<B: Backend>(engine: &Engine<B>, known: &[&'static str]) -> Result
     async {
         let (turn, mut conn) = engine.pool.get_for_write().await?;
         let leased = Instant::now();
-        let claimed = B::claim(&mut conn, known, room).await?;
+        let claimed = B::claim(&mut conn, known, versions, room).await?;
         drop((conn, turn));
         let full = claimed.len() >= room;
         tracing::Span::current().record("claimed", claimed.len());
@@ -250,6 +259,7 @@ fn submit<B: Backend>(
             },
             def,
             payload: delivery.payload,
+            version: delivery.version,
             emitted_at: delivery.emitted_at,
             deadline: dispatch::deadline(leased, delivery.lease),
             ready,

@@ -6,6 +6,7 @@ use std::future::Future;
 pub use diesel;
 pub use diesel_async;
 pub use linkme;
+pub use serde_json;
 
 pub use crate::listener::{ListenerCall, ListenerDef, ListenerKind, TxCall, TxListener};
 pub use crate::registry::LISTENERS;
@@ -13,6 +14,7 @@ pub use crate::store::{
     CachedUpsert, Statement, Write, derived_persist as persist, derived_remove as remove,
 };
 
+use crate::delivery::DeadReason;
 use crate::event::Event;
 use crate::listener::{Context, ListenerError};
 use crate::store::Backend;
@@ -25,20 +27,50 @@ where
     Fut: Future<Output = Result<(), Err>> + Send + 'static,
     Err: Into<ListenerError>,
 {
-    let event: E = deserialize(payload)?;
+    let event: E = deserialize(payload, ctx.stored_version)?;
     let future = listener(event, ctx);
     Ok(Box::pin(async move { future.await.map_err(Into::into) }))
 }
 
-/// The event of a delivery, from its stored payload.
-fn deserialize<E: Event>(payload: &str) -> Result<E, ListenerError> {
-    serde_json::from_str(payload).map_err(|error| {
-        ListenerError::from(format!(
-            "the stored payload of event `{}` does not deserialize into `{}`: {error}",
+/// The event of a delivery, from its payload stored at `version`: upcast step by step to the
+/// type's version first when it is older. A step that fails, or a payload that still does not
+/// deserialize after its steps, makes the delivery a dead letter (`upcast_failed`): running it
+/// again cannot help.
+fn deserialize<E: Event>(payload: &str, version: u32) -> Result<E, ListenerError> {
+    let not_deserialized = |error: serde_json::Error| {
+        format!(
+            "the stored payload of event `{}` (version {version}) does not deserialize into `{}` \
+             (version {}): {error}",
             E::NAME,
             std::any::type_name::<E>(),
-        ))
-    })
+            E::VERSION,
+        )
+    };
+    if version == E::VERSION {
+        return serde_json::from_str(payload).map_err(|e| not_deserialized(e).into());
+    }
+    if version > E::VERSION {
+        // Claims leave such deliveries to instances that know the version.
+        return Err(ListenerError::from(format!(
+            "event `{}` was stored at version {version}, newer than version {} of `{}`",
+            E::NAME,
+            E::VERSION,
+            std::any::type_name::<E>(),
+        )));
+    }
+    let upcast_failed = |message: String| ListenerError::dead(DeadReason::UpcastFailed, message);
+    let mut value: serde_json::Value = serde_json::from_str(payload)
+        .map_err(|e| upcast_failed(format!("the stored payload is not JSON: {e}")))?;
+    for from in version..E::VERSION {
+        value = E::upcast(from, value).map_err(|error| {
+            upcast_failed(format!(
+                "upcasting event `{}` from version {from} to {} failed: {error}",
+                E::NAME,
+                from + 1
+            ))
+        })?;
+    }
+    serde_json::from_value(value).map_err(|e| upcast_failed(not_deserialized(e)))
 }
 
 /// The connection of a backend txbus is built with: what a transactional listener may take.
@@ -78,7 +110,7 @@ where
             std::any::type_name::<C>()
         ))
     })?;
-    let event: E = deserialize(payload)?;
+    let event: E = deserialize(payload, ctx.stored_version)?;
     let future = listener(event, ctx, conn);
     Ok(Box::pin(async move { future.await.map_err(Into::into) }))
 }

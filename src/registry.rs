@@ -112,6 +112,17 @@ impl Registry {
         names
     }
 
+    /// The version of its event's type each name knows, as a JSON object (`{"name": 2, ...}`):
+    /// claims skip deliveries stored at a newer version.
+    pub(crate) fn versions(&self) -> String {
+        let versions: serde_json::Map<String, serde_json::Value> = self
+            .by_name
+            .iter()
+            .map(|(name, def)| ((*name).to_owned(), def.version.into()))
+            .collect();
+        serde_json::Value::Object(versions).to_string()
+    }
+
     /// Every listener, sorted by id.
     pub(crate) fn defs(&self) -> &[&'static ListenerDef] {
         &self.defs
@@ -155,6 +166,7 @@ mod tests {
             aliases,
             event,
             event_type: || "T",
+            version: 1,
             kind: ListenerKind::Plain(never),
             file: "src/x.rs",
             line,

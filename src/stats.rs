@@ -107,6 +107,10 @@ pub struct Stats {
     /// Pending deliveries per listener id that this bus does not have (nor as an alias): they
     /// wait for an instance that has the listener, and expire as `no_listener` otherwise.
     pub orphans: BTreeMap<String, u64>,
+    /// Pending deliveries per listener id of this bus stored by a newer version of the event's
+    /// type than its listener knows (a rolling deploy): they wait for an instance that knows
+    /// the version, and expire as `unknown_version` otherwise.
+    pub unknown_versions: BTreeMap<String, u64>,
     /// Received message ids kept for deduplication (`txbus_inbox`).
     pub inbox_ids: u64,
     /// Messages kept by the [`InboxStore`](crate::InboxStore) (`txbus_inbox_messages`).
@@ -134,10 +138,16 @@ pub(crate) async fn read<B: Backend>(pool: &Pool<B>, registry: &Registry) -> Res
         stats.total.add(&counts);
         // Deliveries stored under an alias count for the listener that runs them.
         let listener = match registry.get(&row.listener) {
-            Some(def) => def.id.to_owned(),
+            Some(def) => {
+                if row.event_version > def.version && counts.pending() > 0 {
+                    *stats.unknown_versions.entry(def.id.to_owned()).or_default() +=
+                        counts.pending();
+                }
+                def.id.to_owned()
+            }
             None => {
                 if counts.pending() > 0 {
-                    stats.orphans.insert(row.listener.clone(), counts.pending());
+                    *stats.orphans.entry(row.listener.clone()).or_default() += counts.pending();
                 }
                 row.listener.clone()
             }

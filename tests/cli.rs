@@ -70,7 +70,7 @@ async fn the_command_line_inspects_and_repairs() {
     let migrated = json(&txbus(&url, &["migrate", "--json"]));
     assert_eq!(
         migrated["applied"].as_array().unwrap().len(),
-        3,
+        4,
         "{migrated}"
     );
     assert!(stdout(&txbus(&url, &["migrate"])).contains("up to date"));

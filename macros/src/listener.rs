@@ -348,6 +348,7 @@ fn generate(function: &ItemFn, args: &Args, signature: &Signature<'_>) -> TokenS
                 aliases: &[#(#aliases),*],
                 event: <#event as ::txbus::Event>::NAME,
                 event_type: ::core::any::type_name::<#event>,
+                version: <#event as ::txbus::Event>::VERSION,
                 kind: #kind,
                 file: ::core::file!(),
                 line: #line,

@@ -96,6 +96,11 @@ pub(super) fn status(stats: &Stats) -> Output {
     if !stats.orphans.is_empty() {
         text.push_str("* no listener of this binary takes these deliveries\n");
     }
+    for (listener, n) in &stats.unknown_versions {
+        text.push_str(&format!(
+            "{listener}: {n} pending stored by a newer version of its event than this binary knows\n"
+        ));
+    }
     text.push_str(&format!(
         "inbox: {} received message ids, {} stored messages\n",
         stats.inbox_ids, stats.inbox_messages

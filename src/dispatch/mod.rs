@@ -61,6 +61,8 @@ pub(crate) struct Job {
     pub(crate) key: DeliveryKey,
     pub(crate) def: &'static ListenerDef,
     pub(crate) payload: Arc<str>,
+    /// The version of the event's type that wrote the payload.
+    pub(crate) version: u32,
     pub(crate) emitted_at: SystemTime,
     pub(crate) deadline: Instant,
     /// When it became runnable here: its emit committed, or its claim returned.
@@ -311,6 +313,7 @@ mod tests {
         aliases: &[],
         event: "test.event",
         event_type: || "TestEvent",
+        version: 1,
         kind: ListenerKind::Plain(never_called),
         file: file!(),
         line: line!(),
@@ -325,6 +328,7 @@ mod tests {
             },
             def: &LATE,
             payload: "{}".into(),
+            version: 1,
             emitted_at: SystemTime::now(),
             deadline,
             ready: Instant::now(),

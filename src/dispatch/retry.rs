@@ -37,12 +37,10 @@ pub(crate) fn resolve(
             });
         }
         Verdict::Failed(error) if error.is_abort() => {
+            let reason = error.dead_reason().unwrap_or(DeadReason::Aborted);
             let error = error.to_string();
-            tracing::warn!(%error, "listener failed and aborted the delivery");
-            return Some(Resolution::Dead {
-                reason: DeadReason::Aborted,
-                error,
-            });
+            tracing::warn!(%error, %reason, "the delivery gives up");
+            return Some(Resolution::Dead { reason, error });
         }
         Verdict::Failed(error) => (error.to_string(), error.retry_delay()),
         Verdict::Panicked(message) => (format!("panicked: {message}"), None),

@@ -111,6 +111,7 @@ async fn execute(job: &Job, runner: &Runner) -> Verdict {
         emitted_at: job.emitted_at,
         waited: job.ready.elapsed(),
         state: runner.state.clone(),
+        stored_version: job.version,
     };
     let mut phase = runner.phase.subscribe();
     let run = async {

@@ -191,6 +191,7 @@ fn route_def<E: Event>(subject: &str, at: &'static Location<'static>) -> &'stati
         aliases: &[],
         event: E::NAME,
         event_type: type_name::<E>,
+        version: E::VERSION,
         kind: ListenerKind::Plain(publish),
         file: at.file(),
         line: at.line(),

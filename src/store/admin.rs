@@ -37,8 +37,9 @@ rows! {
         emitted_at_us: i64,
     }
 
-    /// A row of the statistics statement: one per listener (none when the table is empty: then
-    /// one with a `NULL` listener), each with the inbox counts and the clock.
+    /// A row of the statistics statement: one per listener and event version (none when the
+    /// table is empty: then one with a `NULL` listener), each with the inbox counts and the
+    /// clock.
     pub(crate) struct StatsRow {
         listener: Option<String>,
         due: Option<i64>,
@@ -49,19 +50,22 @@ rows! {
         dead: Option<i64>,
         delivered: Option<i64>,
         oldest_us: Option<i64>,
+        event_version: Option<i64>,
         inbox_ids: i64,
         inbox_messages: i64,
         now_us: i64,
     }
 }
 
-/// The counts of one listener's deliveries by state. A live delivery (neither dead nor
+/// The counts of one listener's deliveries of one event version by state. A live delivery (neither dead nor
 /// delivered) is exactly one of: due (available, not leased), running (leased, lease not
 /// passed), stale (leased, lease passed without a result), retrying (not leased, available
 /// later, run before), scheduled (not leased, available later, never run).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ListenerRow {
     pub(crate) listener: String,
+    /// The version of the event's type that wrote these deliveries.
+    pub(crate) event_version: u32,
     pub(crate) due: i64,
     pub(crate) running: i64,
     pub(crate) stale: i64,
@@ -95,6 +99,10 @@ impl StatsRows {
             if let Some(listener) = row.listener {
                 stats.listeners.push(ListenerRow {
                     listener,
+                    event_version: row
+                        .event_version
+                        .and_then(|v| u32::try_from(v).ok())
+                        .unwrap_or(1),
                     due: row.due.unwrap_or(0),
                     running: row.running.unwrap_or(0),
                     stale: row.stale.unwrap_or(0),

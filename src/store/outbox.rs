@@ -28,11 +28,18 @@ pub struct NewEvent {
     /// Its deliveries are then written not leased (`attempts` 0, `available_at` the due time),
     /// and expire `expires_after` past the due time.
     pub(crate) due_in: Option<Duration>,
+    /// The version of the event's type ([`Event::VERSION`](crate::Event::VERSION)).
+    pub(crate) version: u32,
 }
 
 impl NewEvent {
     /// Microseconds from the emit to the expiry of its deliveries: `expires_after`, counted
     /// from the due time for a scheduled event.
+    /// The version, as the column stores it.
+    pub(crate) fn version_i32(&self) -> i32 {
+        i32::try_from(self.version).unwrap_or(i32::MAX)
+    }
+
     pub(crate) fn expires_us(&self) -> i64 {
         rows::micros(
             self.due_in
@@ -59,6 +66,8 @@ pub struct Claimed {
     pub(crate) emitted_at: SystemTime,
     pub(crate) lease: Duration,
     pub(crate) expired: bool,
+    /// The version of the event's type that wrote the payload.
+    pub(crate) version: u32,
 }
 
 /// What a result write did.
@@ -88,15 +97,17 @@ pub struct Died {
 /// dead nor delivered).
 #[doc(hidden)]
 pub trait Outbox<B: Backend = Self> {
-    /// Leases up to `$2` due deliveries (`available_at` passed, pending) of the listeners in
-    /// the list `$1`, oldest due first, in one statement that concurrent claimers cannot
-    /// overlap: `attempts` + 1, leased now for `lease_ms`. Those past `expires_at` are made dead
-    /// (`expired`) instead. Returns [`ClaimedRow`]s.
+    /// Leases up to `$3` due deliveries (`available_at` passed, pending) of the listeners in
+    /// the list `$1` whose `event_version` is one the listener knows (1, or at most its version
+    /// in the JSON object `$2`), oldest due first, in one statement that concurrent claimers
+    /// cannot overlap: `attempts` + 1, leased now for `lease_ms`. Those past `expires_at` are
+    /// made dead (`expired`) instead. Returns [`ClaimedRow`]s.
     const CLAIM: Update;
 
-    /// Makes up to `$2` expired due deliveries of listeners not in the list `$1` dead as
-    /// `no_listener` (with a `last_error` naming the listener, unless one is set). Returns their
-    /// keys.
+    /// Makes up to `$3` expired due deliveries dead that no listener here can run: those of
+    /// listeners not in the list `$1`, as `no_listener` (with a `last_error` naming the
+    /// listener, unless one is set), and those of listeners in it stored at a version newer
+    /// than the listener's in the JSON object `$2`, as `unknown_version`. Returns their keys.
     const EXPIRE: Update;
 
     /// Counts the due deliveries of listeners not in the list `$1`, per listener, looking at no
@@ -211,15 +222,19 @@ pub trait Outbox<B: Backend = Self> {
         }
     }
 
-    /// Leases up to `limit` due deliveries of `listeners` (see [`Outbox::CLAIM`]).
+    /// Leases up to `limit` due deliveries of `listeners` at a version they know (`versions`,
+    /// see [`Outbox::CLAIM`]).
     fn claim(
         conn: &mut B::Connection,
         listeners: &[&'static str],
+        versions: &str,
         limit: usize,
     ) -> impl Future<Output = QueryResult<Vec<Claimed>>> + Send {
         async move {
             let rows: Vec<ClaimedRow> = update::rows::<B, _>(conn, Self::CLAIM, |q| {
-                q.bind_list(listeners).bind(rows::limit(limit))
+                q.bind_list(listeners)
+                    .bind(versions)
+                    .bind(rows::limit(limit))
             })
             .await?;
             Ok(rows.into_iter().map(Claimed::from).collect())
@@ -260,24 +275,34 @@ pub trait Outbox<B: Backend = Self> {
         }
     }
 
-    /// Makes up to `limit` expired deliveries of listeners not in `known` dead, as
-    /// `no_listener`. (Expired deliveries of known listeners die when they are claimed.)
+    /// Makes up to `limit` expired deliveries dead that no listener here can run: of listeners
+    /// not in `known`, as `no_listener`; of known ones stored at a version newer than theirs
+    /// (`versions`), as `unknown_version`. (Other expired deliveries of known listeners die
+    /// when they are claimed.)
     fn expire(
         conn: &mut B::Connection,
         known: &[&'static str],
+        versions: &str,
         limit: usize,
     ) -> impl Future<Output = QueryResult<Vec<Died>>> + Send {
         async move {
             let keys = update::keys::<B>(conn, Self::EXPIRE, |q| {
-                q.bind_list(known).bind(rows::limit(limit))
+                q.bind_list(known).bind(versions).bind(rows::limit(limit))
             })
             .await?;
             Ok(keys
                 .into_iter()
-                .map(|key| Died {
-                    event_id: EventId::new(key.event_id),
-                    listener: key.listener,
-                    reason: "no_listener".to_owned(),
+                .map(|key| {
+                    let reason = if known.contains(&key.listener.as_str()) {
+                        "unknown_version"
+                    } else {
+                        "no_listener"
+                    };
+                    Died {
+                        event_id: EventId::new(key.event_id),
+                        listener: key.listener,
+                        reason: reason.to_owned(),
+                    }
                 })
                 .collect())
         }

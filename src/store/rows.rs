@@ -54,6 +54,7 @@ rows! {
         emitted_at_us: i64,
         lease_ms: i64,
         expired: bool,
+        event_version: i32,
     }
 
     /// A delivery a result write changed, and its reason when it died.
@@ -149,6 +150,7 @@ impl From<ClaimedRow> for crate::store::Claimed {
             emitted_at: system_time_from_micros(row.emitted_at_us),
             lease: Duration::from_millis(u64::try_from(row.lease_ms).unwrap_or(0)),
             expired: row.expired,
+            version: u32::try_from(row.event_version).unwrap_or(1),
         }
     }
 }

@@ -79,7 +79,7 @@ pub(crate) async fn keys<'q, B: Backend>(
 }
 
 /// In the open transaction: selects and locks the keys, and updates them.
-async fn select_and_update<'q, B: Backend>(
+pub(crate) async fn select_and_update<'q, B: Backend>(
     conn: &mut B::Connection,
     select: &'static str,
     update: &'static str,

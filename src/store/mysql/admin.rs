@@ -25,12 +25,12 @@ impl Admin for Mysql {
     // in MySQL: cast, so that it reads as BIGINT. UTC_TIMESTAMP is fixed for the whole statement.
     const STATS: &'static str = "\
 SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead, s.delivered,
-       s.oldest_us, i.n AS inbox_ids, m.n AS inbox_messages,
+       s.oldest_us, CAST(s.event_version AS SIGNED) AS event_version, i.n AS inbox_ids, m.n AS inbox_messages,
        TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
 LEFT JOIN (
-    SELECT listener,
+    SELECT listener, event_version,
            CAST(SUM(CASE WHEN pending AND leased_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
                          THEN 1 ELSE 0 END) AS SIGNED) AS due,
            CAST(SUM(CASE WHEN pending AND leased_at IS NOT NULL
@@ -53,10 +53,10 @@ LEFT JOIN (
                                        AND available_at > UTC_TIMESTAMP(6) THEN NULL
                                   WHEN attempts = 0 AND leased_at IS NULL THEN available_at
                                   ELSE emitted_at END)) AS oldest_us
-    FROM (SELECT listener, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
+    FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
                  dead_at IS NULL AND delivered_at IS NULL AS pending
           FROM txbus_deliveries) d
-    GROUP BY listener) s ON TRUE";
+    GROUP BY listener, event_version) s ON TRUE";
 
     const SCHEDULED: &'static str = "\
 SELECT event_id, event_name, listener,

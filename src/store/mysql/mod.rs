@@ -14,6 +14,7 @@ use crate::store::{Backend, Sealed};
 mod admin;
 mod inbox;
 mod outbox;
+mod results;
 
 /// The MySQL / MariaDB backend (feature `mysql`), on diesel-async's `AsyncMysqlConnection`.
 ///

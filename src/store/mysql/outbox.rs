@@ -5,14 +5,13 @@ use diesel::QueryResult;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use serde_json::json;
 
-use super::{Mysql, keys_table, listeners_table};
-use crate::delivery::{DeliveryKey, Outcome};
-use crate::store::outbox::{Failure, split_done};
-use crate::store::rows::{InsertedRow, attempt_i32, inserted, lease_ms, micros, rows};
+use super::{Mysql, keys_table, listeners_table, results};
+use crate::delivery::Outcome;
+use crate::store::rows::{InsertedRow, inserted, lease_ms, micros};
 use crate::store::sql::sql;
 use crate::store::tx::finish;
-use crate::store::update::read_committed;
-use crate::store::{Backend, Inserted, NewEvent, Outbox, Persist, Recorded, Update};
+use crate::store::update::{read_committed, select_and_update};
+use crate::store::{Backend, Died, Inserted, NewEvent, Outbox, Persist, Recorded, Update};
 
 const NEXT_EVENT_ID: &str = "INSERT INTO txbus_event_ids () VALUES ()";
 
@@ -22,9 +21,9 @@ SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id,
 
 const INSERT_EVENT: &str = concat!(
     "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                                   attempts, leased_at, available_at, expires_at)
+                                   attempts, leased_at, available_at, expires_at, event_version)
     SELECT ?, j.listener, ?, ?, e.t, ?, 1, e.t, e.t + INTERVAL ? MICROSECOND,
-           e.t + INTERVAL ? MICROSECOND
+           e.t + INTERVAL ? MICROSECOND, ?
     FROM (SELECT TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AS t) e CROSS JOIN ",
     listeners_table!()
 );
@@ -32,24 +31,24 @@ const INSERT_EVENT: &str = concat!(
 // A scheduled event: its deliveries are not leased, and fall due at `e.t` plus the fourth value.
 const INSERT_SCHEDULED: &str = concat!(
     "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                                   attempts, leased_at, available_at, expires_at)
+                                   attempts, leased_at, available_at, expires_at, event_version)
     SELECT ?, j.listener, ?, ?, e.t, ?, 0, NULL, e.t + INTERVAL ? MICROSECOND,
-           e.t + INTERVAL ? MICROSECOND
+           e.t + INTERVAL ? MICROSECOND, ?
     FROM (SELECT TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AS t) e CROSS JOIN ",
     listeners_table!()
 );
 
 // The deliveries of a transaction's events, from a JSON array of
-// `[event_id, listener, name, payload, emitted_at_us, lease_ms, expires_us, due_us]`: a
+// `[event_id, listener, name, payload, emitted_at_us, lease_ms, expires_us, due_us, version]`: a
 // scheduled event's deliveries fall due `due_us` after the emit and are not leased; the others
 // have -1 there.
 const INSERT_EVENTS: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at)
+                              attempts, leased_at, available_at, expires_at, event_version)
 SELECT x.event_id, x.listener, x.name, x.payload, x.at, x.lease,
        CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN x.at END,
        x.at + INTERVAL CASE WHEN x.due < 0 THEN x.lease * 1000 ELSE x.due END MICROSECOND,
-       x.at + INTERVAL x.expires MICROSECOND
+       x.at + INTERVAL x.expires MICROSECOND, x.version
 FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00') AS at
       FROM JSON_TABLE(?, '$[*]' COLUMNS (
           event_id BIGINT PATH '$[0]',
@@ -59,89 +58,19 @@ FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00')
           emitted_us BIGINT PATH '$[4]',
           lease BIGINT PATH '$[5]',
           expires BIGINT PATH '$[6]',
-          due BIGINT PATH '$[7]')) j) x";
+          due BIGINT PATH '$[7]',
+          version INT PATH '$[8]')) j) x";
 
-/// Opens the JSON array of `[event_id, listener, attempts]` of successes as a table `k`.
-macro_rules! done_table {
-    () => {
-        "JSON_TABLE(?, '$[*]' COLUMNS (
-            event_id BIGINT PATH '$[0]',
-            listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
-            attempts INT PATH '$[2]')) k
-          ON d.event_id = k.event_id AND d.listener = k.listener AND d.attempts = k.attempts"
-    };
-}
-
-const DELETE_DONE: &str = concat!(
-    "DELETE d FROM txbus_deliveries d JOIN ",
-    done_table!(),
-    " WHERE d.delivered_at IS NULL AND d.dead_at IS NULL"
-);
-
-const MARK_DONE: &str = concat!(
+/// Relabels dead letters that `EXPIRE` made for a version no instance knew.
+const UNKNOWN_VERSION: &str = concat!(
     "UPDATE txbus_deliveries d JOIN ",
-    done_table!(),
-    " SET d.delivered_at = UTC_TIMESTAMP(6), d.leased_at = NULL
-    WHERE d.delivered_at IS NULL AND d.dead_at IS NULL"
+    keys_table!(),
+    " ON d.event_id = k.event_id AND d.listener = k.listener
+    SET d.dead_reason = 'unknown_version',
+        d.last_error = CONCAT('no running instance knows version ', d.event_version,
+                              ' of event ', d.event_name)
+    WHERE d.dead_reason = 'no_listener'"
 );
-
-/// Opens the JSON array of failed results as a table `x`.
-macro_rules! failed_table {
-    () => {
-        "JSON_TABLE(?1, '$[*]' COLUMNS (
-            event_id BIGINT PATH '$.e',
-            listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$.l',
-            attempts INT PATH '$.a',
-            delay_us BIGINT PATH '$.d',
-            reason VARCHAR(32) PATH '$.r',
-            error LONGTEXT CHARACTER SET utf8mb4 PATH '$.m',
-            undo_attempt INT PATH '$.u')) x"
-    };
-}
-
-// MySQL has no RETURNING, and a dead row read back after the update could have been dead before
-// (a stale result, fenced off). So the deliveries the results still hold are locked first, and
-// which of them die is decided there at one instant, `now_us`, which the update then uses too:
-// the deaths reported are exactly the ones written.
-const LOCK_FAILED: &str = concat!(
-    "SELECT t.event_id, t.listener,
-           CASE WHEN x.reason IS NOT NULL THEN x.reason
-                WHEN UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND >= t.expires_at
-                THEN 'expired' END AS dead_reason,
-           TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS now_us
-    FROM txbus_deliveries t
-    JOIN ",
-    failed_table!(),
-    " ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
-    WHERE t.delivered_at IS NULL AND t.dead_at IS NULL
-    FOR UPDATE"
-);
-
-// `?2` is the instant of LOCK_FAILED. Every CASE tests `expires_at` and `x`, which no assignment
-// changes, so the (unspecified) order of multi-table assignments does not matter.
-const UPDATE_FAILED: &str = concat!(
-    "UPDATE txbus_deliveries t
-    JOIN ",
-    failed_table!(),
-    " ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
-    CROSS JOIN (SELECT TIMESTAMP '1970-01-01 00:00:00' + INTERVAL ?2 MICROSECOND AS now_at) n
-    SET t.last_error = COALESCE(x.error, t.last_error),
-        t.leased_at = NULL,
-        t.dead_reason = CASE WHEN x.reason IS NOT NULL THEN x.reason
-                             WHEN n.now_at + INTERVAL x.delay_us MICROSECOND >= t.expires_at
-                             THEN 'expired' END,
-        t.dead_at = CASE WHEN x.reason IS NOT NULL
-                           OR n.now_at + INTERVAL x.delay_us MICROSECOND >= t.expires_at
-                         THEN n.now_at END,
-        t.available_at = n.now_at + INTERVAL x.delay_us MICROSECOND,
-        t.attempts = t.attempts - x.undo_attempt
-    WHERE t.delivered_at IS NULL AND t.dead_at IS NULL"
-);
-
-rows! {
-    /// A delivery LOCK_FAILED holds for a result, and whether the result makes it dead.
-    struct HeldRow { event_id: i64, listener: String, dead_reason: Option<String>, now_us: i64 }
-}
 
 impl Outbox for Mysql {
     const CLAIM: Update = Update::Keyed {
@@ -151,6 +80,8 @@ impl Outbox for Mysql {
       AND listener IN (SELECT listener FROM ",
             listeners_table!(),
             ")
+      AND (event_version = 1
+           OR event_version <= JSON_VALUE(?, CONCAT('$.', JSON_QUOTE(listener))))
     ORDER BY available_at
     LIMIT ?
     FOR UPDATE SKIP LOCKED"
@@ -174,7 +105,7 @@ impl Outbox for Mysql {
         read: Some(concat!(
             "SELECT d.event_id, d.listener, d.attempts, d.payload,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', d.emitted_at) AS emitted_at_us,
-           d.lease_ms, d.dead_at IS NOT NULL AS expired
+           d.lease_ms, d.dead_at IS NOT NULL AS expired, d.event_version
     FROM txbus_deliveries d JOIN ",
             keys_table!(),
             " ON d.event_id = k.event_id AND d.listener = k.listener"
@@ -186,12 +117,15 @@ impl Outbox for Mysql {
             "SELECT event_id, listener FROM txbus_deliveries
     WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
       AND expires_at <= UTC_TIMESTAMP(6)
-      AND listener NOT IN (SELECT listener FROM ",
+      AND (listener NOT IN (SELECT listener FROM ",
             listeners_table!(),
             ")
+           OR (event_version > 1 AND event_version > COALESCE(
+               JSON_VALUE(?, CONCAT('$.', JSON_QUOTE(listener))), 0)))
     LIMIT ?
     FOR UPDATE SKIP LOCKED"
         ),
+        // Those of listeners known here died for their version: `expire` relabels them.
         update: concat!(
             "UPDATE txbus_deliveries d JOIN ",
             keys_table!(),
@@ -279,6 +213,7 @@ LIMIT 10000",
                 .bind(lease)
                 .bind(available_us)
                 .bind(event.expires_us())
+                .bind(event.version_i32())
                 .bind(crate::store::micros_since_epoch(inserted.emitted_at))
                 .bind_list(&event.listeners)
                 .execute(conn)
@@ -319,6 +254,7 @@ LIMIT 10000",
                         lease_ms(event.lease),
                         event.expires_us(),
                         event.due_in.map_or(-1, micros),
+                        event.version_i32(),
                     ])
                 })
             })
@@ -334,88 +270,64 @@ LIMIT 10000",
         finish::<Self, _, _>(conn, written).await.map(drop)
     }
 
+    // The keyed update cannot tell the two reasons apart: those of known listeners are
+    // relabelled after it, by key, in the same transaction.
+    async fn expire(
+        conn: &mut AsyncMysqlConnection,
+        known: &[&'static str],
+        versions: &str,
+        limit: usize,
+    ) -> QueryResult<Vec<Died>> {
+        let Update::Keyed { select, update, .. } = Self::EXPIRE else {
+            return Err(diesel::result::Error::QueryBuilderError(
+                "MySQL's expiry is a keyed update".into(),
+            ));
+        };
+        read_committed::<Self>(conn).await?;
+        Self::begin(conn).await?;
+        let result = async {
+            let keys = select_and_update::<Self>(conn, select, update, |q| {
+                q.bind_list(known)
+                    .bind(versions)
+                    .bind(crate::store::rows::limit(limit))
+            })
+            .await?;
+            let (versioned, unknown): (Vec<_>, Vec<_>) = keys
+                .into_iter()
+                .partition(|key| known.contains(&key.listener.as_str()));
+            if !versioned.is_empty() {
+                let pairs: Vec<_> = versioned
+                    .iter()
+                    .map(|key| json!([key.event_id, key.listener]))
+                    .collect();
+                sql::<<Self as Backend>::Db>(UNKNOWN_VERSION)
+                    .bind(serde_json::Value::from(pairs).to_string())
+                    .execute(conn)
+                    .await?;
+            }
+            Ok::<_, diesel::result::Error>((versioned, unknown))
+        }
+        .await;
+        let (versioned, unknown) = finish::<Self, _, _>(conn, result).await?;
+        let died = |reason: &'static str| {
+            move |key: crate::store::rows::DeliveryRef| Died {
+                event_id: crate::event::EventId::new(key.event_id),
+                listener: key.listener,
+                reason: reason.to_owned(),
+            }
+        };
+        Ok(versioned
+            .into_iter()
+            .map(died("unknown_version"))
+            .chain(unknown.into_iter().map(died("no_listener")))
+            .collect())
+    }
+
     async fn record(
         conn: &mut AsyncMysqlConnection,
         outcomes: &[Outcome],
         retain: bool,
     ) -> QueryResult<Recorded> {
-        let (done, other) = split_done(outcomes);
-        let mut recorded = Recorded::default();
-        if !done.is_empty() {
-            read_committed::<Self>(conn).await?;
-            recorded.applied +=
-                sql::<<Self as Backend>::Db>(if retain { MARK_DONE } else { DELETE_DONE })
-                    .bind(done_json(&done))
-                    .execute(conn)
-                    .await?;
-        }
-        if !other.is_empty() {
-            let failures = failed_json(&other);
-            read_committed::<Self>(conn).await?;
-            Self::begin(conn).await?;
-            let written = write_failed(conn, &failures).await;
-            let (applied, held) = finish::<Self, _, _>(conn, written).await?;
-            recorded.applied += applied;
-            recorded.died.extend(held.into_iter().filter_map(|row| {
-                crate::store::rows::DiedRow {
-                    event_id: row.event_id,
-                    listener: row.listener,
-                    dead_reason: row.dead_reason,
-                }
-                .died()
-            }));
-        }
-        Ok(recorded)
+        results::record(conn, outcomes, retain).await
     }
-}
-
-/// Locks the deliveries the failed results still hold, and writes the results at the instant of
-/// the lock. Returns the rows written and the deliveries held.
-async fn write_failed(
-    conn: &mut AsyncMysqlConnection,
-    failures: &str,
-) -> QueryResult<(usize, Vec<HeldRow>)> {
-    let held: Vec<HeldRow> = sql(LOCK_FAILED).bind(failures).load(conn).await?;
-    let Some(now_us) = held.iter().map(|row| row.now_us).next() else {
-        // Every result is stale: nothing to write.
-        return Ok((0, held));
-    };
-    let applied = sql::<<Mysql as Backend>::Db>(UPDATE_FAILED)
-        .bind(failures)
-        .bind(now_us)
-        .execute(conn)
-        .await?;
-    Ok((applied, held))
-}
-
-/// A JSON array of `[event_id, listener, attempts]` of successes, for `done_table!`.
-fn done_json(done: &[DeliveryKey]) -> String {
-    json!(
-        done.iter()
-            .map(|k| json!([k.event_id.get(), k.listener, attempt_i32(k.attempt)]))
-            .collect::<Vec<_>>()
-    )
-    .to_string()
-}
-
-/// A JSON array of the failed results, for `failed_table!`.
-fn failed_json(other: &[&Outcome]) -> String {
-    json!(
-        other
-            .iter()
-            .map(|o| {
-                let failure = Failure::new(&o.resolution);
-                json!({
-                    "e": o.key.event_id.get(),
-                    "l": o.key.listener,
-                    "a": attempt_i32(o.key.attempt),
-                    "d": failure.delay_us,
-                    "r": failure.dead_reason,
-                    "m": failure.error,
-                    "u": i32::from(failure.undo_attempt),
-                })
-            })
-            .collect::<Vec<_>>()
-    )
-    .to_string()
 }

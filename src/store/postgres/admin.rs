@@ -20,12 +20,12 @@ impl Admin for Postgres {
     // delivery never run waits since its due time, any other since its emit.
     const STATS: &'static str = "\
 SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead, s.delivered,
-       s.oldest_us, i.n AS inbox_ids, m.n AS inbox_messages,
+       s.oldest_us, s.event_version::int8 AS event_version, i.n AS inbox_ids, m.n AS inbox_messages,
        (extract(epoch FROM now()) * 1000000)::int8 AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
 LEFT JOIN (
-    SELECT listener,
+    SELECT listener, event_version,
            count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at <= now()) AS due,
            count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at > now())
                AS running,
@@ -42,10 +42,10 @@ LEFT JOIN (
                                FILTER (WHERE pending AND NOT (attempts = 0 AND leased_at IS NULL
                                                               AND available_at > now())))
             * 1000000)::int8 AS oldest_us
-    FROM (SELECT listener, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
+    FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
                  dead_at IS NULL AND delivered_at IS NULL AS pending
           FROM txbus_deliveries) d
-    GROUP BY listener) s ON true";
+    GROUP BY listener, event_version) s ON true";
 
     const DEAD_LETTERS: &'static str = concat!(
         "\

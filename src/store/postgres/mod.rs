@@ -11,6 +11,7 @@ use crate::store::{Backend, Sealed};
 
 mod admin;
 mod inbox;
+mod insert;
 mod outbox;
 mod pipeline;
 

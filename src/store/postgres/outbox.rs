@@ -7,74 +7,13 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::Untyped;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
 
+use super::insert::{EventColumns, RESERVE_IDS, insert_rows, insert_statement};
 use super::{Postgres, pipeline};
 use crate::delivery::{DeliveryKey, Outcome};
 use crate::store::outbox::{Failure, split_done};
-use crate::store::rows::{DiedRow, InsertedRow, attempt_i32, inserted, lease_ms, micros};
+use crate::store::rows::{DiedRow, InsertedRow, attempt_i32, inserted};
 use crate::store::sql::{Sql, sql};
 use crate::store::{Inserted, NewEvent, Operation, Outbox, Persist, Recorded, Statement, Update};
-
-const INSERT_EVENT: &str = "\
-INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at)
-SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 1, statement_timestamp(),
-       statement_timestamp() + $3 * interval '1 millisecond',
-       statement_timestamp() + $4 * interval '1 microsecond'
-FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
-RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
-
-// The same for the most common event, with one listener: a plain VALUES row is cheaper for the
-// server to start and run than the join with `unnest`.
-const INSERT_EVENT_ONE: &str = "\
-INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at)
-VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3, 1,
-        statement_timestamp(), statement_timestamp() + $3 * interval '1 millisecond',
-        statement_timestamp() + $4 * interval '1 microsecond')
-RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
-
-// A scheduled event: its deliveries are not leased, and fall due `$6` microseconds from now.
-const INSERT_SCHEDULED: &str = "\
-INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at)
-SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
-       statement_timestamp() + $6 * interval '1 microsecond',
-       statement_timestamp() + $4 * interval '1 microsecond'
-FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
-RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
-
-const INSERT_SCHEDULED_ONE: &str = "\
-INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at)
-VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
-        statement_timestamp() + $6 * interval '1 microsecond',
-        statement_timestamp() + $4 * interval '1 microsecond')
-RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
-
-const RESERVE_ID: &str = "\
-SELECT nextval('txbus_event_ids') AS id,
-       (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us";
-
-const RESERVE_IDS: &str = "\
-SELECT nextval('txbus_event_ids') AS id,
-       (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us
-FROM generate_series(1, $1)";
-
-// The deliveries of a transaction's events, one row of the arrays per delivery, with the emit
-// times their ids were reserved at. A scheduled event's deliveries have the microseconds until
-// they fall due in `due`, and are not leased; the others have -1 there.
-const INSERT_EVENTS: &str = "\
-INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at)
-SELECT x.id, x.listener, x.name, x.payload::jsonb, t.at, x.lease,
-       CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN t.at END,
-       t.at + CASE WHEN x.due < 0 THEN x.lease * interval '1 millisecond'
-                   ELSE x.due * interval '1 microsecond' END,
-       t.at + x.expires * interval '1 microsecond'
-FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
-            $8::int8[])
-     AS x (id, listener, name, payload, emitted_us, lease, expires, due)
-CROSS JOIN LATERAL (SELECT timestamptz 'epoch' + x.emitted_us * interval '1 microsecond' AS at) t";
 
 // The fences of the result writes say `COALESCE(dead_at, delivered_at) IS NULL` rather than
 // `dead_at IS NULL AND delivered_at IS NULL`: the latter is the predicate of the partial index
@@ -121,8 +60,9 @@ WITH c AS MATERIALIZED (
     SELECT event_id, listener FROM txbus_deliveries
     WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
       AND listener = ANY($1)
+      AND (event_version = 1 OR event_version <= ($2::jsonb ->> listener)::int4)
     ORDER BY available_at
-    LIMIT $2
+    LIMIT $3
     FOR UPDATE SKIP LOCKED)
 UPDATE txbus_deliveries d
 SET attempts = CASE WHEN d.expires_at <= now() THEN d.attempts ELSE d.attempts + 1 END,
@@ -135,7 +75,7 @@ FROM c
 WHERE d.event_id = c.event_id AND d.listener = c.listener
 RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
           (extract(epoch FROM d.emitted_at) * 1000000)::int8 AS emitted_at_us, d.lease_ms,
-          d.dead_at IS NOT NULL AS expired",
+          d.dead_at IS NOT NULL AS expired, d.event_version",
     );
 
     const EXPIRE: Update = Update::Returning(
@@ -143,14 +83,21 @@ RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
 WITH c AS MATERIALIZED (
     SELECT event_id, listener FROM txbus_deliveries
     WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
-      AND expires_at <= now() AND NOT (listener = ANY($1))
-    LIMIT $2
+      AND expires_at <= now()
+      AND (NOT (listener = ANY($1))
+           OR (event_version > 1
+               AND event_version > COALESCE(($2::jsonb ->> listener)::int4, 0)))
+    LIMIT $3
     FOR UPDATE SKIP LOCKED)
 UPDATE txbus_deliveries d
 SET dead_at = now(),
-    dead_reason = 'no_listener',
+    dead_reason = CASE WHEN d.listener = ANY($1) THEN 'unknown_version' ELSE 'no_listener' END,
     leased_at = NULL,
-    last_error = COALESCE(d.last_error, 'no running instance has listener ' || d.listener)
+    last_error = COALESCE(d.last_error,
+                          CASE WHEN d.listener = ANY($1)
+                               THEN 'no running instance knows version ' || d.event_version
+                                    || ' of event ' || d.event_name
+                               ELSE 'no running instance has listener ' || d.listener END)
 FROM c
 WHERE d.event_id = c.event_id AND d.listener = c.listener
 RETURNING d.event_id, d.listener",
@@ -209,41 +156,15 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
         conn: &mut AsyncPgConnection,
         events: &[(Inserted, &NewEvent)],
     ) -> QueryResult<()> {
-        let deliveries = events.iter().flat_map(|(inserted, event)| {
-            event
-                .listeners
-                .iter()
-                .map(move |listener| (inserted, *event, *listener))
-        });
-        let mut columns = EventColumns::default();
-        for (inserted, event, listener) in deliveries {
-            columns.ids.push(inserted.id.get());
-            columns.listeners.push(listener);
-            columns.names.push(event.name);
-            columns.payloads.push(&event.payload);
-            columns
-                .emitted
-                .push(crate::store::micros_since_epoch(inserted.emitted_at));
-            columns.leases.push(lease_ms(event.lease));
-            columns.expires.push(event.expires_us());
-            columns.due.push(event.due_in.map_or(-1, micros));
-        }
-        if columns.ids.is_empty() {
+        let columns = EventColumns::new(events);
+        if columns.is_empty() {
             return AnsiTransactionManager::commit_transaction(conn).await;
         }
         let result = {
             let shared: &AsyncPgConnection = conn;
             let (written, committed) = tokio::join!(
                 biased;
-                sql::<Pg>(INSERT_EVENTS)
-                    .bind(&columns.ids[..])
-                    .bind_list(&columns.listeners)
-                    .bind_list(&columns.names)
-                    .bind_list(&columns.payloads)
-                    .bind(&columns.emitted[..])
-                    .bind(&columns.leases[..])
-                    .bind(&columns.expires[..])
-                    .bind(&columns.due[..])
+                columns.statement()
                     .execute(&mut &*shared),
                 sql::<Pg>("COMMIT").execute(&mut &*shared),
             );
@@ -379,39 +300,6 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
     }
 }
 
-/// The insert of an event's deliveries, or without listeners the reservation of its id.
-fn insert_statement(event: &NewEvent) -> Sql<'_, Pg> {
-    let statement = match (&*event.listeners, event.due_in) {
-        ([], _) => return sql(RESERVE_ID),
-        ([_], None) => INSERT_EVENT_ONE,
-        (_, None) => INSERT_EVENT,
-        ([_], Some(_)) => INSERT_SCHEDULED_ONE,
-        (_, Some(_)) => INSERT_SCHEDULED,
-    };
-    let statement = sql(statement)
-        .bind(event.name)
-        .bind(&*event.payload)
-        .bind(lease_ms(event.lease))
-        .bind(event.expires_us());
-    let statement = match &*event.listeners {
-        [one] => statement.bind(*one),
-        all => statement.bind_list(all),
-    };
-    match event.due_in {
-        Some(due_in) => statement.bind(micros(due_in)),
-        None => statement,
-    }
-}
-
-/// [`insert_statement`] through a shared connection (so that it can be pipelined). It goes on
-/// the wire at its first poll.
-pub(super) async fn insert_rows(
-    conn: &AsyncPgConnection,
-    event: &NewEvent,
-) -> QueryResult<Vec<InsertedRow>> {
-    insert_statement(event).load(&mut &*conn).await
-}
-
 /// Tells the transaction manager about a transaction opened or ended by a pipelined statement.
 pub(super) fn change_depth(
     conn: &mut AsyncPgConnection,
@@ -457,19 +345,6 @@ impl QueryId for WithEvent<'_> {
 
 impl Query for WithEvent<'_> {
     type SqlType = Untyped;
-}
-
-/// The columns of [`INSERT_EVENTS`], one entry per delivery.
-#[derive(Default)]
-struct EventColumns<'a> {
-    ids: Vec<i64>,
-    listeners: Vec<&'a str>,
-    names: Vec<&'a str>,
-    payloads: Vec<&'a str>,
-    emitted: Vec<i64>,
-    leases: Vec<i64>,
-    expires: Vec<i64>,
-    due: Vec<i64>,
 }
 
 fn key_columns(keys: &[DeliveryKey]) -> (Vec<i64>, Vec<&'static str>, Vec<i32>) {

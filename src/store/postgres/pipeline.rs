@@ -30,7 +30,8 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::{BoxFuture, MaybeDone, join_all, maybe_done};
 
 use super::Postgres;
-use super::outbox::{change_depth, insert_rows};
+use super::insert::insert_rows;
+use super::outbox::change_depth;
 use crate::store::rows::inserted;
 use crate::store::sql::sql;
 use crate::store::{Inserted, NewEvent, Operation, Statement};

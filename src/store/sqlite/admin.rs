@@ -22,13 +22,13 @@ impl Admin for Sqlite {
     // its clock as a constant of the statement, so every count and `now_us` see the same time.
     const STATS: &'static str = concat!(
         "SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead,
-       s.delivered, s.oldest_us, i.n AS inbox_ids, m.n AS inbox_messages, ",
+       s.delivered, s.oldest_us, s.event_version, i.n AS inbox_ids, m.n AS inbox_messages, ",
         now_ms!(),
         " * 1000 AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
 LEFT JOIN (
-    SELECT listener,
+    SELECT listener, event_version,
            count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at <= now) AS due,
            count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at > now)
                AS running,
@@ -44,12 +44,12 @@ LEFT JOIN (
                     ELSE emitted_at END)
                FILTER (WHERE pending AND NOT (attempts = 0 AND leased_at IS NULL
                                               AND available_at > now)) * 1000 AS oldest_us
-    FROM (SELECT listener, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
+    FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
                  dead_at IS NULL AND delivered_at IS NULL AS pending, ",
         now_ms!(),
         " AS now
           FROM txbus_deliveries) d
-    GROUP BY listener) s ON true"
+    GROUP BY listener, event_version) s ON true"
     );
 
     const SCHEDULED: &'static str = concat!(

@@ -25,14 +25,14 @@ const NEXT_EVENT_ID: &str = concat!(
 
 const INSERT_EVENT: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at)
-SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 / 1000 FROM json_each(?7)";
+                              attempts, leased_at, available_at, expires_at, event_version)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 / 1000, ?8 FROM json_each(?7)";
 
-// A scheduled event: its deliveries are not leased, and fall due `?8` microseconds after `?4`.
+// A scheduled event: its deliveries are not leased, and fall due `?9` microseconds after `?4`.
 const INSERT_SCHEDULED: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at)
-SELECT ?1, value, ?2, ?3, ?4, ?5, 0, NULL, ?4 + ?8 / 1000, ?4 + ?6 / 1000 FROM json_each(?7)";
+                              attempts, leased_at, available_at, expires_at, event_version)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 0, NULL, ?4 + ?9 / 1000, ?4 + ?6 / 1000, ?8 FROM json_each(?7)";
 
 const DELETE_DONE: &str = "\
 DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?
@@ -108,10 +108,12 @@ const CLAIM: &str = concat!(
         WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
     now_ms!(),
     " AND listener IN (SELECT value FROM json_each(?1))
+          AND (event_version = 1 OR event_version <= (
+               SELECT j.value FROM json_each(?2) j WHERE j.key = listener))
         ORDER BY available_at
-        LIMIT ?2)
+        LIMIT ?3)
     RETURNING event_id, listener, attempts, payload, emitted_at * 1000 AS emitted_at_us,
-              lease_ms, dead_at IS NOT NULL AS expired"
+              lease_ms, dead_at IS NOT NULL AS expired, event_version"
 );
 
 impl Outbox for Sqlite {
@@ -121,17 +123,24 @@ impl Outbox for Sqlite {
         "UPDATE txbus_deliveries SET dead_at = ",
         now_ms!(),
         ",
-    dead_reason = 'no_listener',
+    dead_reason = CASE WHEN listener IN (SELECT value FROM json_each(?1))
+                       THEN 'unknown_version' ELSE 'no_listener' END,
     leased_at = NULL,
-    last_error = COALESCE(last_error, 'no running instance has listener ' || listener)
+    last_error = COALESCE(last_error,
+                          CASE WHEN listener IN (SELECT value FROM json_each(?1))
+                               THEN 'no running instance knows version ' || event_version
+                                    || ' of event ' || event_name
+                               ELSE 'no running instance has listener ' || listener END)
     WHERE (event_id, listener) IN (
         SELECT event_id, listener FROM txbus_deliveries
         WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
         now_ms!(),
         " AND expires_at <= ",
         now_ms!(),
-        " AND listener NOT IN (SELECT value FROM json_each(?1))
-        LIMIT ?2)
+        " AND (listener NOT IN (SELECT value FROM json_each(?1))
+               OR (event_version > 1 AND event_version > COALESCE(
+                   (SELECT j.value FROM json_each(?2) j WHERE j.key = listener), 0)))
+        LIMIT ?3)
     RETURNING event_id, listener"
     ));
 
@@ -244,13 +253,16 @@ impl Outbox for Sqlite {
     async fn claim(
         conn: &mut Conn,
         listeners: &[&'static str],
+        versions: &str,
         limit: usize,
     ) -> QueryResult<Vec<Claimed>> {
         let listeners = serde_json::Value::from(listeners).to_string();
+        let versions = versions.to_owned();
         let rows: Vec<ClaimedRow> = conn
             .spawn_blocking(move |c| {
                 sql::<Db>(CLAIM)
                     .bind(listeners)
+                    .bind(versions)
                     .bind(rows::limit(limit))
                     .load(c)
             })
@@ -305,6 +317,7 @@ struct EventRow {
     expires_us: i64,
     /// For a scheduled event, microseconds from the emit to its due time.
     due_us: Option<i64>,
+    version: i32,
     listeners: Option<String>,
 }
 
@@ -316,6 +329,7 @@ impl EventRow {
             lease: lease_ms(event.lease),
             expires_us: event.expires_us(),
             due_us: event.due_in.map(crate::store::rows::micros),
+            version: event.version_i32(),
             listeners: (!event.listeners.is_empty())
                 .then(|| serde_json::Value::from(&*event.listeners).to_string()),
         }
@@ -346,7 +360,8 @@ impl EventRow {
             .bind(crate::store::micros_since_epoch(inserted.emitted_at) / 1000)
             .bind(self.lease)
             .bind(self.expires_us)
-            .bind(listeners.as_str());
+            .bind(listeners.as_str())
+            .bind(self.version);
             match self.due_us {
                 Some(due_us) => statement.bind(due_us),
                 None => statement,

@@ -1,0 +1,162 @@
+//! PostgreSQL: the inserts of events and their deliveries, one statement per emit or per
+//! transaction.
+
+use diesel::QueryResult;
+use diesel::pg::Pg;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::store::rows::{InsertedRow, lease_ms, micros};
+use crate::store::sql::{Sql, sql};
+use crate::store::{Inserted, NewEvent};
+
+const INSERT_EVENT: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at, event_version)
+SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 1, statement_timestamp(),
+       statement_timestamp() + $3 * interval '1 millisecond',
+       statement_timestamp() + $4 * interval '1 microsecond', $6
+FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
+// The same for the most common event, with one listener: a plain VALUES row is cheaper for the
+// server to start and run than the join with `unnest`.
+const INSERT_EVENT_ONE: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at, event_version)
+VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3, 1,
+        statement_timestamp(), statement_timestamp() + $3 * interval '1 millisecond',
+        statement_timestamp() + $4 * interval '1 microsecond', $6)
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
+// A scheduled event: its deliveries are not leased, and fall due `$7` microseconds from now.
+const INSERT_SCHEDULED: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at, event_version)
+SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
+       statement_timestamp() + $7 * interval '1 microsecond',
+       statement_timestamp() + $4 * interval '1 microsecond', $6
+FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
+const INSERT_SCHEDULED_ONE: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at, event_version)
+VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
+        statement_timestamp() + $7 * interval '1 microsecond',
+        statement_timestamp() + $4 * interval '1 microsecond', $6)
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
+const RESERVE_ID: &str = "\
+SELECT nextval('txbus_event_ids') AS id,
+       (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us";
+
+pub(super) const RESERVE_IDS: &str = "\
+SELECT nextval('txbus_event_ids') AS id,
+       (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us
+FROM generate_series(1, $1)";
+
+// The deliveries of a transaction's events, one row of the arrays per delivery, with the emit
+// times their ids were reserved at. A scheduled event's deliveries have the microseconds until
+// they fall due in `due`, and are not leased; the others have -1 there.
+const INSERT_EVENTS: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at, event_version)
+SELECT x.id, x.listener, x.name, x.payload::jsonb, t.at, x.lease,
+       CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN t.at END,
+       t.at + CASE WHEN x.due < 0 THEN x.lease * interval '1 millisecond'
+                   ELSE x.due * interval '1 microsecond' END,
+       t.at + x.expires * interval '1 microsecond', x.version
+FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
+            $8::int8[], $9::int4[])
+     AS x (id, listener, name, payload, emitted_us, lease, expires, due, version)
+CROSS JOIN LATERAL (SELECT timestamptz 'epoch' + x.emitted_us * interval '1 microsecond' AS at) t";
+
+/// The insert of an event's deliveries, or without listeners the reservation of its id.
+pub(super) fn insert_statement(event: &NewEvent) -> Sql<'_, Pg> {
+    let statement = match (&*event.listeners, event.due_in) {
+        ([], _) => return sql(RESERVE_ID),
+        ([_], None) => INSERT_EVENT_ONE,
+        (_, None) => INSERT_EVENT,
+        ([_], Some(_)) => INSERT_SCHEDULED_ONE,
+        (_, Some(_)) => INSERT_SCHEDULED,
+    };
+    let statement = sql(statement)
+        .bind(event.name)
+        .bind(&*event.payload)
+        .bind(lease_ms(event.lease))
+        .bind(event.expires_us());
+    let statement = match &*event.listeners {
+        [one] => statement.bind(*one),
+        all => statement.bind_list(all),
+    }
+    .bind(event.version_i32());
+    match event.due_in {
+        Some(due_in) => statement.bind(micros(due_in)),
+        None => statement,
+    }
+}
+
+/// [`insert_statement`] through a shared connection (so that it can be pipelined). It goes on
+/// the wire at its first poll.
+pub(super) async fn insert_rows(
+    conn: &AsyncPgConnection,
+    event: &NewEvent,
+) -> QueryResult<Vec<InsertedRow>> {
+    insert_statement(event).load(&mut &*conn).await
+}
+
+/// The columns of [`INSERT_EVENTS`], one entry per delivery.
+#[derive(Default)]
+pub(super) struct EventColumns<'a> {
+    ids: Vec<i64>,
+    listeners: Vec<&'a str>,
+    names: Vec<&'a str>,
+    payloads: Vec<&'a str>,
+    emitted: Vec<i64>,
+    leases: Vec<i64>,
+    expires: Vec<i64>,
+    due: Vec<i64>,
+    versions: Vec<i32>,
+}
+
+impl<'a> EventColumns<'a> {
+    /// The columns of the deliveries of `events`.
+    pub(super) fn new(events: &'a [(Inserted, &'a NewEvent)]) -> Self {
+        let mut columns = Self::default();
+        for (inserted, event) in events {
+            for listener in event.listeners.iter() {
+                columns.ids.push(inserted.id.get());
+                columns.listeners.push(listener);
+                columns.names.push(event.name);
+                columns.payloads.push(&event.payload);
+                columns
+                    .emitted
+                    .push(crate::store::micros_since_epoch(inserted.emitted_at));
+                columns.leases.push(lease_ms(event.lease));
+                columns.expires.push(event.expires_us());
+                columns.due.push(event.due_in.map_or(-1, micros));
+                columns.versions.push(event.version_i32());
+            }
+        }
+        columns
+    }
+
+    /// Whether there is no delivery to write.
+    pub(super) fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// [`INSERT_EVENTS`] of these columns.
+    pub(super) fn statement(&self) -> Sql<'_, Pg> {
+        sql::<Pg>(INSERT_EVENTS)
+            .bind(&self.ids[..])
+            .bind_list(&self.listeners)
+            .bind_list(&self.names)
+            .bind_list(&self.payloads)
+            .bind(&self.emitted[..])
+            .bind(&self.leases[..])
+            .bind(&self.expires[..])
+            .bind(&self.due[..])
+            .bind(&self.versions[..])
+    }
+}
