@@ -116,21 +116,31 @@ impl<B: Backend> Engine<B> {
             event: E::NAME,
             source,
         })?;
+        Ok(self.prepare_stored::<E>(payload, E::VERSION))
+    }
+
+    /// An event of type `E` from a payload written by its `version` elsewhere (it is stored as
+    /// it is, and upcast or left alone when it runs), with its listeners and settings.
+    pub(crate) fn prepare_stored<E: Event>(&self, payload: String, version: u32) -> Prepared {
         let listeners = self.registry.for_event(E::NAME);
         let settings = self.settings_for(E::NAME);
-        Ok(Prepared {
+        // A listener here of an older version of the type (a payload received from a newer
+        // sender, say) cannot run it: its deliveries are written due now, not leased, and the
+        // claims of instances that know the version take them.
+        let behind = listeners.defs.iter().any(|def| def.version < version);
+        Prepared {
             new: NewEvent {
                 name: E::NAME,
                 payload: payload.into(),
                 listeners: listeners.ids,
                 lease: settings.max_execution_time,
                 expires_after: settings.expires_after,
-                due_in: None,
-                version: E::VERSION,
+                due_in: behind.then_some(Duration::ZERO),
+                version,
             },
             listeners: listeners.defs,
             settings,
-        })
+        }
     }
 
     /// Starts the listeners of committed events; each that can start at once runs in the
@@ -156,13 +166,7 @@ impl<B: Backend> Engine<B> {
                 continue;
             }
             let deadline = dispatch::deadline(leased, prepared.new.lease);
-            // A listener of an older version of the event's type (another type with the same
-            // name) leaves it to the poller of an instance that knows the version.
-            let runnable = prepared
-                .listeners
-                .iter()
-                .filter(|def| def.version >= prepared.new.version);
-            for &def in runnable {
+            for &def in prepared.listeners.iter() {
                 self.runner.submit(
                     Job {
                         key: DeliveryKey {

@@ -6,7 +6,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use crate::bus::EventBus;
-use crate::engine::Written;
+use crate::engine::{Prepared, Written};
 use crate::error::Error;
 use crate::event::{Event, EventId};
 use crate::message::MessageId;
@@ -73,13 +73,36 @@ impl<B: Backend> EventBus<B> {
         id: MessageId,
         event: E,
     ) -> impl Future<Output = Result<Received, Error>> + Send + 'a {
-        let span = tracing::info_span!("txbus.receive", event = E::NAME, message = %id,
+        let prepared = self.engine.prepare(&event);
+        self.receive_prepared(E::NAME, id, prepared)
+    }
+
+    /// Receives an event of type `E` whose payload its `version` wrote elsewhere: stored as
+    /// it is, upcast when it runs, or left to an instance that knows a newer version.
+    #[cfg(feature = "nats")]
+    pub(crate) fn receive_stored<E: Event>(
+        &self,
+        id: MessageId,
+        payload: String,
+        version: u32,
+    ) -> impl Future<Output = Result<Received, Error>> + Send + '_ {
+        let prepared = Ok(self.engine.prepare_stored::<E>(payload, version));
+        self.receive_prepared(E::NAME, id, prepared)
+    }
+
+    fn receive_prepared(
+        &self,
+        name: &'static str,
+        id: MessageId,
+        prepared: Result<Prepared, Error>,
+    ) -> impl Future<Output = Result<Received, Error>> + Send + '_ {
+        let span = tracing::info_span!("txbus.receive", event = name, message = %id,
             event_id = tracing::field::Empty, duplicate = tracing::field::Empty);
         async move {
             let engine = &*self.engine;
             engine.check_running()?;
             id.validate()?;
-            let prepared = engine.prepare(&event)?;
+            let prepared = prepared?;
             let mut guard = TxConn::<B>::begin(&engine.pool).await?;
             let window = engine.config.inbox_dedup_window;
             let first = match B::reserve_message(guard.conn()?, &id, window).await {
@@ -122,7 +145,29 @@ impl<'c, B: Backend> Transaction<'c, B> {
         id: MessageId,
         event: &E,
     ) -> impl Future<Output = Result<Received, Error>> + Send + use<'_, 'c, B, E> {
-        let prepared = id.validate().and_then(|()| self.engine.prepare(event));
+        let prepared = self.engine.prepare(event);
+        self.receive_prepared(id, prepared)
+    }
+
+    /// [`Transaction::receive`] of a payload its `version` wrote elsewhere (see
+    /// [`EventBus::receive_stored`]).
+    #[cfg(feature = "nats")]
+    pub(crate) fn receive_stored<E: Event>(
+        &mut self,
+        id: MessageId,
+        payload: String,
+        version: u32,
+    ) -> impl Future<Output = Result<Received, Error>> + Send + use<'_, 'c, B, E> {
+        let prepared = Ok(self.engine.prepare_stored::<E>(payload, version));
+        self.receive_prepared(id, prepared)
+    }
+
+    fn receive_prepared(
+        &mut self,
+        id: MessageId,
+        prepared: Result<Prepared, Error>,
+    ) -> impl Future<Output = Result<Received, Error>> + Send + use<'_, 'c, B> {
+        let prepared = id.validate().and(prepared);
         async move {
             let prepared = prepared?;
             let window = self.engine.config.inbox_dedup_window;

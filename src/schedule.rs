@@ -59,7 +59,9 @@ fn schedule(prepared: Result<Prepared, Error>, delay: Duration) -> Result<Prepar
             humantime::format_duration(delay)
         )));
     }
-    prepared.new.due_in = (!delay.is_zero()).then_some(delay);
+    if !delay.is_zero() {
+        prepared.new.due_in = Some(delay);
+    }
     Ok(prepared)
 }
 

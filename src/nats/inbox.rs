@@ -12,7 +12,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::EVENT_HEADER;
+use super::{EVENT_HEADER, EVENT_VERSION_HEADER, decode};
 use futures_util::future::BoxFuture;
 
 use crate::bus::EventBus;
@@ -30,11 +30,13 @@ const RETRY_DELAY: Duration = Duration::from_secs(2);
 /// How long the consumer waits after its message stream failed before it asks again.
 const STREAM_PAUSE: Duration = Duration::from_millis(500);
 
-/// Decodes a message's payload as one event type and receives it.
+/// Decodes a message's payload, written by the version of its header, as one event type and
+/// receives it.
 type Receive<B> = for<'a> fn(
     &'a EventBus<B>,
     MessageId,
     &'a [u8],
+    Option<u32>,
 ) -> Result<BoxFuture<'a, Result<Received, Error>>, serde_json::Error>;
 
 /// The same inside a transaction of several receipts; a payload that does not decode fails it.
@@ -42,6 +44,7 @@ type ReceiveIn<B> = for<'t, 'c> fn(
     &'t mut Transaction<'c, B>,
     MessageId,
     &'t [u8],
+    Option<u32>,
 ) -> BoxFuture<'t, Result<Received, Error>>;
 
 /// How an inbox receives one event type: a message alone, or among others.
@@ -73,6 +76,10 @@ impl<B: Backend> Copy for Accept<B> {}
 ///
 /// The event type comes from the `Txbus-Event` header that [`JetStreamRelay`](super::JetStreamRelay)
 /// sets; a message without it is read as the inbox's only event type when it accepts just one.
+/// Its `Txbus-Event-Version` header says which version of the event's type wrote the payload:
+/// a version other than the accepted type's is stored as it is, at that version, for the
+/// listeners to upcast, or to leave to an instance that knows it (see
+/// [`Event::VERSION`](crate::Event::VERSION)); only JSON is checked then.
 /// A message that names no event this inbox [accepts](Self::event), or whose payload does not
 /// deserialize, is terminated (`AckKind::Term`, never redelivered) with a `warn` log that says
 /// why. A receipt that fails (the database is unreachable) is negatively acknowledged, so
@@ -146,8 +153,8 @@ impl<B: Backend> JetStreamInbox<B> {
         self.events.insert(
             name.into(),
             Accept {
-                alone: receive::<B, E>,
-                among: receive_among::<B, E>,
+                alone: decode::receive::<B, E>,
+                among: decode::receive_among::<B, E>,
             },
         );
         self
@@ -268,6 +275,8 @@ struct Item<B: Backend> {
     stream: String,
     sequence: u64,
     id: MessageId,
+    /// The version of the event's type that wrote the payload, from its header.
+    version: Option<u32>,
     accept: Result<Accept<B>, String>,
 }
 
@@ -302,11 +311,13 @@ impl<B: Backend> Shared<B> {
             },
         };
         let id = MessageId::new(stream.clone(), key);
+        let version = header(EVENT_VERSION_HEADER).and_then(|v| v.parse().ok());
         Some(Item {
             message,
             stream,
             sequence,
             id,
+            version,
             accept,
         })
     }
@@ -335,7 +346,13 @@ impl<B: Backend> Shared<B> {
                 for item in &items {
                     if let Ok(accept) = &item.accept {
                         received.push(
-                            (accept.among)(tx, item.id.clone(), &item.message.payload).await?,
+                            (accept.among)(
+                                tx,
+                                item.id.clone(),
+                                &item.message.payload,
+                                item.version,
+                            )
+                            .await?,
                         );
                     }
                 }
@@ -364,7 +381,12 @@ impl<B: Backend> Shared<B> {
     /// went.
     async fn handle(&self, item: Item<B>) {
         let result = match &item.accept {
-            Ok(accept) => match (accept.alone)(&self.bus, item.id.clone(), &item.message.payload) {
+            Ok(accept) => match (accept.alone)(
+                &self.bus,
+                item.id.clone(),
+                &item.message.payload,
+                item.version,
+            ) {
                 Ok(receipt) => receipt.await,
                 Err(error) => Err(Error::Invalid(format!(
                     "its payload does not deserialize: {error}"
@@ -417,28 +439,6 @@ fn lasting(error: &async_nats::jetstream::consumer::pull::MessagesError) -> bool
         error.kind(),
         Kind::ConsumerDeleted | Kind::PushBasedConsumer | Kind::RequestLimitExceeded
     )
-}
-
-fn receive<'a, B: Backend, E: Event>(
-    bus: &'a EventBus<B>,
-    id: MessageId,
-    payload: &'a [u8],
-) -> Result<BoxFuture<'a, Result<Received, Error>>, serde_json::Error> {
-    let event: E = serde_json::from_slice(payload)?;
-    Ok(Box::pin(bus.receive(id, event)))
-}
-
-fn receive_among<'t, 'c, B: Backend, E: Event>(
-    tx: &'t mut Transaction<'c, B>,
-    id: MessageId,
-    payload: &'t [u8],
-) -> BoxFuture<'t, Result<Received, Error>> {
-    Box::pin(async move {
-        let event: E = serde_json::from_slice(payload).map_err(|error| {
-            Error::Invalid(format!("its payload does not deserialize: {error}"))
-        })?;
-        tx.receive(id, &event).await
-    })
 }
 
 fn nats_error(what: &str, error: impl std::error::Error + Send + Sync + 'static) -> Error {

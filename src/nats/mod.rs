@@ -36,6 +36,7 @@
 //! # }
 //! ```
 
+mod decode;
 mod inbox;
 mod relay;
 
@@ -49,3 +50,9 @@ pub const EVENT_HEADER: &str = "Txbus-Event";
 pub const EVENT_ID_HEADER: &str = "Txbus-Event-Id";
 /// The header with the time the event was emitted, in microseconds since the Unix epoch.
 pub const EMITTED_AT_HEADER: &str = "Txbus-Emitted-At";
+
+/// The header with the version of the event's type that wrote the payload
+/// ([`Event::VERSION`](crate::Event::VERSION)): the inbox stores the payload at that version,
+/// so that a consumer on an older or a newer version upcasts it, or leaves it to an instance
+/// that knows it.
+pub const EVENT_VERSION_HEADER: &str = "Txbus-Event-Version";

@@ -9,7 +9,7 @@ use std::time::UNIX_EPOCH;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 
-use super::{EMITTED_AT_HEADER, EVENT_HEADER, EVENT_ID_HEADER};
+use super::{EMITTED_AT_HEADER, EVENT_HEADER, EVENT_ID_HEADER, EVENT_VERSION_HEADER};
 use crate::error::BuildError;
 use crate::event::Event;
 use crate::listener::{Context, ListenerCall, ListenerDef, ListenerError, ListenerKind};
@@ -214,6 +214,7 @@ fn publish(payload: &str, ctx: Context) -> ListenerCall {
         ))
     })?;
     let payload = payload.to_owned();
+    let version = ctx.stored_version;
     Ok(Box::pin(async move {
         let subject = &ctx.listener()[ID_PREFIX.len()..];
         let event_id = ctx.event_id().get();
@@ -230,6 +231,7 @@ fn publish(payload: &str, ctx: Context) -> ListenerCall {
         headers.insert(EVENT_HEADER, ctx.event_name());
         headers.insert(EVENT_ID_HEADER, event_id.to_string().as_str());
         headers.insert(EMITTED_AT_HEADER, emitted_us.to_string().as_str());
+        headers.insert(EVENT_VERSION_HEADER, version.to_string().as_str());
         let ack = target
             .jetstream
             .publish_with_headers(subject.to_owned(), headers, payload.into())

@@ -24,7 +24,8 @@ pub struct NewEvent {
     pub(crate) listeners: Arc<[&'static str]>,
     pub(crate) lease: Duration,
     pub(crate) expires_after: Duration,
-    /// For a scheduled event, how long after the emit (by the database's clock) it falls due.
+    /// For a scheduled event, how long after the emit (by the database's clock) it falls due
+    /// (zero for deliveries no listener here can run, left to the claims of other instances).
     /// Its deliveries are then written not leased (`attempts` 0, `available_at` the due time),
     /// and expire `expires_after` past the due time.
     pub(crate) due_in: Option<Duration>,

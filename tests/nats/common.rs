@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use txbus::nats::{EVENT_HEADER, JetStreamInbox, JetStreamRelay};
+use txbus::nats::{EVENT_HEADER, EVENT_VERSION_HEADER, JetStreamInbox, JetStreamRelay};
 use txbus::{DeadLetterQuery, DeadReason, EventBus, EventSettings, Pool, persist};
 
 use crate::support::backends::exec;
@@ -621,6 +621,67 @@ async fn poison_messages_are_terminated<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// A message whose `Txbus-Event-Version` is newer than B's type is received as it is, stored
+/// at that version, and left for an instance that knows it: B's listener does not run it and
+/// `stats` counts it. A message of B's own version is projected as usual.
+async fn a_newer_version_waits_for_a_consumer_that_knows_it<B: TestBackend>() {
+    let (_a, b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    let consumer = stream.consumer(Duration::from_secs(1)).await;
+    let bus = EventBus::builder(b.another_pool().await)
+        .retry_every(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    for (version, payload) in [("2", r#"{"id":9,"renamed":true}"#), ("1", r#"{"id":10}"#)] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(EVENT_HEADER, "nats.order_placed");
+        headers.insert(EVENT_VERSION_HEADER, version);
+        stream
+            .jetstream
+            .publish_with_headers(stream.subject(), headers, payload.to_owned().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let inbox = RunningInbox::start(&bus, &consumer);
+    until_done("the current version to be projected", || async {
+        let rows = B::count(&b.pool, "SELECT count(*) AS n FROM nats_projection").await;
+        (rows >= 1, rows)
+    })
+    .await;
+    // Many polls later, the newer one still waits, received once and acknowledged.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    inbox.stop().await;
+    assert_eq!(
+        B::count(
+            &b.pool,
+            "SELECT count(*) AS n FROM nats_projection WHERE id = 9"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        B::count(
+            &b.pool,
+            "SELECT count(*) AS n FROM txbus_deliveries WHERE event_version = 2 AND attempts = 0"
+        )
+        .await,
+        1
+    );
+    let stats = bus.stats().await.unwrap();
+    assert_eq!(
+        stats.unknown_versions.get("nats_b.project"),
+        Some(&1),
+        "{stats:?}"
+    );
+    let mut consumer = consumer;
+    let info = consumer.info().await.unwrap().clone();
+    assert_eq!(info.num_ack_pending, 0, "both acknowledged: {info:?}");
+    bus.shutdown().await;
+}
+
 /// Messages that arrive together are received in one transaction: their events take their ids
 /// and emit time from one block, so twenty messages waiting before the inbox starts are emitted
 /// at fewer than twenty distinct times. Each is still received once.
@@ -849,6 +910,7 @@ where
     assert_eq!(header("Txbus-Event"), "nats.order_placed");
     assert_eq!(header("Txbus-Event-Id"), event_id.get().to_string());
     assert!(header("Txbus-Emitted-At").parse::<u64>().unwrap() > 0);
+    assert_eq!(header("Txbus-Event-Version"), "1");
     let payload: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(payload, serde_json::json!({ "id": 1 }));
     message.ack().await.unwrap();
@@ -934,6 +996,12 @@ where
         trial(
             format!("{name}::messages_that_arrive_together_share_a_transaction"),
             || runtime().block_on(messages_that_arrive_together_share_a_transaction::<B>()),
+        ),
+        trial(
+            format!("{name}::a_newer_version_waits_for_a_consumer_that_knows_it"),
+            || {
+                runtime().block_on(a_newer_version_waits_for_a_consumer_that_knows_it::<B>());
+            },
         ),
         trial(format!("{name}::relay_deliveries_are_listeners"), || {
             runtime().block_on(relay_deliveries_are_listeners::<B>())
