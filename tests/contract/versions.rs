@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use txbus::{Context, DeadLetterQuery, DeadReason, Error, ListenerError, UpcastError};
+use txbus::{Context, DeadLetterQuery, DeadReason, Error, ListenerError, MessageId, UpcastError};
 
 use crate::support::{HOUR, Probe, TestBackend, bus, eventually};
 
@@ -85,7 +85,12 @@ pub async fn old_payloads_are_upcast_when_they_run<B: TestBackend>() {
     let v1 = stored::<B>(&db.pool, json!({ "order_id": 1, "total": 12 }), 1).await;
     let v2 = stored::<B>(&db.pool, json!({ "order_id": 2, "total_cents": 500 }), 2).await;
     let probe = Probe::new();
-    let bus = bus(db.pool.clone(), &probe).build().await.unwrap();
+    // Successes are kept, to show the version each delivery was stored with.
+    let bus = bus(db.pool.clone(), &probe)
+        .retain_delivered(HOUR)
+        .build()
+        .await
+        .unwrap();
     let order = |order_id| OrderPlaced {
         order_id,
         total_cents: 700,
@@ -108,7 +113,8 @@ pub async fn old_payloads_are_upcast_when_they_run<B: TestBackend>() {
         ]
     );
 
-    // Scheduled and transactional emits store the version too.
+    // Scheduled, transactional and received events store the type's version too; the stored
+    // old ones keep theirs.
     bus.emit_after(HOUR, order(4), []).await.unwrap();
     bus.transaction(async |tx| {
         tx.emit_after(HOUR, &order(5)).await?;
@@ -116,12 +122,24 @@ pub async fn old_payloads_are_upcast_when_they_run<B: TestBackend>() {
     })
     .await
     .unwrap();
-    let at_three = B::count(
-        &db.pool,
-        "SELECT count(*) AS n FROM txbus_deliveries WHERE event_version = 3",
-    )
-    .await;
-    assert_eq!(at_three, 2);
+    let received = bus
+        .receive(MessageId::new("contract", B::NAME), order(6))
+        .await
+        .unwrap();
+    probe
+        .wait_until("the received order", |c| c.len() == 4)
+        .await;
+    crate::support::idle(&bus).await;
+    let by_version = |sql| B::count(&db.pool, sql);
+    assert_eq!(
+        by_version("SELECT count(*) AS n FROM txbus_deliveries WHERE event_version = 3").await,
+        4,
+        "the emit, the two scheduled events and the receipt ({received:?})"
+    );
+    assert_eq!(
+        by_version("SELECT count(*) AS n FROM txbus_deliveries WHERE event_version < 3").await,
+        2
+    );
     bus.shutdown().await;
 }
 
