@@ -143,8 +143,9 @@ pub async fn old_payloads_are_upcast_when_they_run<B: TestBackend>() {
     bus.shutdown().await;
 }
 
-/// An upcaster's error makes the delivery a dead letter on its first run, with the reason and
-/// the error; once the upcaster is fixed, a replay runs it with the upcast payload.
+/// An upcaster's error, or an upcast payload that still does not deserialize, makes the
+/// delivery a dead letter on its first run, with the reason and the error; once the upcaster
+/// is fixed, a replay runs it with the upcast payload.
 pub async fn failed_upcasts_are_dead_letters_at_once_and_replay_after_a_fix<B: TestBackend>() {
     let db = B::open().await;
     txbus::migrate(&db.pool).await.unwrap();
@@ -155,15 +156,22 @@ pub async fn failed_upcasts_are_dead_letters_at_once_and_replay_after_a_fix<B: T
         1,
     )
     .await;
+    // Upcast without an error, but still not an order: `order_id` is text.
+    let unreadable = stored::<B>(&db.pool, json!({ "order_id": "seven", "total": 1 }), 1).await;
     let probe = Probe::new();
     let bus = bus(db.pool.clone(), &probe).build().await.unwrap();
-    let dead = eventually("the dead letter", || async {
-        bus.dead_letters(DeadLetterQuery::new())
-            .await
-            .unwrap()
-            .pop()
+    let mut dead = eventually("the dead letters", || async {
+        let dead = bus.dead_letters(DeadLetterQuery::new()).await.unwrap();
+        (dead.len() == 2).then_some(dead)
     })
     .await;
+    dead.sort_by_key(|d| d.event_id);
+    let (dead, unreadable_dead) = (dead[0].clone(), dead[1].clone());
+    assert_eq!(unreadable_dead.event_id.get(), unreadable);
+    assert_eq!(unreadable_dead.reason, DeadReason::UpcastFailed);
+    assert_eq!(unreadable_dead.attempts, 1);
+    let error = unreadable_dead.last_error.unwrap_or_default();
+    assert!(error.contains("does not deserialize"), "{error}");
     assert_eq!(dead.event_id.get(), id);
     assert_eq!(dead.reason, DeadReason::UpcastFailed);
     assert_eq!(dead.attempts, 1, "no retry: retrying cannot fix it");

@@ -54,6 +54,34 @@ pub struct OrderReceived {
     pub id: i64,
 }
 
+/// A newer shape of A's order in service B: version 2, with the total in cents that version 1
+/// (A's, `{"id": ..}` with a total of `id` euros) did not carry.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "nats_b.order_priced", version = 2, upcast(1 => priced))]
+pub struct OrderPriced {
+    pub id: i64,
+    pub cents: i64,
+}
+
+fn priced(mut v1: serde_json::Value) -> Result<serde_json::Value, txbus::UpcastError> {
+    let id = v1["id"]
+        .as_i64()
+        .ok_or_else(|| txbus::UpcastError::new("no integer `id`"))?;
+    v1["cents"] = serde_json::json!(id * 100);
+    Ok(v1)
+}
+
+/// What B's listener of [`OrderPriced`] saw: each order and its cents.
+#[derive(Default)]
+pub struct Priced(std::sync::Mutex<Vec<(i64, i64)>>);
+
+#[txbus::listener(name = "nats_b.price")]
+async fn price(order: OrderPriced, ctx: txbus::Context) -> Result<(), txbus::ListenerError> {
+    let priced = ctx.state::<std::sync::Arc<Priced>>()?;
+    priced.0.lock().unwrap().push((order.id, order.cents));
+    Ok(())
+}
+
 /// Defines service B's transactional listener for a connection type: it counts each order in
 /// B's projection, in the transaction that completes its delivery.
 #[macro_export]
@@ -682,6 +710,60 @@ async fn a_newer_version_waits_for_a_consumer_that_knows_it<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// A message of an older version than B's type (its header says 1, B's type is at 2) is stored
+/// at its version and upcast when B's listener runs it.
+async fn an_older_version_is_upcast_by_the_consumer<B: TestBackend>() {
+    let (_a, b) = databases::<B>().await;
+    let stream = TestStream::create().await;
+    let consumer = stream.consumer(Duration::from_secs(1)).await;
+    let priced = std::sync::Arc::new(Priced::default());
+    let bus = EventBus::builder(b.another_pool().await)
+        .state(priced.clone())
+        .retry_every(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    for id in [3, 4] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(EVENT_HEADER, "nats.order_placed");
+        headers.insert(EVENT_VERSION_HEADER, "1");
+        stream
+            .jetstream
+            .publish_with_headers(
+                stream.subject(),
+                headers,
+                format!(r#"{{"id":{id}}}"#).into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let inbox = tokio::spawn(
+        JetStreamInbox::new(bus.clone(), consumer.clone())
+            .event_as::<OrderPriced>("nats.order_placed")
+            .run_until(async move {
+                let _ = stopped.await;
+            }),
+    );
+    until_done("both orders priced", || async {
+        let n = priced.0.lock().unwrap().len() as i64;
+        (n >= 2, n)
+    })
+    .await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(PATIENCE, inbox)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut seen = priced.0.lock().unwrap().clone();
+    seen.sort_unstable();
+    assert_eq!(seen, [(3, 300), (4, 400)]);
+    bus.shutdown().await;
+}
+
 /// Messages that arrive together are received in one transaction: their events take their ids
 /// and emit time from one block, so twenty messages waiting before the inbox starts are emitted
 /// at fewer than twenty distinct times. Each is still received once.
@@ -1001,6 +1083,12 @@ where
             format!("{name}::a_newer_version_waits_for_a_consumer_that_knows_it"),
             || {
                 runtime().block_on(a_newer_version_waits_for_a_consumer_that_knows_it::<B>());
+            },
+        ),
+        trial(
+            format!("{name}::an_older_version_is_upcast_by_the_consumer"),
+            || {
+                runtime().block_on(an_older_version_is_upcast_by_the_consumer::<B>());
             },
         ),
         trial(format!("{name}::relay_deliveries_are_listeners"), || {
