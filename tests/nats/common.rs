@@ -87,6 +87,13 @@ async fn price(order: OrderPriced, ctx: txbus::Context) -> Result<(), txbus::Lis
 #[macro_export]
 macro_rules! projection_listener {
     ($connection:ty) => {
+        projection_listener!(
+            $connection,
+            "INSERT INTO nats_projection (id, n) VALUES ({}, 1) \
+             ON CONFLICT (id) DO UPDATE SET n = nats_projection.n + 1"
+        );
+    };
+    ($connection:ty, $upsert:literal) => {
         #[txbus::listener(transactional, name = "nats_b.project")]
         async fn project(
             event: common::OrderReceived,
@@ -94,13 +101,9 @@ macro_rules! projection_listener {
             conn: &mut $connection,
         ) -> Result<(), txbus::ListenerError> {
             use diesel_async::RunQueryDsl;
-            diesel::sql_query(format!(
-                "INSERT INTO nats_projection (id, n) VALUES ({}, 1) \
-                 ON CONFLICT (id) DO UPDATE SET n = nats_projection.n + 1",
-                event.id
-            ))
-            .execute(conn)
-            .await?;
+            diesel::sql_query(format!($upsert, event.id))
+                .execute(conn)
+                .await?;
             Ok(())
         }
     };
@@ -397,6 +400,16 @@ where
     }
 }
 
+/// How many times B projected an order, all orders together.
+async fn projections<B: TestBackend>(pool: &Pool<B>) -> i64 {
+    let sql = if B::NAME == "mysql" {
+        "SELECT CAST(COALESCE(SUM(n), 0) AS SIGNED) AS n FROM nats_projection"
+    } else {
+        "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) AS n FROM nats_projection"
+    };
+    B::count(pool, sql).await
+}
+
 async fn databases<B: TestBackend>() -> (TestDb<B>, TestDb<B>) {
     let (a, b) = (B::open().await, B::open().await);
     exec(
@@ -424,11 +437,7 @@ async fn assert_projected_once<B: TestBackend>(b: &TestDb<B>, n: i64) {
     // Let redeliveries and reruns that could still come, come.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rows = B::count(&b.pool, "SELECT count(*) AS n FROM nats_projection").await;
-    let runs = B::count(
-        &b.pool,
-        "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) AS n FROM nats_projection",
-    )
-    .await;
+    let runs = projections(&b.pool).await;
     assert_eq!(rows, n, "every order reached B's projection");
     assert_eq!(runs, n, "no order was projected twice");
 }
@@ -638,14 +647,7 @@ async fn poison_messages_are_terminated<B: TestBackend>() {
         );
     }
     inbox.stop().await;
-    assert_eq!(
-        B::count(
-            &b.pool,
-            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) AS n FROM nats_projection"
-        )
-        .await,
-        2
-    );
+    assert_eq!(projections(&b.pool).await, 2);
     bus.shutdown().await;
 }
 
@@ -801,11 +803,7 @@ async fn messages_that_arrive_together_share_a_transaction<B: TestBackend>() {
     inbox.stop().await;
     bus.shutdown().await;
     assert_eq!(
-        B::count(
-            &b.pool,
-            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) AS n FROM nats_projection"
-        )
-        .await,
+        projections(&b.pool).await,
         MESSAGES,
         "each message projected once"
     );
@@ -1065,6 +1063,14 @@ where
             || runtime().block_on(a_failed_receipt_is_redelivered::<B>()),
         ));
     }
+    // It sees a shared transaction in the emit times of one block of ids; MySQL takes each id
+    // with a clock reading of its own.
+    if name != "mysql" {
+        trials.push(trial(
+            format!("{name}::messages_that_arrive_together_share_a_transaction"),
+            || runtime().block_on(messages_that_arrive_together_share_a_transaction::<B>()),
+        ));
+    }
     trials.extend([
         trial(format!("{name}::survives_kills"), || {
             runtime().block_on(survives_kills::<B>(orders()))
@@ -1075,10 +1081,6 @@ where
         trial(format!("{name}::poison_messages_are_terminated"), || {
             runtime().block_on(poison_messages_are_terminated::<B>())
         }),
-        trial(
-            format!("{name}::messages_that_arrive_together_share_a_transaction"),
-            || runtime().block_on(messages_that_arrive_together_share_a_transaction::<B>()),
-        ),
         trial(
             format!("{name}::a_newer_version_waits_for_a_consumer_that_knows_it"),
             || {
