@@ -200,6 +200,21 @@ impl TestStream {
         format!("{}.orders", self.name)
     }
 
+    /// Publishes `payload` with these headers, as another service would, and waits for
+    /// JetStream to store it.
+    async fn publish(&self, headers: &[(&str, &str)], payload: impl Into<String>) {
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, *value);
+        }
+        self.jetstream
+            .publish_with_headers(self.subject(), map, payload.into().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
     async fn consumer(&self, ack_wait: Duration) -> jetstream::consumer::PullConsumer {
         self.jetstream
             .get_stream(&self.name)
@@ -593,17 +608,11 @@ async fn poison_messages_are_terminated<B: TestBackend>() {
         .await
         .unwrap();
     let publish = async |event: Option<&str>, payload: &str| {
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(event) = event {
-            headers.insert(EVENT_HEADER, event);
-        }
-        stream
-            .jetstream
-            .publish_with_headers(stream.subject(), headers, payload.to_owned().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let headers: Vec<_> = event
+            .map(|event| (EVENT_HEADER, event))
+            .into_iter()
+            .collect();
+        stream.publish(&headers, payload).await;
     };
     publish(Some("nats.order_placed"), "not json").await;
     publish(Some("nats.order_placed"), r#"{"other":1}"#).await;
@@ -664,16 +673,11 @@ async fn a_newer_version_waits_for_a_consumer_that_knows_it<B: TestBackend>() {
         .await
         .unwrap();
     for (version, payload) in [("2", r#"{"id":9,"renamed":true}"#), ("1", r#"{"id":10}"#)] {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(EVENT_HEADER, "nats.order_placed");
-        headers.insert(EVENT_VERSION_HEADER, version);
-        stream
-            .jetstream
-            .publish_with_headers(stream.subject(), headers, payload.to_owned().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let headers = [
+            (EVENT_HEADER, "nats.order_placed"),
+            (EVENT_VERSION_HEADER, version),
+        ];
+        stream.publish(&headers, payload).await;
     }
     let inbox = RunningInbox::start(&bus, &consumer);
     until_done("the current version to be projected", || async {
@@ -726,20 +730,11 @@ async fn an_older_version_is_upcast_by_the_consumer<B: TestBackend>() {
         .await
         .unwrap();
     for id in [3, 4] {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(EVENT_HEADER, "nats.order_placed");
-        headers.insert(EVENT_VERSION_HEADER, "1");
-        stream
-            .jetstream
-            .publish_with_headers(
-                stream.subject(),
-                headers,
-                format!(r#"{{"id":{id}}}"#).into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let headers = [
+            (EVENT_HEADER, "nats.order_placed"),
+            (EVENT_VERSION_HEADER, "1"),
+        ];
+        stream.publish(&headers, format!(r#"{{"id":{id}}}"#)).await;
     }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let inbox = tokio::spawn(
@@ -780,19 +775,12 @@ async fn messages_that_arrive_together_share_a_transaction<B: TestBackend>() {
         .await
         .unwrap();
     for id in 0..MESSAGES {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(EVENT_HEADER, "nats.order_placed");
         stream
-            .jetstream
-            .publish_with_headers(
-                stream.subject(),
-                headers,
-                format!(r#"{{"id":{id}}}"#).into(),
+            .publish(
+                &[(EVENT_HEADER, "nats.order_placed")],
+                format!(r#"{{"id":{id}}}"#),
             )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            .await;
     }
     let inbox = RunningInbox::start(&bus, &consumer);
     until_done("every message to be projected", || async {
@@ -839,19 +827,12 @@ async fn a_failed_receipt_is_redelivered<B: TestBackend>() {
     let inbox = RunningInbox::start(&bus, &consumer);
     proxy.cut();
     for id in 1..=20 {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(EVENT_HEADER, "nats.order_placed");
         stream
-            .jetstream
-            .publish_with_headers(
-                stream.subject(),
-                headers,
-                format!(r#"{{"id":{id}}}"#).into(),
+            .publish(
+                &[(EVENT_HEADER, "nats.order_placed")],
+                format!(r#"{{"id":{id}}}"#),
             )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            .await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.restore();
