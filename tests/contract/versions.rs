@@ -56,6 +56,9 @@ async fn record_order(order: OrderPlaced, ctx: Context) -> Result<(), ListenerEr
         order.order_id, order.total_cents, order.currency
     );
     ctx.state::<Arc<Probe>>()?.record(&ctx, note);
+    if order.order_id == 1 && ctx.attempt() == 1 {
+        return Err("the first run of order 1 fails: its retry is upcast again".into());
+    }
     Ok(())
 }
 
@@ -78,7 +81,7 @@ async fn stored<B: TestBackend>(pool: &txbus::Pool<B>, payload: Value, version: 
 }
 
 /// Every emit path stores the type's version; version-1 and version-2 payloads reach the
-/// version-3 listener upcast, on their first run.
+/// version-3 listener upcast, on their first run and on a retry.
 pub async fn old_payloads_are_upcast_when_they_run<B: TestBackend>() {
     let db = B::open().await;
     txbus::migrate(&db.pool).await.unwrap();
@@ -98,7 +101,7 @@ pub async fn old_payloads_are_upcast_when_they_run<B: TestBackend>() {
     };
     let v3 = bus.emit(order(3), []).await.unwrap();
 
-    let calls = probe.wait_until("three orders", |c| c.len() == 3).await;
+    let calls = probe.wait_until("four runs", |c| c.len() == 4).await;
     let mut runs: Vec<_> = calls
         .iter()
         .map(|c| (c.event_id.get(), c.attempt, c.note.clone()))
@@ -108,6 +111,7 @@ pub async fn old_payloads_are_upcast_when_they_run<B: TestBackend>() {
         runs,
         [
             (v1, 1, "1 1200 EUR".to_owned()),
+            (v1, 2, "1 1200 EUR".to_owned()),
             (v2, 1, "2 500 EUR".to_owned()),
             (v3.get(), 1, "3 700 USD".to_owned()),
         ]
@@ -127,7 +131,7 @@ pub async fn old_payloads_are_upcast_when_they_run<B: TestBackend>() {
         .await
         .unwrap();
     probe
-        .wait_until("the received order", |c| c.len() == 4)
+        .wait_until("the received order", |c| c.len() == 5)
         .await;
     crate::support::idle(&bus).await;
     let by_version = |sql| B::count(&db.pool, sql);
