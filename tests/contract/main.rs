@@ -68,6 +68,7 @@ macro_rules! scenarios {
             schedule::retries_and_expiry_count_from_the_due_time,
             schedule::scheduled_events_survive_a_restart,
             schedule::bad_schedules_are_refused,
+            schedule::a_due_scheduled_event_waits_from_its_due_time,
             versions::old_payloads_are_upcast_when_they_run,
             versions::failed_upcasts_are_dead_letters_at_once_and_replay_after_a_fix,
             versions::newer_versions_are_left_to_instances_that_know_them,

@@ -411,3 +411,34 @@ pub async fn bad_schedules_are_refused<B: TestBackend>() {
     assert!(probe.calls().is_empty());
     bus.shutdown().await;
 }
+
+/// A scheduled event that fell due waits from its due time, not from its emit: its
+/// `oldest_pending_age` leaves out the delay. (No poller here: it stays due.)
+pub async fn a_due_scheduled_event_waits_from_its_due_time<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let bus = bus(db.pool.clone(), &probe)
+        .poller(false)
+        .build()
+        .await
+        .unwrap();
+    let delay = Duration::from_secs(1);
+    let before = Instant::now();
+    bus.emit_after(delay, Reminder { n: 16 }, []).await.unwrap();
+    tokio::time::sleep(delay + Duration::from_millis(200)).await;
+    let stats = bus.stats().await.unwrap();
+    let since_emit = before.elapsed();
+    assert_eq!(
+        (stats.total.due, stats.total.scheduled),
+        (2, 0),
+        "{stats:?}"
+    );
+    let age = stats.total.oldest_pending_age.unwrap();
+    // Counted from the emit, the age would be about `since_emit`; from the due time it is the
+    // delay less. Half the delay of slack covers the clocks' skew and SQLite's milliseconds.
+    assert!(
+        age + delay / 2 <= since_emit,
+        "age {age:?}, {since_emit:?} since the emit"
+    );
+    bus.shutdown().await;
+}
