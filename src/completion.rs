@@ -53,6 +53,10 @@ pub(crate) async fn complete_loop<B: Backend>(
                 _ => None,
             });
             dispatch::wake_when_due(&runner, retries.collect(), retry_every);
+            // A keyed delivery that finished lets the next of its key run: claim it now.
+            if outcomes.iter().any(|o| o.keyed) {
+                runner.retry_due.notify_one();
+            }
         }
         // Only now is the bus idle for these deliveries.
         drop(in_flight);

@@ -107,6 +107,9 @@ pub(crate) enum Resolution {
 pub struct Outcome {
     pub(crate) key: DeliveryKey,
     pub(crate) resolution: Resolution,
+    /// Whether the event has an ordering key: once recorded, the next delivery of its key may
+    /// be due.
+    pub(crate) keyed: bool,
 }
 
 #[cfg(test)]

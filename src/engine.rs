@@ -116,31 +116,51 @@ impl<B: Backend> Engine<B> {
             event: E::NAME,
             source,
         })?;
-        Ok(self.prepare_stored::<E>(payload, E::VERSION))
+        self.prepare_stored::<E>(payload, E::VERSION, event.ordering_key())
     }
 
     /// An event of type `E` from a payload written by its `version` elsewhere (it is stored as
     /// it is, and upcast or left alone when it runs), with its listeners and settings.
-    pub(crate) fn prepare_stored<E: Event>(&self, payload: String, version: u32) -> Prepared {
+    pub(crate) fn prepare_stored<E: Event>(
+        &self,
+        payload: String,
+        version: u32,
+        ordering_key: Option<String>,
+    ) -> Result<Prepared, Error> {
+        if let Some(key) = &ordering_key
+            && key.len() > crate::event::MAX_ORDERING_KEY_LEN
+        {
+            return Err(Error::Invalid(format!(
+                "the ordering key of `{}` is {} bytes long; keys are at most {} bytes \
+                 (use a shorter identifier, or a hash of a long one)",
+                E::NAME,
+                key.len(),
+                crate::event::MAX_ORDERING_KEY_LEN
+            )));
+        }
         let listeners = self.registry.for_event(E::NAME);
         let settings = self.settings_for(E::NAME);
         // A listener here of an older version of the type (a payload received from a newer
         // sender, say) cannot run it: its deliveries are written due now, not leased, and the
-        // claims of instances that know the version take them.
+        // claims of instances that know the version take them. So are those of a keyed event:
+        // only a claim can tell whether a delivery is its key's head.
         let behind = listeners.defs.iter().any(|def| def.version < version);
-        Prepared {
+        let due_now = behind || ordering_key.is_some();
+        Ok(Prepared {
             new: NewEvent {
                 name: E::NAME,
                 payload: payload.into(),
                 listeners: listeners.ids,
                 lease: settings.max_execution_time,
                 expires_after: settings.expires_after,
-                due_in: behind.then_some(Duration::ZERO),
+                due_in: due_now.then_some(Duration::ZERO),
                 version,
+                key_hold: ordering_key.is_some() && settings.block_key_on_dead,
+                ordering_key: ordering_key.map(Arc::from),
             },
             listeners: listeners.defs,
             settings,
-        }
+        })
     }
 
     /// Starts the listeners of committed events; each that can start at once runs in the
@@ -177,6 +197,7 @@ impl<B: Backend> Engine<B> {
                         def,
                         payload: prepared.new.payload.clone(),
                         version: prepared.new.version,
+                        ordering_key: None,
                         emitted_at: inserted.emitted_at,
                         deadline,
                         ready,

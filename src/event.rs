@@ -34,6 +34,26 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// at compile time that every version below `N` has its step.
     const VERSION: u32 = 1;
 
+    /// The key whose deliveries run one at a time and in event-id order, for each listener
+    /// (default: none, and deliveries run in any order and concurrently).
+    ///
+    /// The derive implements it with `#[event(ordering_key = field)]`, as the field's
+    /// `to_string()`; a hand-written impl may compute it. Keys of more than
+    /// [`MAX_ORDERING_KEY_LEN`](crate::MAX_ORDERING_KEY_LEN) bytes are refused at the emit.
+    ///
+    /// ```
+    /// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+    /// #[event(name = "account.credited", ordering_key = account_id)]
+    /// pub struct AccountCredited { pub account_id: i64, pub cents: i64 }
+    ///
+    /// use txbus::Event;
+    /// let credited = AccountCredited { account_id: 42, cents: 100 };
+    /// assert_eq!(credited.ordering_key().as_deref(), Some("42"));
+    /// ```
+    fn ordering_key(&self) -> Option<String> {
+        None
+    }
+
     /// Turns a payload stored at `version` into the shape of `version + 1`. A delivery stored
     /// at version `k` below [`VERSION`](Self::VERSION) is upcast step by step, `k` to `k + 1`
     /// and on to `VERSION`, when it runs (first runs, retries and replays alike), then
@@ -69,6 +89,10 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
         )))
     }
 }
+
+/// The longest [ordering key](Event::ordering_key), in bytes: an emit of an event with a
+/// longer key fails with [`Error::Invalid`](crate::Error::Invalid) and writes nothing.
+pub const MAX_ORDERING_KEY_LEN: usize = 255;
 
 /// Why a stored payload could not be brought to its event type's current version: returned by
 /// an upcaster (see [`Event::upcast`]). `?` converts a `serde_json::Error` into it.

@@ -154,7 +154,7 @@ pub use builder::EventBusBuilder;
 pub use bus::EventBus;
 pub use delivery::DeadReason;
 pub use error::{BuildError, Error, StateError};
-pub use event::{Event, EventId, UpcastError};
+pub use event::{Event, EventId, MAX_ORDERING_KEY_LEN, UpcastError};
 /// A boxed, `Send` future, as [`Entity`] methods return.
 pub use futures_util::future::BoxFuture;
 pub use inbox_store::{InboxMessage, InboxStore};

@@ -122,6 +122,7 @@ pub struct Context {
     pub(crate) state: Arc<State>,
     /// The version of the event's type that wrote the payload.
     pub(crate) stored_version: u32,
+    pub(crate) ordering_key: Option<Arc<str>>,
 }
 
 impl ListenerDef {
@@ -148,6 +149,12 @@ impl Context {
     /// The id of the listener being run.
     pub fn listener(&self) -> &str {
         self.listener
+    }
+
+    /// The event's [ordering key](crate::Event::ordering_key), if it has one: the deliveries of
+    /// this listener with the same key run one at a time, in event-id order.
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.ordering_key.as_deref()
     }
 
     /// Which run of this delivery this is: 1 the first time, 2 for the first retry, ...
@@ -183,6 +190,7 @@ impl fmt::Debug for Context {
             .field("event_id", &self.event_id)
             .field("listener", &self.listener)
             .field("attempt", &self.attempt)
+            .field("ordering_key", &self.ordering_key)
             .field("emitted_at", &self.emitted_at)
             .field("waited", &self.waited)
             .finish_non_exhaustive()
@@ -346,6 +354,7 @@ mod tests {
             waited: Duration::ZERO,
             state: Arc::new(state),
             stored_version: 1,
+            ordering_key: None,
         };
         assert_eq!(ctx.state::<u32>(), Ok(&7));
         let missing = ctx.state::<String>().unwrap_err();

@@ -260,6 +260,7 @@ fn submit<B: Backend>(
             def,
             payload: delivery.payload,
             version: delivery.version,
+            ordering_key: delivery.ordering_key.map(Arc::from),
             emitted_at: delivery.emitted_at,
             deadline: dispatch::deadline(leased, delivery.lease),
             ready,

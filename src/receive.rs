@@ -86,7 +86,8 @@ impl<B: Backend> EventBus<B> {
         payload: String,
         version: u32,
     ) -> impl Future<Output = Result<Received, Error>> + Send + '_ {
-        let prepared = Ok(self.engine.prepare_stored::<E>(payload, version));
+        let key = stored_ordering_key::<E>(&payload, version);
+        let prepared = self.engine.prepare_stored::<E>(payload, version, key);
         self.receive_prepared(E::NAME, id, prepared)
     }
 
@@ -158,7 +159,8 @@ impl<'c, B: Backend> Transaction<'c, B> {
         payload: String,
         version: u32,
     ) -> impl Future<Output = Result<Received, Error>> + Send + use<'_, 'c, B, E> {
-        let prepared = Ok(self.engine.prepare_stored::<E>(payload, version));
+        let key = stored_ordering_key::<E>(&payload, version);
+        let prepared = self.engine.prepare_stored::<E>(payload, version, key);
         self.receive_prepared(id, prepared)
     }
 
@@ -177,4 +179,17 @@ impl<'c, B: Backend> Transaction<'c, B> {
             Ok(Received::Accepted(self.add(prepared).await?))
         }
     }
+}
+
+/// The ordering key of a payload written by `version` of `E` elsewhere: read from the payload
+/// when it is of this process's version (another version's payload runs where it is read, in
+/// no particular order).
+#[cfg(feature = "nats")]
+fn stored_ordering_key<E: Event>(payload: &str, version: u32) -> Option<String> {
+    if version != E::VERSION {
+        return None;
+    }
+    serde_json::from_str::<E>(payload)
+        .ok()
+        .and_then(|event| event.ordering_key())
 }

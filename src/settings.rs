@@ -42,6 +42,7 @@ pub struct EventSettings {
     pub(crate) backoff_factor: f64,
     pub(crate) max_backoff: Duration,
     pub(crate) max_attempts: Option<u32>,
+    pub(crate) block_key_on_dead: bool,
 }
 
 impl Default for EventSettings {
@@ -53,6 +54,7 @@ impl Default for EventSettings {
             backoff_factor: 2.0,
             max_backoff: Duration::from_secs(3600),
             max_attempts: None,
+            block_key_on_dead: false,
         }
     }
 }
@@ -100,6 +102,22 @@ impl EventSettings {
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = Some(attempts);
         self
+    }
+
+    /// For events with an [ordering key](crate::Event::ordering_key): whether a delivery that
+    /// becomes a dead letter holds the later deliveries of its key (for the same listener) until
+    /// it is replayed and succeeds, or purged. Default: `false`, the next delivery of the key
+    /// runs once the one before it is dead.
+    ///
+    /// The choice is stored with each delivery when it is emitted.
+    pub fn block_key_on_dead(mut self, block: bool) -> Self {
+        self.block_key_on_dead = block;
+        self
+    }
+
+    /// See [`block_key_on_dead`](Self::block_key_on_dead).
+    pub fn get_block_key_on_dead(&self) -> bool {
+        self.block_key_on_dead
     }
 
     /// See [`expires_after`](Self::expires_after).

@@ -63,9 +63,16 @@ impl<'c, B: Backend> Transaction<'c, B> {
 
     /// Gives `prepared` an id and keeps it for the commit, which writes its deliveries.
     pub(crate) async fn add(&mut self, prepared: Prepared) -> Result<EventId, Error> {
-        let inserted = match self.ids.taken.pop_front() {
-            Some(inserted) => inserted,
-            None => self.take_ids().await?,
+        let inserted = match (&prepared.new.ordering_key, self.ids.taken.pop_front()) {
+            // A keyed event takes its key's lock, then a fresh id (see `Outbox::LOCK_KEY`); the
+            // ids taken ahead are dropped, so that the transaction's ids keep increasing.
+            (Some(key), _) if !prepared.listeners.is_empty() => {
+                self.ids.taken.clear();
+                self.ids.leased = Instant::now();
+                B::reserve_keyed_id(self.conn, key).await?
+            }
+            (_, Some(inserted)) => inserted,
+            (_, None) => self.take_ids().await?,
         };
         self.written.push(Written {
             prepared,

@@ -1,5 +1,6 @@
 //! `#[derive(Event)]`: `impl txbus::Event` with the name from `#[event(name = "...")]` or the
-//! type's name, and the version and upcasters from `#[event(version = N, upcast(1 => f, ...))]`.
+//! type's name, the version and upcasters from `#[event(version = N, upcast(1 => f, ...))]`,
+//! and the ordering key from `#[event(ordering_key = field)]` (the field's `to_string()`).
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -7,7 +8,7 @@ use std::collections::btree_map::Entry;
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{DeriveInput, Expr, LitInt, LitStr, Token};
+use syn::{Data, DeriveInput, Expr, Fields, Ident, LitInt, LitStr, Path, Token};
 
 use crate::errors::Errors;
 
@@ -26,6 +27,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
         );
     }
     check_chain(&args, &mut errors);
+    check_ordering_key(&parsed, &args, &mut errors);
     if let Err(errors) = errors.finish(&TokenStream::new()) {
         return errors;
     }
@@ -66,10 +68,23 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
             }
         }
     });
+    let ordering_key = args.ordering_key.as_ref().map(|(_, field)| {
+        // Spanned at the field named in the attribute, so that a field without `Display` is
+        // reported there.
+        let key = quote_spanned! {field.span()=>
+            ::std::string::ToString::to_string(&self.#field)
+        };
+        quote! {
+            fn ordering_key(&self) -> ::core::option::Option<::std::string::String> {
+                ::core::option::Option::Some(#key)
+            }
+        }
+    });
     quote! {
         impl ::txbus::Event for #ident {
             const NAME: &'static str = #name;
             #versioned
+            #ordering_key
         }
     }
 }
@@ -82,6 +97,8 @@ struct Args {
     version: Option<(u32, LitInt)>,
     /// Each step's version, with its literal and the upcaster.
     upcasts: BTreeMap<u32, (LitInt, Expr)>,
+    /// The `ordering_key` argument's path, for spans, and the field it names.
+    ordering_key: Option<(Path, Ident)>,
 }
 
 fn parse_args(input: &DeriveInput, errors: &mut Errors) -> Args {
@@ -124,6 +141,22 @@ fn parse_args(input: &DeriveInput, errors: &mut Errors) -> Args {
                     }
                 }
                 Ok(())
+            } else if meta.path.is_ident("ordering_key") {
+                let value: Expr = meta.value()?.parse()?;
+                if args.ordering_key.is_some() {
+                    errors.add(&meta.path, "duplicate `ordering_key` in `#[event(...)]`");
+                } else {
+                    match field_name(&value) {
+                        Some(field) => args.ordering_key = Some((meta.path.clone(), field)),
+                        None => errors.add(
+                            &value,
+                            "`ordering_key` expects the name of one of the event's fields, \
+                             e.g. `ordering_key = account_id`; for a computed key, implement \
+                             `Event::ordering_key` by hand",
+                        ),
+                    }
+                }
+                Ok(())
             } else {
                 Err(meta.error(
                     "unknown argument of `#[event(...)]`; expected `name = \"...\"`, \
@@ -136,6 +169,16 @@ fn parse_args(input: &DeriveInput, errors: &mut Errors) -> Args {
         }
     }
     args
+}
+
+/// The field named by `ordering_key = field`: a plain identifier.
+fn field_name(value: &Expr) -> Option<Ident> {
+    match value {
+        Expr::Path(path) if path.attrs.is_empty() && path.qself.is_none() => {
+            path.path.get_ident().cloned()
+        }
+        _ => None,
+    }
 }
 
 /// One `N => upcaster` of `upcast(...)`.
@@ -184,6 +227,55 @@ fn check_chain(args: &Args, errors: &mut Errors) {
             ),
         );
     }
+}
+
+/// `ordering_key` names a field of a struct with named fields.
+fn check_ordering_key(input: &DeriveInput, args: &Args, errors: &mut Errors) {
+    let Some((path, field)) = &args.ordering_key else {
+        return;
+    };
+    let ty = &input.ident;
+    let fields = match &input.data {
+        Data::Struct(data) => match &data.fields {
+            Fields::Named(fields) if !fields.named.is_empty() => &fields.named,
+            _ => {
+                errors.add(
+                    path,
+                    format!(
+                        "`#[event(ordering_key = ...)]` needs a struct with named fields, and \
+                         `{ty}` has none; implement `Event::ordering_key` by hand instead"
+                    ),
+                );
+                return;
+            }
+        },
+        Data::Enum(_) | Data::Union(_) => {
+            errors.add(
+                path,
+                format!(
+                    "`#[event(ordering_key = ...)]` needs a struct with named fields, and `{ty}` \
+                     is not a struct; implement `Event::ordering_key` by hand instead"
+                ),
+            );
+            return;
+        }
+    };
+    if fields.iter().any(|f| f.ident.as_ref() == Some(field)) {
+        return;
+    }
+    let names: Vec<String> = fields
+        .iter()
+        .filter_map(|f| f.ident.as_ref())
+        .map(|name| format!("`{name}`"))
+        .collect();
+    errors.add(
+        field,
+        format!(
+            "`#[event(ordering_key = ...)]` names `{field}`, which is not a field of `{ty}`; \
+             name one of its fields ({}), whose `to_string()` is the key",
+            names.join(", ")
+        ),
+    );
 }
 
 #[cfg(test)]
@@ -249,5 +341,84 @@ mod tests {
         .to_string();
         assert!(out.contains("an event name cannot be empty"), "{out}");
         assert!(out.contains("without generic parameters"), "{out}");
+    }
+
+    #[test]
+    fn ordering_key_is_implemented() {
+        let out = expand(quote! {
+            #[event(name = "account.credited", ordering_key = account_id)]
+            struct AccountCredited { account_id: i64, cents: i64 }
+        })
+        .to_string();
+        assert!(
+            out.contains(
+                "fn ordering_key (& self) -> :: core :: option :: Option < :: std :: string :: \
+                 String > { :: core :: option :: Option :: Some (:: std :: string :: ToString :: \
+                 to_string (& self . account_id)) }"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+        let plain = expand(quote! { struct Plain { id: i64 } }).to_string();
+        assert!(!plain.contains("ordering_key"), "{plain}");
+    }
+
+    #[test]
+    fn bad_ordering_keys_are_reported() {
+        let missing = expand(quote! {
+            #[event(ordering_key = acount_id)]
+            struct AccountCredited { account_id: i64, cents: i64 }
+        })
+        .to_string();
+        assert!(
+            missing.contains(
+                "names `acount_id`, which is not a field of `AccountCredited`; \
+                 name one of its fields (`account_id`, `cents`)"
+            ),
+            "{missing}"
+        );
+        let not_ident = expand(quote! {
+            #[event(ordering_key = "account_id")]
+            struct E { account_id: i64 }
+        })
+        .to_string();
+        assert!(
+            not_ident.contains("e.g. `ordering_key = account_id`"),
+            "{not_ident}"
+        );
+        let path = expand(quote! {
+            #[event(ordering_key = self.account_id)]
+            struct E { account_id: i64 }
+        })
+        .to_string();
+        assert!(path.contains("e.g. `ordering_key = account_id`"), "{path}");
+        let on_enum = expand(quote! {
+            #[event(ordering_key = id)]
+            enum E { A { id: i64 } }
+        })
+        .to_string();
+        assert!(
+            on_enum.contains("needs a struct with named fields, and `E` is not a struct"),
+            "{on_enum}"
+        );
+        let on_tuple = expand(quote! {
+            #[event(ordering_key = id)]
+            struct E(i64);
+        })
+        .to_string();
+        assert!(
+            on_tuple.contains("needs a struct with named fields, and `E` has none"),
+            "{on_tuple}"
+        );
+        let twice = expand(quote! {
+            #[event(ordering_key = id, name = "e")]
+            #[event(ordering_key = id)]
+            struct E { id: i64 }
+        })
+        .to_string();
+        assert!(
+            twice.contains("duplicate `ordering_key` in `#[event(...)]`"),
+            "{twice}"
+        );
     }
 }

@@ -18,6 +18,12 @@ const DUE_TOGETHER: Duration = Duration::from_millis(10);
 /// of their time instead of at the next poll. Only delays shorter than `horizon` (the poll
 /// interval) get a wake-up: the poller finds the later ones in the table itself when it polls.
 pub(crate) fn wake_when_due(runner: &Arc<Runner>, mut delays: Vec<Duration>, horizon: Duration) {
+    let before = delays.len();
+    delays.retain(|delay| !delay.is_zero());
+    if delays.len() < before {
+        // Due now (keyed events, left to the claims that take each key's head).
+        runner.retry_due.notify_one();
+    }
     delays.retain(|delay| *delay < horizon);
     if delays.is_empty() {
         return;

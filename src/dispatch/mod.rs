@@ -63,6 +63,8 @@ pub(crate) struct Job {
     pub(crate) payload: Arc<str>,
     /// The version of the event's type that wrote the payload.
     pub(crate) version: u32,
+    /// The event's ordering key.
+    pub(crate) ordering_key: Option<Arc<str>>,
     pub(crate) emitted_at: SystemTime,
     pub(crate) deadline: Instant,
     /// When it became runnable here: its emit committed, or its claim returned.
@@ -207,6 +209,7 @@ impl Runner {
                     undo_attempt: true,
                     error: None,
                 },
+                keyed: job.ordering_key.is_some(),
             },
             _in_flight: job.in_flight,
         };
@@ -329,6 +332,7 @@ mod tests {
             def: &LATE,
             payload: "{}".into(),
             version: 1,
+            ordering_key: None,
             emitted_at: SystemTime::now(),
             deadline,
             ready: Instant::now(),
@@ -356,6 +360,7 @@ mod tests {
                     undo_attempt: true,
                     error: Some(error),
                 },
+            ..
         }) = report
         else {
             panic!("expected a hand-back with the attempt undone, got {report:?}");

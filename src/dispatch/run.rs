@@ -92,6 +92,7 @@ pub(crate) async fn run(
             outcome: Outcome {
                 key: job.key,
                 resolution,
+                keyed: job.ordering_key.is_some(),
             },
             _in_flight: job.in_flight,
         };
@@ -112,6 +113,7 @@ async fn execute(job: &Job, runner: &Runner) -> Verdict {
         waited: job.ready.elapsed(),
         state: runner.state.clone(),
         stored_version: job.version,
+        ordering_key: job.ordering_key.clone(),
     };
     let mut phase = runner.phase.subscribe();
     let run = async {

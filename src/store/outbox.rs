@@ -31,6 +31,13 @@ pub struct NewEvent {
     pub(crate) due_in: Option<Duration>,
     /// The version of the event's type ([`Event::VERSION`](crate::Event::VERSION)).
     pub(crate) version: u32,
+    /// The event's ordering key ([`Event::ordering_key`](crate::Event::ordering_key)). A keyed
+    /// event's deliveries are written not leased (`due_in` zero), for the claims that take each
+    /// key's head.
+    pub(crate) ordering_key: Option<Arc<str>>,
+    /// Whether a dead letter of a keyed delivery holds its key
+    /// ([`EventSettings::block_key_on_dead`](crate::EventSettings::block_key_on_dead)).
+    pub(crate) key_hold: bool,
 }
 
 impl NewEvent {
@@ -69,6 +76,8 @@ pub struct Claimed {
     pub(crate) expired: bool,
     /// The version of the event's type that wrote the payload.
     pub(crate) version: u32,
+    /// The event's ordering key.
+    pub(crate) ordering_key: Option<String>,
 }
 
 /// What a result write did.
@@ -134,6 +143,12 @@ pub trait Outbox<B: Backend = Self> {
     /// How a derived entity is persisted.
     const PERSIST: Persist;
 
+    /// Locks ordering key `$1` until the end of the open transaction, where the database does
+    /// not serialize writers by itself: a keyed emit takes it before its event id, so that the
+    /// emits of one key take their ids in the order they commit, and a claim that sees a
+    /// delivery of a key sees every earlier one.
+    const LOCK_KEY: Option<&'static str> = None;
+
     /// Housekeeping the poller runs now and then, if the backend needs any.
     const MAINTAIN: Option<&'static str> = None;
 
@@ -152,6 +167,22 @@ pub trait Outbox<B: Backend = Self> {
         conn: &mut B::Connection,
         n: usize,
     ) -> impl Future<Output = QueryResult<Vec<Inserted>>> + Send;
+
+    /// Takes the lock of ordering `key` (see [`LOCK_KEY`](Self::LOCK_KEY)), then one fresh
+    /// event id, in the transaction open on `conn`: the id of a keyed `tx.emit`.
+    fn reserve_keyed_id(
+        conn: &mut B::Connection,
+        key: &str,
+    ) -> impl Future<Output = QueryResult<Inserted>> + Send {
+        async move {
+            if let Some(lock) = Self::LOCK_KEY {
+                sql::<B::Db>(lock).bind(key).execute(conn).await?;
+            }
+            B::reserve_ids(conn, 1).await?.pop().ok_or_else(|| {
+                diesel::result::Error::QueryBuilderError("the database returned no event id".into())
+            })
+        }
+    }
 
     /// Writes the deliveries of `events`, whose ids and emit times were reserved, as the last
     /// statement of the transaction opened by [`Backend::begin`], and commits: each delivery
@@ -192,13 +223,14 @@ pub trait Outbox<B: Backend = Self> {
     }
 
     /// Writes the event alone (an emit without entity operations): in a transaction of its own
-    /// unless [`INSERT_IS_ATOMIC`](Self::INSERT_IS_ATOMIC).
+    /// unless [`INSERT_IS_ATOMIC`](Self::INSERT_IS_ATOMIC) and the event has no ordering key.
     fn emit_alone(
         conn: &mut B::Connection,
         event: &NewEvent,
     ) -> impl Future<Output = QueryResult<Inserted>> + Send {
         async move {
-            if B::INSERT_IS_ATOMIC {
+            // A keyed event's lock is held to the end of a transaction (see `LOCK_KEY`).
+            if B::INSERT_IS_ATOMIC && event.ordering_key.is_none() {
                 return B::insert_event(conn, event).await;
             }
             B::begin(conn).await?;

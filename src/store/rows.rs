@@ -55,6 +55,7 @@ rows! {
         lease_ms: i64,
         expired: bool,
         event_version: i32,
+        ordering_key: Option<String>,
     }
 
     /// A delivery a result write changed, and its reason when it died.
@@ -151,6 +152,7 @@ impl From<ClaimedRow> for crate::store::Claimed {
             lease: Duration::from_millis(u64::try_from(row.lease_ms).unwrap_or(0)),
             expired: row.expired,
             version: u32::try_from(row.event_version).unwrap_or(1),
+            ordering_key: row.ordering_key,
         }
     }
 }

@@ -15,6 +15,7 @@ mod emit;
 mod expiry;
 mod inbox;
 mod ops;
+mod ordering;
 #[cfg(feature = "postgres")]
 mod pipeline;
 mod retry;
@@ -72,6 +73,8 @@ macro_rules! scenarios {
             versions::old_payloads_are_upcast_when_they_run,
             versions::failed_upcasts_are_dead_letters_at_once_and_replay_after_a_fix,
             versions::newer_versions_are_left_to_instances_that_know_them,
+            ordering::keyed_deliveries_run_one_at_a_time_in_order,
+            ordering::a_failing_head_holds_only_its_key,
         );
     };
 }

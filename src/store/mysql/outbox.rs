@@ -28,27 +28,31 @@ const INSERT_EVENT: &str = concat!(
     listeners_table!()
 );
 
-// A scheduled event: its deliveries are not leased, and fall due at `e.t` plus the fourth value.
+// A scheduled or keyed event: its deliveries are not leased, and fall due at `e.t` plus the
+// fourth value.
 const INSERT_SCHEDULED: &str = concat!(
     "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                                   attempts, leased_at, available_at, expires_at, event_version)
+                                   attempts, leased_at, available_at, expires_at, event_version,
+                                   ordering_key, key_hold)
     SELECT ?, j.listener, ?, ?, e.t, ?, 0, NULL, e.t + INTERVAL ? MICROSECOND,
-           e.t + INTERVAL ? MICROSECOND, ?
+           e.t + INTERVAL ? MICROSECOND, ?, ?, ?
     FROM (SELECT TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AS t) e CROSS JOIN ",
     listeners_table!()
 );
 
 // The deliveries of a transaction's events, from a JSON array of
-// `[event_id, listener, name, payload, emitted_at_us, lease_ms, expires_us, due_us, version]`: a
+// `[event_id, listener, name, payload, emitted_at_us, lease_ms, expires_us, due_us, version,
+// ordering_key, key_hold]`: a
 // scheduled event's deliveries fall due `due_us` after the emit and are not leased; the others
 // have -1 there.
 const INSERT_EVENTS: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at, event_version)
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              ordering_key, key_hold)
 SELECT x.event_id, x.listener, x.name, x.payload, x.at, x.lease,
        CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN x.at END,
        x.at + INTERVAL CASE WHEN x.due < 0 THEN x.lease * 1000 ELSE x.due END MICROSECOND,
-       x.at + INTERVAL x.expires MICROSECOND, x.version
+       x.at + INTERVAL x.expires MICROSECOND, x.version, x.ordering_key, x.key_hold
 FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00') AS at
       FROM JSON_TABLE(?, '$[*]' COLUMNS (
           event_id BIGINT PATH '$[0]',
@@ -59,7 +63,14 @@ FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00')
           lease BIGINT PATH '$[5]',
           expires BIGINT PATH '$[6]',
           due BIGINT PATH '$[7]',
-          version INT PATH '$[8]')) j) x";
+          version INT PATH '$[8]',
+          ordering_key VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[9]',
+          key_hold BOOLEAN PATH '$[10]')) j) x";
+
+/// Locks ordering key `?` to the end of the transaction (see `Outbox::LOCK_KEY`).
+const LOCK_KEY: &str = "\
+INSERT INTO txbus_key_locks (ordering_key) VALUES (?)
+ON DUPLICATE KEY UPDATE ordering_key = ordering_key";
 
 /// Relabels dead letters that `EXPIRE` made for a version no instance knew.
 const UNKNOWN_VERSION: &str = concat!(
@@ -75,13 +86,23 @@ const UNKNOWN_VERSION: &str = concat!(
 impl Outbox for Mysql {
     const CLAIM: Update = Update::Keyed {
         select: concat!(
-            "SELECT event_id, listener FROM txbus_deliveries
+            "SELECT event_id, listener FROM txbus_deliveries d
     WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
       AND listener IN (SELECT listener FROM ",
             listeners_table!(),
             ")
       AND (event_version = 1
            OR event_version <= JSON_VALUE(?, CONCAT('$.', JSON_QUOTE(listener))))
+      AND (ordering_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM txbus_deliveries p
+          WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
+            AND p.delivered_at IS NULL AND (p.dead_at IS NULL OR p.key_hold)
+            AND p.event_id <> d.event_id
+            AND ((p.event_id < d.event_id
+                  AND (p.dead_at IS NOT NULL OR p.attempts > 0
+                       OR p.available_at <= UTC_TIMESTAMP(6)))
+                 OR (d.available_at > d.emitted_at AND p.dead_at IS NULL
+                     AND p.leased_at IS NOT NULL AND p.available_at > UTC_TIMESTAMP(6)))))
     ORDER BY available_at
     LIMIT ?
     FOR UPDATE SKIP LOCKED"
@@ -105,7 +126,7 @@ impl Outbox for Mysql {
         read: Some(concat!(
             "SELECT d.event_id, d.listener, d.attempts, d.payload,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', d.emitted_at) AS emitted_at_us,
-           d.lease_ms, d.dead_at IS NOT NULL AS expired, d.event_version
+           d.lease_ms, d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key
     FROM txbus_deliveries d JOIN ",
             keys_table!(),
             " ON d.event_id = k.event_id AND d.listener = k.listener"
@@ -178,6 +199,8 @@ WHERE event_id = ? AND listener = ? AND attempts = ?
 
     const PERSIST: Persist = Persist::InsertThenUpdate;
 
+    const LOCK_KEY: Option<&'static str> = Some(LOCK_KEY);
+
     // Event ids come from AUTO_INCREMENT rows that are only needed for their counter; the
     // newest stays, so the counter survives even a server without a persistent one.
     const MAINTAIN: Option<&'static str> = Some(
@@ -195,6 +218,14 @@ LIMIT 10000",
         conn: &mut AsyncMysqlConnection,
         event: &NewEvent,
     ) -> QueryResult<Inserted> {
+        if let Some(key) = event.ordering_key.as_deref()
+            && !event.listeners.is_empty()
+        {
+            sql::<<Self as Backend>::Db>(LOCK_KEY)
+                .bind(key)
+                .execute(conn)
+                .await?;
+        }
         sql::<<Self as Backend>::Db>(NEXT_EVENT_ID)
             .execute(conn)
             .await?;
@@ -206,18 +237,24 @@ LIMIT 10000",
                 None => (INSERT_EVENT, lease.saturating_mul(1000)),
                 Some(due_in) => (INSERT_SCHEDULED, micros(due_in)),
             };
-            sql::<<Self as Backend>::Db>(statement)
+            let statement = sql::<<Self as Backend>::Db>(statement)
                 .bind(inserted.id.get())
                 .bind(event.name)
                 .bind(&*event.payload)
                 .bind(lease)
                 .bind(available_us)
                 .bind(event.expires_us())
-                .bind(event.version_i32())
-                .bind(crate::store::micros_since_epoch(inserted.emitted_at))
-                .bind_list(&event.listeners)
-                .execute(conn)
-                .await?;
+                .bind(event.version_i32());
+            match event.due_in {
+                Some(_) => statement
+                    .bind(event.ordering_key.as_deref())
+                    .bind(event.key_hold),
+                None => statement,
+            }
+            .bind(crate::store::micros_since_epoch(inserted.emitted_at))
+            .bind_list(&event.listeners)
+            .execute(conn)
+            .await?;
         }
         Ok(inserted)
     }
@@ -255,6 +292,8 @@ LIMIT 10000",
                         event.expires_us(),
                         event.due_in.map_or(-1, micros),
                         event.version_i32(),
+                        event.ordering_key.as_deref(),
+                        event.key_hold,
                     ])
                 })
             })

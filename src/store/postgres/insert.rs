@@ -46,6 +46,26 @@ VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3
         statement_timestamp() + $4 * interval '1 microsecond', $6)
 RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
 
+// A keyed event, scheduled or due now: its deliveries are not leased (a claim takes each key's
+// head). The key's advisory lock is taken before the id, and held to the commit, so the emits of
+// one key take their ids in the order they commit: a claim that sees a delivery of the key sees
+// every earlier one. (The materialized CTE runs before the `nextval` that reads it.)
+const INSERT_KEYED: &str = "\
+WITH k AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended($8, 0)) AS locked)
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              ordering_key, key_hold)
+SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
+       statement_timestamp() + $7 * interval '1 microsecond',
+       statement_timestamp() + $4 * interval '1 microsecond', $6, $8, $9
+FROM (SELECT nextval('txbus_event_ids') AS id FROM k OFFSET 0) e
+CROSS JOIN unnest($5::text[]) AS l (listener)
+RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
+
+/// Takes the advisory lock of ordering key `$1` for the rest of the transaction (see
+/// [`INSERT_KEYED`]).
+pub(super) const LOCK_KEY: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+
 const RESERVE_ID: &str = "\
 SELECT nextval('txbus_event_ids') AS id,
        (extract(epoch FROM statement_timestamp()) * 1000000)::int8 AS emitted_at_us";
@@ -60,21 +80,35 @@ FROM generate_series(1, $1)";
 // they fall due in `due`, and are not leased; the others have -1 there.
 const INSERT_EVENTS: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at, event_version)
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              ordering_key, key_hold)
 SELECT x.id, x.listener, x.name, x.payload::jsonb, t.at, x.lease,
        CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN t.at END,
        t.at + CASE WHEN x.due < 0 THEN x.lease * interval '1 millisecond'
                    ELSE x.due * interval '1 microsecond' END,
-       t.at + x.expires * interval '1 microsecond', x.version
+       t.at + x.expires * interval '1 microsecond', x.version, x.ordering_key, x.key_hold
 FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
-            $8::int8[], $9::int4[])
-     AS x (id, listener, name, payload, emitted_us, lease, expires, due, version)
+            $8::int8[], $9::int4[], $10::text[], $11::bool[])
+     AS x (id, listener, name, payload, emitted_us, lease, expires, due, version, ordering_key,
+           key_hold)
 CROSS JOIN LATERAL (SELECT timestamptz 'epoch' + x.emitted_us * interval '1 microsecond' AS at) t";
 
 /// The insert of an event's deliveries, or without listeners the reservation of its id.
 pub(super) fn insert_statement(event: &NewEvent) -> Sql<'_, Pg> {
     let statement = match (&*event.listeners, event.due_in) {
         ([], _) => return sql(RESERVE_ID),
+        (all, _) if event.ordering_key.is_some() => {
+            return sql(INSERT_KEYED)
+                .bind(event.name)
+                .bind(&*event.payload)
+                .bind(lease_ms(event.lease))
+                .bind(event.expires_us())
+                .bind_list(all)
+                .bind(event.version_i32())
+                .bind(micros(event.due_in.unwrap_or_default()))
+                .bind(event.ordering_key.as_deref())
+                .bind(event.key_hold);
+        }
         ([_], None) => INSERT_EVENT_ONE,
         (_, None) => INSERT_EVENT,
         ([_], Some(_)) => INSERT_SCHEDULED_ONE,
@@ -117,6 +151,8 @@ pub(super) struct EventColumns<'a> {
     expires: Vec<i64>,
     due: Vec<i64>,
     versions: Vec<i32>,
+    keys: Vec<Option<&'a str>>,
+    holds: Vec<bool>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -136,6 +172,8 @@ impl<'a> EventColumns<'a> {
                 columns.expires.push(event.expires_us());
                 columns.due.push(event.due_in.map_or(-1, micros));
                 columns.versions.push(event.version_i32());
+                columns.keys.push(event.ordering_key.as_deref());
+                columns.holds.push(event.key_hold);
             }
         }
         columns
@@ -158,5 +196,7 @@ impl<'a> EventColumns<'a> {
             .bind(&self.expires[..])
             .bind(&self.due[..])
             .bind(&self.versions[..])
+            .bind(&self.keys[..])
+            .bind(&self.holds[..])
     }
 }

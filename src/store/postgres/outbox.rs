@@ -7,7 +7,7 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::Untyped;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
 
-use super::insert::{EventColumns, RESERVE_IDS, insert_rows, insert_statement};
+use super::insert::{EventColumns, LOCK_KEY, RESERVE_IDS, insert_rows, insert_statement};
 use super::{Postgres, pipeline};
 use crate::delivery::{DeliveryKey, Outcome};
 use crate::store::outbox::{Failure, split_done};
@@ -51,16 +51,32 @@ WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.att
 RETURNING t.event_id, t.listener, t.dead_reason";
 
 impl Outbox for Postgres {
+    // A keyed delivery is claimed only as its key's head, for its listener: no other delivery
+    // of the key is pending before it (by event id), or dead before it and holding the key; a
+    // scheduled one not due yet does not count. One that may have been passed by a later one
+    // (a retry, a scheduled or replayed one: its `available_at` is past its emit) also waits
+    // while a later one of its key runs. The partial index `txbus_deliveries_key` serves the
+    // look-up.
+    //
     // The MATERIALIZED CTE is evaluated exactly once: a plain `IN (SELECT ... LIMIT n FOR UPDATE
     // SKIP LOCKED)` can be rescanned by some plans and then claim more than n rows. Deliveries
     // found expired are made dead instead of leased (all SET expressions see the row as it was).
     const CLAIM: Update = Update::Returning(
         "\
 WITH c AS MATERIALIZED (
-    SELECT event_id, listener FROM txbus_deliveries
+    SELECT event_id, listener FROM txbus_deliveries d
     WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
       AND listener = ANY($1)
       AND (event_version = 1 OR event_version <= ($2::jsonb ->> listener)::int4)
+      AND (ordering_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM txbus_deliveries p
+          WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
+            AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
+            AND (p.dead_at IS NULL OR p.key_hold) AND p.event_id <> d.event_id
+            AND ((p.event_id < d.event_id
+                  AND (p.dead_at IS NOT NULL OR p.attempts > 0 OR p.available_at <= now()))
+                 OR (d.available_at > d.emitted_at AND p.dead_at IS NULL
+                     AND p.leased_at IS NOT NULL AND p.available_at > now()))))
     ORDER BY available_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED)
@@ -75,7 +91,7 @@ FROM c
 WHERE d.event_id = c.event_id AND d.listener = c.listener
 RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
           (extract(epoch FROM d.emitted_at) * 1000000)::int8 AS emitted_at_us, d.lease_ms,
-          d.dead_at IS NOT NULL AS expired, d.event_version",
+          d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key",
     );
 
     const EXPIRE: Update = Update::Returning(
@@ -135,6 +151,8 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
   AND COALESCE(dead_at, delivered_at) IS NULL";
 
     const PERSIST: Persist = Persist::Upsert;
+
+    const LOCK_KEY: Option<&'static str> = Some(LOCK_KEY);
 
     // One statement writes every delivery of the event.
     const INSERT_IS_ATOMIC: bool = true;
@@ -215,7 +233,11 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
         ops: &[Operation<'_, Self>],
         event: &NewEvent,
     ) -> QueryResult<Inserted> {
+        // Not for a keyed event: its insert takes the key's lock, and PostgreSQL runs a `WITH`
+        // write after the statement's main part, so the entity's row would be locked after the
+        // key, where every other emit locks it before (a deadlock between the two).
         if let [op] = ops
+            && event.ordering_key.is_none()
             && let Some(write) = op.statement()
         {
             let statement = WithEvent {

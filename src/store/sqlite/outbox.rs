@@ -28,11 +28,14 @@ INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_a
                               attempts, leased_at, available_at, expires_at, event_version)
 SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 / 1000, ?8 FROM json_each(?7)";
 
-// A scheduled event: its deliveries are not leased, and fall due `?9` microseconds after `?4`.
+// A scheduled or keyed event: its deliveries are not leased, and fall due `?9` microseconds
+// after `?4`. (Writers take turns, so the emits of a key take their ids in commit order.)
 const INSERT_SCHEDULED: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at, event_version)
-SELECT ?1, value, ?2, ?3, ?4, ?5, 0, NULL, ?4 + ?9 / 1000, ?4 + ?6 / 1000, ?8 FROM json_each(?7)";
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              ordering_key, key_hold)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 0, NULL, ?4 + ?9 / 1000, ?4 + ?6 / 1000, ?8, ?10, ?11
+FROM json_each(?7)";
 
 const DELETE_DONE: &str = "\
 DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?
@@ -104,16 +107,29 @@ const CLAIM: &str = concat!(
     now_ms!(),
     " THEN 'expired' END
     WHERE (event_id, listener) IN (
-        SELECT event_id, listener FROM txbus_deliveries
+        SELECT event_id, listener FROM txbus_deliveries d
         WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
     now_ms!(),
     " AND listener IN (SELECT value FROM json_each(?1))
           AND (event_version = 1 OR event_version <= (
                SELECT j.value FROM json_each(?2) j WHERE j.key = listener))
+          AND (ordering_key IS NULL OR NOT EXISTS (
+              SELECT 1 FROM txbus_deliveries p
+              WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
+                AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
+                AND (p.dead_at IS NULL OR p.key_hold) AND p.event_id <> d.event_id
+                AND ((p.event_id < d.event_id
+                      AND (p.dead_at IS NOT NULL OR p.attempts > 0 OR p.available_at <= ",
+    now_ms!(),
+    "))
+                     OR (d.available_at > d.emitted_at AND p.dead_at IS NULL
+                         AND p.leased_at IS NOT NULL AND p.available_at > ",
+    now_ms!(),
+    "))))
         ORDER BY available_at
         LIMIT ?3)
     RETURNING event_id, listener, attempts, payload, emitted_at * 1000 AS emitted_at_us,
-              lease_ms, dead_at IS NOT NULL AS expired, event_version"
+              lease_ms, dead_at IS NOT NULL AS expired, event_version, ordering_key"
 );
 
 impl Outbox for Sqlite {
@@ -319,6 +335,8 @@ struct EventRow {
     due_us: Option<i64>,
     version: i32,
     listeners: Option<String>,
+    ordering_key: Option<Arc<str>>,
+    key_hold: bool,
 }
 
 impl EventRow {
@@ -332,6 +350,8 @@ impl EventRow {
             version: event.version_i32(),
             listeners: (!event.listeners.is_empty())
                 .then(|| serde_json::Value::from(&*event.listeners).to_string()),
+            ordering_key: event.ordering_key.clone(),
+            key_hold: event.key_hold,
         }
     }
 
@@ -363,7 +383,10 @@ impl EventRow {
             .bind(listeners.as_str())
             .bind(self.version);
             match self.due_us {
-                Some(due_us) => statement.bind(due_us),
+                Some(due_us) => statement
+                    .bind(due_us)
+                    .bind(self.ordering_key.as_deref())
+                    .bind(self.key_hold),
                 None => statement,
             }
             .execute(c)?;

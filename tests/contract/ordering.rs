@@ -1,0 +1,249 @@
+//! Ordering per key: one run at a time and in event-id order for each listener and key, keys
+//! independent of each other, dead heads that let the key go on or hold it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use txbus::{Context, EventId, ListenerError};
+
+use crate::support::{PATIENCE, Probe, TestBackend, bus, fast_settings};
+
+/// An event keyed by its account, with a hand-written `ordering_key`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Keyed {
+    account: String,
+    /// Fail every run of this event (a key whose head keeps failing).
+    #[serde(default)]
+    always_fail: bool,
+}
+
+impl txbus::Event for Keyed {
+    const NAME: &'static str = "contract.keyed";
+
+    fn ordering_key(&self) -> Option<String> {
+        Some(self.account.clone())
+    }
+}
+
+/// One run of a keyed delivery, as its listener saw it.
+#[derive(Debug, Clone)]
+struct Run {
+    key: String,
+    event_id: EventId,
+    started: Instant,
+    ended: Instant,
+    ok: bool,
+}
+
+/// The runs of `keyed_run`, from every bus of a test.
+#[derive(Default)]
+struct Runs(Mutex<Vec<Run>>);
+
+impl Runs {
+    fn all(&self) -> Vec<Run> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A cheap, deterministic "random" number from an event id and an attempt.
+fn mix(event_id: EventId, attempt: u32) -> u64 {
+    let mut x = (event_id.get() as u64) ^ (u64::from(attempt) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+/// Sleeps 0 to 3 ms and fails about one run in five (never a third attempt, so every event
+/// ends), or every run for `always_fail`.
+#[txbus::listener]
+async fn keyed_run(event: Keyed, ctx: Context) -> Result<(), ListenerError> {
+    let runs = ctx.state::<Arc<Runs>>()?.clone();
+    assert_eq!(ctx.ordering_key(), Some(event.account.as_str()));
+    let started = Instant::now();
+    let roll = mix(ctx.event_id(), ctx.attempt());
+    tokio::time::sleep(Duration::from_millis(roll % 4)).await;
+    let ok = !event.always_fail && (ctx.attempt() >= 3 || !roll.is_multiple_of(5));
+    runs.0.lock().unwrap().push(Run {
+        key: event.account.clone(),
+        event_id: ctx.event_id(),
+        started,
+        ended: Instant::now(),
+        ok,
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err("this run fails".into())
+    }
+}
+
+/// Checks every key's runs: no two overlap, the successes come in event-id order with none
+/// missing, and no run of an event starts before the success of the event before it.
+fn check_order(runs: &[Run], emitted: &BTreeMap<String, Vec<EventId>>) {
+    let mut by_key: BTreeMap<&str, Vec<&Run>> = BTreeMap::new();
+    for run in runs {
+        by_key.entry(&run.key).or_default().push(run);
+    }
+    for (key, ids) in emitted {
+        let mut ids = ids.clone();
+        ids.sort();
+        let mut runs = by_key.remove(key.as_str()).unwrap_or_default();
+        runs.sort_by_key(|r| r.started);
+        for pair in runs.windows(2) {
+            assert!(
+                pair[1].started >= pair[0].ended,
+                "key {key}: two runs overlap: {:?} and {:?}",
+                pair[0],
+                pair[1]
+            );
+        }
+        let succeeded: Vec<EventId> = runs.iter().filter(|r| r.ok).map(|r| r.event_id).collect();
+        assert_eq!(
+            succeeded, ids,
+            "key {key}: successes out of order or missing"
+        );
+        // Runs in start order: each event's runs come after the success of the one before.
+        let mut done_up_to = 0;
+        for run in &runs {
+            let position = ids.iter().position(|id| *id == run.event_id).unwrap();
+            assert_eq!(
+                position, done_up_to,
+                "key {key}: {run:?} ran before the event before it succeeded"
+            );
+            if run.ok {
+                done_up_to += 1;
+            }
+        }
+    }
+}
+
+/// Two buses on one database, four emitting tasks, 50 keys, 2,000 events, a listener that fails
+/// one run in five and sleeps up to 3 ms: every key's events succeed once each, in event-id
+/// order, one run at a time.
+pub async fn keyed_deliveries_run_one_at_a_time_in_order<B: TestBackend>() {
+    let db = B::open().await;
+    let runs = Arc::new(Runs::default());
+    let settings = fast_settings().retry_after(Duration::from_millis(10));
+    let mut buses = Vec::new();
+    for pool in [db.pool.clone(), db.another_pool().await] {
+        let bus = bus(pool, &Probe::new())
+            .state(runs.clone())
+            .event::<Keyed>(settings)
+            .build()
+            .await
+            .unwrap();
+        buses.push(Arc::new(bus));
+    }
+    let mut tasks = Vec::new();
+    for task in 0..4usize {
+        let bus = buses[task % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut emitted = Vec::new();
+            for n in 0..500usize {
+                let account = format!("acct-{}", (n * 7 + task * 13) % 50);
+                let event = Keyed {
+                    account: account.clone(),
+                    always_fail: false,
+                };
+                let id = if n % 3 == 0 {
+                    bus.transaction(async |tx| tx.emit(&event).await)
+                        .await
+                        .unwrap()
+                } else {
+                    bus.emit(event, []).await.unwrap()
+                };
+                emitted.push((account, id));
+            }
+            emitted
+        }));
+    }
+    let mut emitted: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
+    for task in tasks {
+        for (account, id) in task.await.unwrap() {
+            emitted.entry(account).or_default().push(id);
+        }
+    }
+    let deadline = Instant::now() + PATIENCE * 4;
+    while runs.all().iter().filter(|r| r.ok).count() < 2000 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 2000 events succeeded",
+            runs.all().iter().filter(|r| r.ok).count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for bus in &buses {
+        crate::support::idle(bus).await;
+    }
+    let runs = runs.all();
+    assert!(
+        runs.iter().any(|r| !r.ok),
+        "some runs failed and were retried"
+    );
+    check_order(&runs, &emitted);
+    assert!(B::deliveries(&db.pool).await.is_empty());
+    for bus in buses {
+        Arc::into_inner(bus).unwrap().shutdown().await;
+    }
+}
+
+/// A key whose head keeps failing holds only that key: the events of other keys all succeed
+/// meanwhile, and the held key's second event has not run.
+pub async fn a_failing_head_holds_only_its_key<B: TestBackend>() {
+    let db = B::open().await;
+    let runs = Arc::new(Runs::default());
+    let bus = bus(db.pool.clone(), &Probe::new())
+        .state(runs.clone())
+        .event::<Keyed>(fast_settings().retry_after(Duration::from_millis(20)))
+        .build()
+        .await
+        .unwrap();
+    let stuck = |always_fail| Keyed {
+        account: "stuck".into(),
+        always_fail,
+    };
+    let head = bus.emit(stuck(true), []).await.unwrap();
+    let second = bus.emit(stuck(false), []).await.unwrap();
+    let mut others = Vec::new();
+    for n in 0..300 {
+        let account = format!("other-{}", n % 30);
+        others.push(
+            bus.emit(
+                Keyed {
+                    account,
+                    always_fail: false,
+                },
+                [],
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let all = runs.all();
+        let done = all
+            .iter()
+            .filter(|r| r.ok && r.key.starts_with("other-"))
+            .count();
+        if done == others.len() && all.iter().filter(|r| r.event_id == head).count() >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {} other events succeeded",
+            others.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all = runs.all();
+    assert!(
+        all.iter().all(|r| r.event_id != second),
+        "the second event of the held key ran while its head kept failing"
+    );
+    assert!(all.iter().filter(|r| r.event_id == head).all(|r| !r.ok));
+    bus.shutdown().await;
+}
