@@ -49,7 +49,10 @@ impl<'c, B: Backend> Transaction<'c, B> {
     /// Their ids are taken ahead, in blocks (one at a time on MySQL): the ids of one
     /// transaction's events increase in the order of its `emit`s, and ids are never reused, but
     /// they may leave gaps, and a transaction that commits later may hold smaller ids than one
-    /// that committed before it. Each event's emit time, and the lease and expiry that count
+    /// that committed before it. An event with an [ordering key](crate::Event::ordering_key)
+    /// takes its key's lock and then a fresh id, here: the ids of one key follow the order of
+    /// the commits (emit it after the writes it goes with, so that every transaction takes
+    /// their row locks before the key's). Each event's emit time, and the lease and expiry that count
     /// from it, is the database's clock when its id was taken. A write the database refuses
     /// (a payload PostgreSQL's `jsonb` does not take, say) fails the commit, and the
     /// transaction rolls back.

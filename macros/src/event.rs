@@ -160,7 +160,7 @@ fn parse_args(input: &DeriveInput, errors: &mut Errors) -> Args {
             } else {
                 Err(meta.error(
                     "unknown argument of `#[event(...)]`; expected `name = \"...\"`, \
-                     `version = N` or `upcast(1 => f, ...)`",
+                     `version = N`, `upcast(1 => f, ...)` or `ordering_key = field`",
                 ))
             }
         });
