@@ -75,6 +75,7 @@ macro_rules! scenarios {
             versions::newer_versions_are_left_to_instances_that_know_them,
             ordering::keyed_deliveries_run_one_at_a_time_in_order,
             ordering::a_failing_head_holds_only_its_key,
+            ordering::a_dead_head_lets_the_next_run_or_holds_its_key,
         );
     };
 }

@@ -247,3 +247,152 @@ pub async fn a_failing_head_holds_only_its_key<B: TestBackend>() {
     assert!(all.iter().filter(|r| r.event_id == head).all(|r| !r.ok));
     bus.shutdown().await;
 }
+
+/// A keyed event whose key a dead letter holds (`block_key_on_dead`), with two listeners:
+/// `held_run` fails while the bus's `Arc<AtomicBool>` is set, `held_other` always succeeds.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.held", ordering_key = account)]
+struct Held {
+    account: String,
+    n: u32,
+}
+
+#[txbus::listener]
+async fn held_run(event: Held, ctx: Context) -> Result<(), ListenerError> {
+    let failing = ctx.state::<Arc<std::sync::atomic::AtomicBool>>()?;
+    let probe = ctx.state::<Arc<Probe>>()?;
+    if failing.load(std::sync::atomic::Ordering::SeqCst) {
+        probe.record(&ctx, format!("failed {}", event.n));
+        return Err("failing".into());
+    }
+    probe.record(&ctx, format!("ok {}", event.n));
+    Ok(())
+}
+
+#[txbus::listener]
+async fn held_other(event: Held, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Probe>>()?
+        .record(&ctx, format!("ok {}", event.n));
+    Ok(())
+}
+
+/// A dead head lets the next delivery of its key run; with `block_key_on_dead` it holds the key
+/// (for its listener only) until it is replayed and succeeds.
+pub async fn a_dead_head_lets_the_next_run_or_holds_its_key<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let runs = Arc::new(Runs::default());
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let bus = bus(db.pool.clone(), &probe)
+        .state(runs.clone())
+        .state(failing.clone())
+        .event::<Keyed>(fast_settings().max_attempts(1))
+        .event::<Held>(fast_settings().max_attempts(1).block_key_on_dead(true))
+        .build()
+        .await
+        .unwrap();
+
+    // Without block_key_on_dead: the dead head lets the next one run.
+    let head = bus
+        .emit(
+            Keyed {
+                account: "free".into(),
+                always_fail: true,
+            },
+            [],
+        )
+        .await
+        .unwrap();
+    let next = bus
+        .emit(
+            Keyed {
+                account: "free".into(),
+                always_fail: false,
+            },
+            [],
+        )
+        .await
+        .unwrap();
+    crate::support::eventually("the next event of the key to succeed", || async {
+        runs.all()
+            .iter()
+            .any(|r| r.event_id == next && r.ok)
+            .then_some(())
+    })
+    .await;
+    let dead = bus
+        .dead_letters(txbus::DeadLetterQuery::new())
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].event_id, head);
+
+    // With it: held_run's dead head holds its key; held_other runs both events meanwhile.
+    let first = bus
+        .emit(
+            Held {
+                account: "held".into(),
+                n: 1,
+            },
+            [],
+        )
+        .await
+        .unwrap();
+    let second = bus
+        .emit(
+            Held {
+                account: "held".into(),
+                n: 2,
+            },
+            [],
+        )
+        .await
+        .unwrap();
+    probe
+        .wait_until(
+            "held_other to run both, and held_run's head to fail",
+            |calls| {
+                let other = calls.iter().filter(|c| c.listener == "held_other").count();
+                let failed = calls.iter().any(|c| c.note == "failed 1");
+                other == 2 && failed
+            },
+        )
+        .await;
+    let dead_head = crate::support::eventually("the head to be a dead letter", || async {
+        let dead = bus
+            .dead_letters(txbus::DeadLetterQuery::new().event(first))
+            .await
+            .unwrap();
+        dead.into_iter().next()
+    })
+    .await;
+    // A dozen polls pass (one every 25 ms): the second event of the held key does not run.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        probe
+            .calls_of("held_run")
+            .iter()
+            .all(|c| c.event_id != second),
+        "the held key's next delivery ran: {:?}",
+        probe.calls()
+    );
+
+    // The fix, then the replay: the head succeeds, then the next one runs.
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(bus.replay(first, &dead_head.listener).await.unwrap());
+    let calls = probe
+        .wait_until("held_run's second event", |calls| {
+            calls
+                .iter()
+                .any(|c| c.listener == "held_run" && c.event_id == second)
+        })
+        .await;
+    let order: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.listener == "held_run")
+        .map(|c| c.note.as_str())
+        .collect();
+    assert_eq!(order, ["failed 1", "ok 1", "ok 2"]);
+    crate::support::idle(&bus).await;
+    bus.shutdown().await;
+}
