@@ -294,6 +294,10 @@ impl<B: Backend> EventBus<B> {
                 };
                 total += deleted as u64;
                 if deleted < BATCH {
+                    if total > 0 {
+                        // A purged dead letter may have held its key (`block_key_on_dead`).
+                        self.engine.poll_now.notify_one();
+                    }
                     return Ok(total);
                 }
             }

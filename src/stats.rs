@@ -17,8 +17,10 @@ use crate::store::{Backend, ListenerRow, Pool};
 /// process died or lost the database; it runs again when claimed), `retrying` (failed,
 /// waiting for its retry time) and `scheduled` (a scheduled event not due yet, never run).
 ///
-/// Serialized (as `txbus status --json` prints it) with its fields, `pending` (their sum) and
-/// `oldest_pending_age_seconds`.
+/// Besides, the ordering keys that dead letters hold ([`held_keys`](Self::held_keys)).
+///
+/// Serialized (as `txbus status --json` prints it) with its fields, `pending` (the sum of the
+/// five states), `oldest_pending_age_seconds` and `oldest_held_age_seconds`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeliveryCounts {
@@ -41,6 +43,13 @@ pub struct DeliveryCounts {
     /// database's clock: since its event was emitted, or for a scheduled event since it fell
     /// due (in JSON: `oldest_pending_age_seconds`). Scheduled events not due yet do not count.
     pub oldest_pending_age: Option<Duration>,
+    /// Ordering keys held by a dead letter of an event with
+    /// [`block_key_on_dead`](crate::EventSettings::block_key_on_dead): their later deliveries
+    /// wait until it is replayed and succeeds, or purged. Counted once per listener and key.
+    pub held_keys: u64,
+    /// How long the longest-held of those keys has been held: since its dead letter died, by
+    /// the database's clock (in JSON: `oldest_held_age_seconds`).
+    pub oldest_held_age: Option<Duration>,
 }
 
 impl DeliveryCounts {
@@ -51,6 +60,7 @@ impl DeliveryCounts {
 
     fn from_row(row: &ListenerRow, now_us: i64) -> Self {
         let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let age = |since: i64| Duration::from_micros(count(now_us.saturating_sub(since)));
         Self {
             due: count(row.due),
             running: count(row.running),
@@ -59,9 +69,9 @@ impl DeliveryCounts {
             scheduled: count(row.scheduled),
             dead: count(row.dead),
             delivered: count(row.delivered),
-            oldest_pending_age: row.oldest_pending_us.map(|oldest| {
-                Duration::from_micros(u64::try_from(now_us.saturating_sub(oldest)).unwrap_or(0))
-            }),
+            oldest_pending_age: row.oldest_pending_us.map(age),
+            held_keys: count(row.held_keys),
+            oldest_held_age: row.held_since_us.map(age),
         }
     }
 
@@ -74,12 +84,14 @@ impl DeliveryCounts {
         self.dead += other.dead;
         self.delivered += other.delivered;
         self.oldest_pending_age = self.oldest_pending_age.max(other.oldest_pending_age);
+        self.held_keys += other.held_keys;
+        self.oldest_held_age = self.oldest_held_age.max(other.oldest_held_age);
     }
 }
 
 impl Serialize for DeliveryCounts {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut counts = serializer.serialize_struct("DeliveryCounts", 9)?;
+        let mut counts = serializer.serialize_struct("DeliveryCounts", 11)?;
         counts.serialize_field("due", &self.due)?;
         counts.serialize_field("running", &self.running)?;
         counts.serialize_field("stale", &self.stale)?;
@@ -90,6 +102,9 @@ impl Serialize for DeliveryCounts {
         counts.serialize_field("pending", &self.pending())?;
         let age = self.oldest_pending_age.map(|age| age.as_secs_f64());
         counts.serialize_field("oldest_pending_age_seconds", &age)?;
+        counts.serialize_field("held_keys", &self.held_keys)?;
+        let held = self.oldest_held_age.map(|age| age.as_secs_f64());
+        counts.serialize_field("oldest_held_age_seconds", &held)?;
         counts.end()
     }
 }
@@ -194,5 +209,7 @@ mod tests {
         assert_eq!(json["pending"], 3);
         assert_eq!(json["dead"], 4);
         assert_eq!(json["oldest_pending_age_seconds"], 1.5);
+        assert_eq!(json["held_keys"], 0);
+        assert_eq!(json["oldest_held_age_seconds"], serde_json::Value::Null);
     }
 }

@@ -96,6 +96,16 @@ pub(super) fn status(stats: &Stats) -> Output {
     if !stats.orphans.is_empty() {
         text.push_str("* no listener of this binary takes these deliveries\n");
     }
+    for (listener, counts) in &stats.listeners {
+        if counts.held_keys > 0 {
+            let keys = if counts.held_keys == 1 { "key" } else { "keys" };
+            text.push_str(&format!(
+                "{listener}: {} ordering {keys} held by dead letters, the oldest for {}: replay or purge them to release\n",
+                counts.held_keys,
+                counts.oldest_held_age.map_or("-".to_owned(), age),
+            ));
+        }
+    }
     for (listener, n) in &stats.unknown_versions {
         text.push_str(&format!(
             "{listener}: {n} pending stored by a newer version of its event than this binary knows\n"
@@ -264,6 +274,8 @@ mod tests {
             DeliveryCounts {
                 scheduled: 3,
                 dead: 2,
+                held_keys: 1,
+                oldest_held_age: Some(Duration::from_secs(90)),
                 ..DeliveryCounts::default()
             },
         );
@@ -280,5 +292,13 @@ mod tests {
         assert_eq!(billing, ["billing", "0", "0", "0", "0", "3", "2", "0", "-"]);
         assert_eq!(output.json["listeners"]["billing"]["dead"], 2);
         assert_eq!(output.json["listeners"]["billing"]["scheduled"], 3);
+        assert_eq!(output.json["listeners"]["billing"]["held_keys"], 1);
+        assert!(
+            output
+                .table
+                .contains("billing: 1 ordering key held by dead letters, the oldest for 1m 30s"),
+            "{}",
+            output.table
+        );
     }
 }

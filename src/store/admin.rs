@@ -50,6 +50,8 @@ rows! {
         dead: Option<i64>,
         delivered: Option<i64>,
         oldest_us: Option<i64>,
+        held_keys: Option<i64>,
+        held_since_us: Option<i64>,
         event_version: Option<i64>,
         inbox_ids: i64,
         inbox_messages: i64,
@@ -76,6 +78,10 @@ pub(crate) struct ListenerRow {
     /// Since when the longest-waiting of its deliveries that may run has waited (its emit, or
     /// its due time if it never ran), in microseconds since the Unix epoch.
     pub(crate) oldest_pending_us: Option<i64>,
+    /// How many keys its dead letters hold (`block_key_on_dead`).
+    pub(crate) held_keys: i64,
+    /// When the first of those dead letters died, in microseconds since the Unix epoch.
+    pub(crate) held_since_us: Option<i64>,
 }
 
 /// What the statistics statement counted.
@@ -111,6 +117,8 @@ impl StatsRows {
                     dead: row.dead.unwrap_or(0),
                     delivered: row.delivered.unwrap_or(0),
                     oldest_pending_us: row.oldest_us,
+                    held_keys: row.held_keys.unwrap_or(0),
+                    held_since_us: row.held_since_us,
                 });
             }
         }

@@ -366,6 +366,12 @@ pub async fn a_dead_head_lets_the_next_run_or_holds_its_key<B: TestBackend>() {
         dead.into_iter().next()
     })
     .await;
+    let stats = bus.stats().await.unwrap();
+    let held = &stats.listeners[&listener_id("held_run")];
+    assert_eq!(held.held_keys, 1, "{stats:?}");
+    assert!(held.oldest_held_age.is_some(), "{stats:?}");
+    assert_eq!(stats.listeners[&listener_id("held_other")].held_keys, 0);
+    assert_eq!(stats.total.held_keys, 1);
     // A dozen polls pass (one every 25 ms): the second event of the held key does not run.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -393,6 +399,148 @@ pub async fn a_dead_head_lets_the_next_run_or_holds_its_key<B: TestBackend>() {
         .map(|c| c.note.as_str())
         .collect();
     assert_eq!(order, ["failed 1", "ok 1", "ok 2"]);
+    crate::support::idle(&bus).await;
+    let stats = bus.stats().await.unwrap();
+    assert_eq!(stats.total.held_keys, 0, "{stats:?}");
+    assert_eq!(stats.total.oldest_held_age, None);
+    bus.shutdown().await;
+}
+
+/// The id of one of this module's listeners.
+fn listener_id(name: &str) -> String {
+    format!("{}::{name}", module_path!())
+}
+
+/// A dead letter that holds its key (`block_key_on_dead`) releases it when it is purged: the
+/// next delivery of the key runs, and the stats no longer count the key.
+pub async fn a_purged_dead_head_releases_its_key<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let bus = bus(db.pool.clone(), &probe)
+        .state(failing.clone())
+        .event::<Held>(fast_settings().max_attempts(1).block_key_on_dead(true))
+        .build()
+        .await
+        .unwrap();
+    let held = |n| Held {
+        account: "purged".into(),
+        n,
+    };
+    bus.emit(held(1), []).await.unwrap();
+    let second = bus.emit(held(2), []).await.unwrap();
+    probe
+        .wait_until("held_run's head to fail, held_other to run both", |calls| {
+            calls.iter().any(|c| c.note == "failed 1")
+                && calls.iter().filter(|c| c.listener == "held_other").count() == 2
+        })
+        .await;
+    crate::support::eventually("the key to be held", || async {
+        let stats = bus.stats().await.unwrap();
+        (stats.total.held_keys == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        probe
+            .calls_of("held_run")
+            .iter()
+            .all(|c| c.event_id != second)
+    );
+
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(bus.purge_dead(Duration::ZERO).await.unwrap(), 1);
+    let calls = probe
+        .wait_until("held_run's second event", |calls| {
+            calls
+                .iter()
+                .any(|c| c.listener == "held_run" && c.event_id == second)
+        })
+        .await;
+    let order: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.listener == "held_run")
+        .map(|c| c.note.as_str())
+        .collect();
+    assert_eq!(order, ["failed 1", "ok 2"]);
+    crate::support::idle(&bus).await;
+    assert_eq!(bus.stats().await.unwrap().total.held_keys, 0);
+    bus.shutdown().await;
+}
+
+/// A scheduled keyed event does not hold its key before it is due (a later event of the key
+/// runs first), and once due it takes its place by event id: a later event waits for it.
+pub async fn a_scheduled_keyed_event_takes_its_place_when_due<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bus = bus(db.pool.clone(), &probe)
+        .state(failing.clone())
+        .event::<Held>(
+            fast_settings()
+                .retry_after(Duration::from_millis(20))
+                .max_attempts(10_000),
+        )
+        .build()
+        .await
+        .unwrap();
+    let held = |account: &str, n| Held {
+        account: account.into(),
+        n,
+    };
+
+    // Not due: the key's next event runs without waiting for it.
+    let later = bus
+        .emit_after(Duration::from_secs(3600), held("early", 1), [])
+        .await
+        .unwrap();
+    bus.emit(held("early", 2), []).await.unwrap();
+    probe
+        .wait_until("the unscheduled event of the key to run", |calls| {
+            calls
+                .iter()
+                .any(|c| c.listener == "held_run" && c.note == "ok 2")
+        })
+        .await;
+    assert_eq!(bus.cancel(later).await.unwrap(), 2);
+
+    // Due (and failing): an event emitted after it waits until it succeeds.
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let scheduled = bus
+        .emit_after(Duration::from_millis(300), held("due", 1), [])
+        .await
+        .unwrap();
+    probe
+        .wait_until("the scheduled event to fall due and fail", |calls| {
+            calls
+                .iter()
+                .any(|c| c.event_id == scheduled && c.note == "failed 1")
+        })
+        .await;
+    let next = bus.emit(held("due", 2), []).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        probe
+            .calls_of("held_run")
+            .iter()
+            .all(|c| c.event_id != next),
+        "the key's next event ran while its due head kept failing"
+    );
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let calls = probe
+        .wait_until("the key's next event", |calls| {
+            calls
+                .iter()
+                .any(|c| c.listener == "held_run" && c.event_id == next)
+        })
+        .await;
+    let order: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.listener == "held_run" && c.event_id >= scheduled)
+        .map(|c| c.note.as_str())
+        .filter(|note| *note != "failed 1")
+        .collect();
+    assert_eq!(order, ["ok 1", "ok 2"]);
     crate::support::idle(&bus).await;
     bus.shutdown().await;
 }

@@ -25,7 +25,7 @@ impl Admin for Mysql {
     // in MySQL: cast, so that it reads as BIGINT. UTC_TIMESTAMP is fixed for the whole statement.
     const STATS: &'static str = "\
 SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead, s.delivered,
-       s.oldest_us, CAST(s.event_version AS SIGNED) AS event_version, i.n AS inbox_ids, m.n AS inbox_messages,
+       s.oldest_us, s.held_keys, s.held_since_us, CAST(s.event_version AS SIGNED) AS event_version, i.n AS inbox_ids, m.n AS inbox_messages,
        TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
@@ -52,9 +52,13 @@ LEFT JOIN (
                                   WHEN attempts = 0 AND leased_at IS NULL
                                        AND available_at > UTC_TIMESTAMP(6) THEN NULL
                                   WHEN attempts = 0 AND leased_at IS NULL THEN available_at
-                                  ELSE emitted_at END)) AS oldest_us
+                                  ELSE emitted_at END)) AS oldest_us,
+           COUNT(DISTINCT CASE WHEN dead_at IS NOT NULL AND key_hold THEN ordering_key END)
+               AS held_keys,
+           TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00',
+                         MIN(CASE WHEN key_hold THEN dead_at END)) AS held_since_us
     FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
-                 dead_at IS NULL AND delivered_at IS NULL AS pending
+                 ordering_key, key_hold, dead_at IS NULL AND delivered_at IS NULL AS pending
           FROM txbus_deliveries) d
     GROUP BY listener, event_version) s ON TRUE";
 

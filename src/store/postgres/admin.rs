@@ -20,7 +20,7 @@ impl Admin for Postgres {
     // delivery never run waits since its due time, any other since its emit.
     const STATS: &'static str = "\
 SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead, s.delivered,
-       s.oldest_us, s.event_version::int8 AS event_version, i.n AS inbox_ids, m.n AS inbox_messages,
+       s.oldest_us, s.held_keys, s.held_since_us, s.event_version::int8 AS event_version, i.n AS inbox_ids, m.n AS inbox_messages,
        (extract(epoch FROM now()) * 1000000)::int8 AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
@@ -41,9 +41,13 @@ LEFT JOIN (
                                         THEN available_at ELSE emitted_at END)
                                FILTER (WHERE pending AND NOT (attempts = 0 AND leased_at IS NULL
                                                               AND available_at > now())))
-            * 1000000)::int8 AS oldest_us
+            * 1000000)::int8 AS oldest_us,
+           count(DISTINCT ordering_key) FILTER (WHERE dead_at IS NOT NULL AND key_hold)
+               AS held_keys,
+           (extract(epoch FROM min(dead_at) FILTER (WHERE key_hold)) * 1000000)::int8
+               AS held_since_us
     FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
-                 dead_at IS NULL AND delivered_at IS NULL AS pending
+                 ordering_key, key_hold, dead_at IS NULL AND delivered_at IS NULL AS pending
           FROM txbus_deliveries) d
     GROUP BY listener, event_version) s ON true";
 

@@ -22,7 +22,7 @@ impl Admin for Sqlite {
     // its clock as a constant of the statement, so every count and `now_us` see the same time.
     const STATS: &'static str = concat!(
         "SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead,
-       s.delivered, s.oldest_us, s.event_version, i.n AS inbox_ids, m.n AS inbox_messages, ",
+       s.delivered, s.oldest_us, s.held_keys, s.held_since_us, s.event_version, i.n AS inbox_ids, m.n AS inbox_messages, ",
         now_ms!(),
         " * 1000 AS now_us
 FROM (SELECT count(*) AS n FROM txbus_inbox) i
@@ -43,9 +43,12 @@ LEFT JOIN (
            min(CASE WHEN attempts = 0 AND leased_at IS NULL THEN available_at
                     ELSE emitted_at END)
                FILTER (WHERE pending AND NOT (attempts = 0 AND leased_at IS NULL
-                                              AND available_at > now)) * 1000 AS oldest_us
+                                              AND available_at > now)) * 1000 AS oldest_us,
+           count(DISTINCT CASE WHEN dead_at IS NOT NULL AND key_hold THEN ordering_key END)
+               AS held_keys,
+           min(CASE WHEN key_hold THEN dead_at END) * 1000 AS held_since_us
     FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
-                 dead_at IS NULL AND delivered_at IS NULL AS pending, ",
+                 ordering_key, key_hold, dead_at IS NULL AND delivered_at IS NULL AS pending, ",
         now_ms!(),
         " AS now
           FROM txbus_deliveries) d
