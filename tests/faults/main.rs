@@ -16,6 +16,7 @@
 mod support;
 
 mod kill;
+mod ordering;
 #[cfg(feature = "postgres")]
 mod outage;
 #[cfg(feature = "postgres")]
@@ -99,6 +100,7 @@ fn main() {
         let args: Vec<String> = std::env::args().skip(1).collect();
         match role.as_str() {
             "kill-worker" => kill::worker(&args),
+            "ordering-worker" => ordering::worker(&args),
             #[cfg(feature = "postgres")]
             "skew" => skew::child(&args),
             other => panic!("unknown child role {other}"),
@@ -110,6 +112,14 @@ fn main() {
         trials.push(trial(
             format!("{backend}::kill_9_at_random_points"),
             move || with_backend!(backend, kill_scenario()),
+        ));
+        trials.push(trial(
+            format!("{backend}::keyed_order_across_processes"),
+            move || with_backend!(backend, ordering_scenario(false)),
+        ));
+        trials.push(trial(
+            format!("{backend}::keyed_order_survives_kill_9"),
+            move || with_backend!(backend, ordering_scenario(true)),
         ));
         trials.push(trial(
             format!("{backend}::stuck_listeners_do_not_block_others"),
@@ -140,6 +150,13 @@ where
     Order: txbus::Entity<B>,
 {
     runtime().block_on(kill::kill_9_at_random_points::<B>());
+}
+
+fn ordering_scenario<B: support::TestBackend>(kill: bool)
+where
+    Order: txbus::Entity<B>,
+{
+    runtime().block_on(ordering::keyed_order_across_processes::<B>(kill));
 }
 
 fn stuck_scenario<B: support::TestBackend>() {
