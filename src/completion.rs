@@ -54,9 +54,10 @@ pub(crate) async fn complete_loop<B: Backend>(
             });
             dispatch::wake_when_due(&runner, retries.collect(), retry_every);
             // A keyed delivery that finished lets the next of its key run: claim it now.
-            if outcomes.iter().any(|o| o.keyed) {
-                runner.retry_due.notify_one();
-            }
+            runner.wake_heads(outcomes.iter().filter_map(|o| {
+                let key = o.ordering_key.clone()?;
+                Some((o.key.listener, key))
+            }));
         }
         // Only now is the bus idle for these deliveries.
         drop(in_flight);

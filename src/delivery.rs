@@ -107,9 +107,9 @@ pub(crate) enum Resolution {
 pub struct Outcome {
     pub(crate) key: DeliveryKey,
     pub(crate) resolution: Resolution,
-    /// Whether the event has an ordering key: once recorded, the next delivery of its key may
-    /// be due.
-    pub(crate) keyed: bool,
+    /// The event's ordering key: once this is recorded, the next delivery of the key may be
+    /// its head.
+    pub(crate) ordering_key: Option<std::sync::Arc<str>>,
 }
 
 #[cfg(test)]

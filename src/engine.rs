@@ -172,6 +172,7 @@ impl<B: Backend> Engine<B> {
         let parent = tracing::Span::current().id();
         let _span = tracing::debug_span!("txbus.dispatch", events = written.len()).entered();
         let mut scheduled = Vec::new();
+        let mut heads = Vec::new();
         for Written {
             prepared,
             inserted,
@@ -180,8 +181,17 @@ impl<B: Backend> Engine<B> {
         {
             crate::metrics::emitted(prepared.new.name);
             if let Some(due_in) = prepared.new.due_in {
-                if !prepared.listeners.is_empty() {
-                    scheduled.push(due_in);
+                match &prepared.new.ordering_key {
+                    // Due now: a claim of its key's head, for each listener, takes it if it is.
+                    Some(key) if due_in.is_zero() => heads.extend(
+                        prepared
+                            .new
+                            .listeners
+                            .iter()
+                            .map(|listener| (*listener, key.clone())),
+                    ),
+                    _ if !prepared.listeners.is_empty() => scheduled.push(due_in),
+                    _ => {}
                 }
                 continue;
             }
@@ -210,6 +220,7 @@ impl<B: Backend> Engine<B> {
             }
         }
         dispatch::wake_when_due(&self.runner, scheduled, self.config.retry_every);
+        self.runner.wake_heads(heads);
     }
 
     /// One retention round, unless another instance is running one (`None`). Returns the rows

@@ -65,15 +65,30 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
             }
         } else {
             // A retry falling due only needs a claim; ticks and requested polls also count
-            // towards the sweep.
-            let due = next_due.take();
-            let counted = tokio::select! {
-                _ = tick.tick() => true,
-                _ = engine.poll_now.notified() => true,
-                _ = runner.retry_due.notified() => false,
-                _ = sleep_until(due), if due.is_some() => false,
+            // towards the sweep. Keys whose head may have changed only need a claim of their
+            // heads.
+            let due = next_due;
+            let wake = tokio::select! {
+                _ = tick.tick() => Wake::Counted,
+                _ = engine.poll_now.notified() => Wake::Counted,
+                _ = runner.retry_due.notified() => Wake::Due,
+                _ = sleep_until(due), if due.is_some() => Wake::Due,
+                _ = runner.heads_ready.notified() => Wake::Heads,
                 _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
             };
+            if wake == Wake::Heads {
+                // With every listener busy, claim everything due once one frees up.
+                more = match claim_heads(&engine, &known, &versions).await {
+                    Ok(full) => full,
+                    Err(error) => {
+                        tracing::warn!(error = %Chain(&error), "claiming the heads of ordering keys failed; retrying at the next poll");
+                        false
+                    }
+                };
+                continue;
+            }
+            next_due = None;
+            let counted = wake == Wake::Counted;
             polls += u64::from(counted);
             if counted && polls % SWEEP_EVERY_POLLS == 1 {
                 if let Err(error) = sweep(&engine, &known, &versions).await {
@@ -110,6 +125,17 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
             };
         }
     }
+}
+
+/// What woke the idle poller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A tick or a requested poll: they count towards the sweep.
+    Counted,
+    /// A delivery falling due.
+    Due,
+    /// Ordering keys whose head may have changed.
+    Heads,
 }
 
 /// When the gauges are refreshed next.
@@ -200,6 +226,50 @@ async fn housekeeping<B: Backend>(engine: &Engine<B>, known: &[&'static str]) ->
     Ok(())
 }
 
+/// Claims the heads of the ordering keys waiting for it (see [`Runner::wake_heads`]), or
+/// everything due where the backend has no such claim. Returns whether every listener is busy.
+///
+/// [`Runner::wake_heads`]: crate::dispatch::Runner::wake_heads
+async fn claim_heads<B: Backend>(
+    engine: &Engine<B>,
+    known: &[&'static str],
+    versions: &str,
+) -> Result<bool, Error> {
+    let room = engine.runner.room(engine.config.max_events_per_retry);
+    if room == 0 {
+        return Ok(true);
+    }
+    let heads = engine.runner.take_heads(room);
+    if heads.is_empty() || known.is_empty() {
+        return Ok(false);
+    }
+    let span = tracing::debug_span!(
+        "txbus.claim",
+        keys = heads.len(),
+        claimed = tracing::field::Empty
+    );
+    async {
+        let (turn, mut conn) = engine.pool.get_for_write().await?;
+        let leased = Instant::now();
+        let claimed = B::claim_heads(&mut conn, known, versions, &heads, room).await?;
+        drop((conn, turn));
+        let Some(claimed) = claimed else {
+            engine.runner.retry_due.notify_one();
+            return Ok(false);
+        };
+        let full = claimed.len() >= room;
+        tracing::Span::current().record("claimed", claimed.len());
+        let ready = Instant::now();
+        let parent = tracing::Span::current().id();
+        for delivery in claimed {
+            submit(engine, delivery, leased, ready, parent.clone());
+        }
+        Ok(full)
+    }
+    .instrument(span)
+    .await
+}
+
 /// Claims one batch and queues it. Returns whether the batch was full.
 async fn claim<B: Backend>(
     engine: &Engine<B>,
@@ -213,6 +283,8 @@ async fn claim<B: Backend>(
     if room == 0 {
         return Ok(true);
     }
+    // Every key waiting for a claim of its head is claimed by this one, if it is due.
+    engine.runner.clear_heads();
     let span = tracing::debug_span!("txbus.claim", room, claimed = tracing::field::Empty);
     async {
         let (turn, mut conn) = engine.pool.get_for_write().await?;

@@ -68,6 +68,23 @@ pub async fn bulk_backlog_due<B: BenchBackend>(pool: &Pool<B>, n: usize, payload
 where
     BenchUser: Entity<B>,
 {
+    bulk_backlog_keyed::<B>(pool, n, payload, due_in, None).await;
+}
+
+/// [`bulk_backlog_due`] with events keyed round robin over `keys` ordering keys (`k0`, `k1`,
+/// ...), or unkeyed.
+pub async fn bulk_backlog_keyed<B: BenchBackend>(
+    pool: &Pool<B>,
+    n: usize,
+    payload: &str,
+    due_in: u32,
+    keys: Option<usize>,
+) where
+    BenchUser: Entity<B>,
+{
+    let key = keys.map_or("NULL".to_owned(), |keys| {
+        format!("concat('k', s.n % {keys})")
+    });
     assert!(
         !payload.contains('\''),
         "the payload is written into the statement"
@@ -87,9 +104,9 @@ where
             pool,
             &format!(
                 "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, \
-                 lease_ms, attempts, available_at, expires_at) \
+                 lease_ms, attempts, available_at, expires_at, ordering_key) \
                  SELECT {first} + s.n - 1, '{DRAIN_LISTENER}', 'bench.drained', '{payload}', {now}, \
-                 30000, 0, {due}, {later} FROM ({series}) s",
+                 30000, 0, {due}, {later}, {key} FROM ({series}) s",
                 now = B::now_plus(0),
                 due = B::now_plus(due_in),
                 later = B::now_plus(24 * 3600),

@@ -1,9 +1,9 @@
-//! The benchmark harness: scenarios E1, E2, E3, L1, L2, L3, D1, M1, S1, T1 (and N1 with feature
+//! The benchmark harness: scenarios E1, E2, E3, L1, L2, L3, D1, M1, S1, T1, K1 (and N1 with feature
 //! `nats`) on each backend, each measured beside a baseline (or a target) in the same run, rounds
 //! alternating, reported as medians with min–max.
 //!
 //! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite]
-//! [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,N1] [--concurrency 1,4,16] [--events N] [--rounds N]
+//! [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1] [--concurrency 1,4,16] [--events N] [--rounds N]
 //! [--payload BYTES] [--backlog N] [--memory-backlog N] [--overload N] [--later N]
 //! [--idle-secs N] [--scheduled N] [--smoke]`
 
@@ -11,6 +11,7 @@
 
 mod backends;
 mod fanout;
+mod keyed;
 mod later;
 #[cfg(feature = "nats")]
 mod nats;
@@ -206,7 +207,7 @@ impl Default for Args {
         Self {
             backends: compiled_backends(),
             scenarios: [
-                "E1", "E2", "E3", "L1", "L2", "L3", "D1", "M1", "S1", "T1", "N1",
+                "E1", "E2", "E3", "L1", "L2", "L3", "D1", "M1", "S1", "T1", "K1", "N1",
             ]
             .into_iter()
             .filter(|s| *s != "N1" || cfg!(feature = "nats"))
@@ -282,7 +283,7 @@ impl Args {
 }
 
 const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
-[--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
+[--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
 [--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--scheduled N] [--smoke]";
 
 fn compiled_backends() -> Vec<String> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use diesel_async::AsyncConnection;
 use txbus::{Entity, EventBus, Pool, persist};
 
-use super::backends::{BenchBackend, bulk_backlog};
+use super::backends::{BenchBackend, bulk_backlog, bulk_backlog_keyed};
 use super::{Args, BenchUser, Recorder, Row, UserCreated};
 use crate::support::TestBackend;
 use crate::support::backends::exec;
@@ -74,6 +74,7 @@ where
             "M1" => rows.extend(m1::<B>(args).await),
             "S1" => rows.extend(s1::<B>(args).await),
             "T1" => rows.extend(super::scheduled::t1::<B>(args).await),
+            "K1" => rows.extend(super::keyed::k1::<B>(args).await),
             #[cfg(feature = "nats")]
             "N1" => rows.extend(super::nats::n1::<B>(args).await),
             other => panic!("unknown scenario {other}"),
@@ -388,13 +389,18 @@ pub fn drain_bus<B: TestBackend>(
 
 /// Drains a backlog with one bus in this process (tuned as [`drain_bus`], or with the builder's
 /// defaults), checks that every delivery ran once, and returns deliveries per second.
-async fn drain_here<B: BenchBackend>(n: usize, payload: &str, tuned: bool) -> f64
+pub async fn drain_here<B: BenchBackend>(
+    n: usize,
+    payload: &str,
+    tuned: bool,
+    keys: Option<usize>,
+) -> f64
 where
     BenchUser: Entity<B>,
 {
     let db = B::open().await;
     txbus::migrate(&db.pool).await.unwrap();
-    bulk_backlog::<B>(&db.pool, n, payload).await;
+    bulk_backlog_keyed::<B>(&db.pool, n, payload, 0, keys).await;
     let pool = pool_for::<B>(&db.url, 8).await;
     let recorder = Arc::new(Recorder::default());
     let started = Instant::now();
@@ -465,11 +471,13 @@ where
                         row.baseline.push(rate);
                     }
                 }
-                1 => one.txbus.push(drain_here::<B>(n, &payload, true).await),
+                1 => one
+                    .txbus
+                    .push(drain_here::<B>(n, &payload, true, None).await),
                 2 => defaults
                     .txbus
-                    .push(drain_here::<B>(n, &payload, false).await),
-                _ => two.txbus.push(drain_two::<B>(n, &payload).await),
+                    .push(drain_here::<B>(n, &payload, false, None).await),
+                _ => two.txbus.push(drain_two::<B>(n, &payload, None).await),
             }
         }
     }
@@ -497,13 +505,13 @@ where
 
 /// Drains a backlog of `n` with two child processes, checks that they split it and that
 /// nothing ran twice; deliveries per second.
-async fn drain_two<B: BenchBackend>(n: usize, payload: &str) -> f64
+pub async fn drain_two<B: BenchBackend>(n: usize, payload: &str, keys: Option<usize>) -> f64
 where
     BenchUser: Entity<B>,
 {
     let db = B::open().await;
     txbus::migrate(&db.pool).await.unwrap();
-    bulk_backlog::<B>(&db.pool, n, payload).await;
+    bulk_backlog_keyed::<B>(&db.pool, n, payload, 0, keys).await;
     let dir = std::env::temp_dir();
     let outs: Vec<_> = (0..2)
         .map(|i| dir.join(format!("txbus-bench-{}-{i}.ids", std::process::id())))

@@ -161,7 +161,7 @@ where
 
 /// Writes `k` deliveries due a second later, as another process would, and returns the median
 /// time from their due time to their listener's start here, in milliseconds.
-async fn due_to_start<B: BenchBackend>(url: &str, pool: &txbus::Pool<B>, k: usize) -> f64
+pub async fn due_to_start<B: BenchBackend>(url: &str, pool: &txbus::Pool<B>, k: usize) -> f64
 where
     BenchUser: Entity<B>,
 {

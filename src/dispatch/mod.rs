@@ -36,6 +36,10 @@ const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(1);
 const QUEUE_PER_LISTENER: usize = 16;
 const MIN_QUEUE: usize = 1024;
 
+/// How many ordering keys at most wait for a claim of their heads; beyond them, the poller
+/// claims everything due instead.
+const MAX_HEADS: usize = 10_000;
+
 /// Where the bus is in its life. Ordered: each phase follows the one before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Phase {
@@ -97,6 +101,11 @@ pub(crate) struct Runner {
     pub(crate) retry_due: Notify,
     /// Tasks waiting to signal [`retry_due`](Self::retry_due).
     pub(crate) due_timers: AtomicUsize,
+    /// Ordering keys whose head may have changed, per listener: an event of the key was
+    /// emitted here, or a run of it finished. The poller claims their heads.
+    heads: Mutex<Vec<(&'static str, Arc<str>)>>,
+    /// Signalled when [`heads`](Self::heads) has keys.
+    pub(crate) heads_ready: Notify,
     state: Arc<State>,
     /// Runs the transactional listeners, when the binary has any.
     transactions: Option<Arc<dyn Transactions>>,
@@ -128,10 +137,50 @@ impl Runner {
             freed: Notify::new(),
             retry_due: Notify::new(),
             due_timers: AtomicUsize::new(0),
+            heads: Mutex::new(Vec::new()),
+            heads_ready: Notify::new(),
             state: Arc::new(state),
             transactions,
         });
         (runner, jobs, report_rx)
+    }
+
+    /// Asks the poller to claim the heads of these keys (see [`heads`](Self::heads)). Beyond
+    /// [`MAX_HEADS`] waiting keys, it claims everything due instead.
+    pub(crate) fn wake_heads(&self, keys: impl IntoIterator<Item = (&'static str, Arc<str>)>) {
+        let mut heads = self.heads.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = heads.len();
+        heads.extend(keys);
+        if heads.len() == before {
+            return;
+        }
+        if heads.len() > MAX_HEADS {
+            heads.clear();
+            self.retry_due.notify_one();
+        } else {
+            self.heads_ready.notify_one();
+        }
+    }
+
+    /// Up to `n` of the keys waiting for a claim of their heads, each once.
+    pub(crate) fn take_heads(&self, n: usize) -> Vec<(&'static str, Arc<str>)> {
+        let mut heads = self.heads.lock().unwrap_or_else(PoisonError::into_inner);
+        heads.sort_unstable();
+        heads.dedup();
+        let rest = heads.len().saturating_sub(n);
+        let taken = heads.split_off(rest);
+        if !heads.is_empty() {
+            self.heads_ready.notify_one();
+        }
+        taken
+    }
+
+    /// Forgets the keys waiting for a claim of their heads: a claim of everything due takes them.
+    pub(crate) fn clear_heads(&self) {
+        self.heads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -209,7 +258,7 @@ impl Runner {
                     undo_attempt: true,
                     error: None,
                 },
-                keyed: job.ordering_key.is_some(),
+                ordering_key: job.ordering_key,
             },
             _in_flight: job.in_flight,
         };

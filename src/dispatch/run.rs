@@ -92,7 +92,7 @@ pub(crate) async fn run(
             outcome: Outcome {
                 key: job.key,
                 resolution,
-                keyed: job.ordering_key.is_some(),
+                ordering_key: job.ordering_key,
             },
             _in_flight: job.in_flight,
         };

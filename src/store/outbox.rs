@@ -114,6 +114,12 @@ pub trait Outbox<B: Backend = Self> {
     /// made dead (`expired`) instead. Returns [`ClaimedRow`]s.
     const CLAIM: Update;
 
+    /// [`CLAIM`](Self::CLAIM) restricted to the heads of some ordering keys: `$4` and `$5` are
+    /// lists of listener ids and keys, pairwise; for each pair, the first delivery of the key
+    /// (by event id, pending or holding the key) is claimed if `CLAIM` would claim it. `None`
+    /// where the backend has no such statement: then the general claim runs instead.
+    const CLAIM_HEADS: Option<Update> = None;
+
     /// Makes up to `$3` expired due deliveries dead that no listener here can run: those of
     /// listeners not in the list `$1`, as `no_listener` (with a `last_error` naming the
     /// listener, unless one is set), and those of listeners in it stored at a version newer
@@ -257,6 +263,35 @@ pub trait Outbox<B: Backend = Self> {
 
     /// Leases up to `limit` due deliveries of `listeners` at a version they know (`versions`,
     /// see [`Outbox::CLAIM`]).
+    /// Claims the heads of the `(listener, key)` pairs `heads` ([`CLAIM_HEADS`](Self::CLAIM_HEADS)),
+    /// at most `limit`; `None` where the backend has no such claim.
+    fn claim_heads(
+        conn: &mut B::Connection,
+        listeners: &[&'static str],
+        versions: &str,
+        heads: &[(&'static str, Arc<str>)],
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Option<Vec<Claimed>>>> + Send {
+        async move {
+            let Some(statement) = Self::CLAIM_HEADS else {
+                return Ok(None);
+            };
+            let (head_listeners, keys): (Vec<&str>, Vec<&str>) = heads
+                .iter()
+                .map(|(listener, key)| (*listener, &**key))
+                .unzip();
+            let rows: Vec<ClaimedRow> = update::rows::<B, _>(conn, statement, |q| {
+                q.bind_list(listeners)
+                    .bind(versions)
+                    .bind(rows::limit(limit))
+                    .bind_list(&head_listeners)
+                    .bind_list(&keys)
+            })
+            .await?;
+            Ok(Some(rows.into_iter().map(Claimed::from).collect()))
+        }
+    }
+
     fn claim(
         conn: &mut B::Connection,
         listeners: &[&'static str],

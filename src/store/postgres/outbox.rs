@@ -50,25 +50,15 @@ WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.att
   AND COALESCE(t.dead_at, t.delivered_at) IS NULL
 RETURNING t.event_id, t.listener, t.dead_reason";
 
-impl Outbox for Postgres {
-    // A keyed delivery is claimed only as its key's head, for its listener: no other delivery
-    // of the key is pending before it (by event id), or dead before it and holding the key; a
-    // scheduled one not due yet does not count. One that may have been passed by a later one
-    // (a retry, a scheduled or replayed one: its `available_at` is past its emit) also waits
-    // while a later one of its key runs. The partial index `txbus_deliveries_key` serves the
-    // look-up.
-    //
-    // The MATERIALIZED CTE is evaluated exactly once: a plain `IN (SELECT ... LIMIT n FOR UPDATE
-    // SKIP LOCKED)` can be rescanned by some plans and then claim more than n rows. Deliveries
-    // found expired are made dead instead of leased (all SET expressions see the row as it was).
-    const CLAIM: Update = Update::Returning(
-        "\
-WITH c AS MATERIALIZED (
-    SELECT event_id, listener FROM txbus_deliveries d
-    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
-      AND listener = ANY($1)
-      AND (event_version = 1 OR event_version <= ($2::jsonb ->> listener)::int4)
-      AND (ordering_key IS NULL OR NOT EXISTS (
+/// The condition that a due delivery `d` is its key's head, for its listener (always true
+/// without a key): no other delivery of the key is pending before it (by event id), or dead
+/// before it and holding the key; a scheduled one not due yet does not count. One that may have
+/// been passed by a later one (a retry, a scheduled or replayed one: its `available_at` is past
+/// its emit) also waits while a later one of its key runs. The partial index
+/// `txbus_deliveries_key` serves the look-up.
+macro_rules! key_head {
+    () => {
+        "(d.ordering_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM txbus_deliveries p
           WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
             AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
@@ -76,10 +66,15 @@ WITH c AS MATERIALIZED (
             AND ((p.event_id < d.event_id
                   AND (p.dead_at IS NOT NULL OR p.attempts > 0 OR p.available_at <= now()))
                  OR (d.available_at > d.emitted_at AND p.dead_at IS NULL
-                     AND p.leased_at IS NOT NULL AND p.available_at > now()))))
-    ORDER BY available_at
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED)
+                     AND p.leased_at IS NOT NULL AND p.available_at > now()))))"
+    };
+}
+
+/// Leases the deliveries of the CTE `c`. Those found expired are made dead instead (all SET
+/// expressions see the row as it was).
+macro_rules! lease_claimed {
+    () => {
+        "
 UPDATE txbus_deliveries d
 SET attempts = CASE WHEN d.expires_at <= now() THEN d.attempts ELSE d.attempts + 1 END,
     available_at = CASE WHEN d.expires_at <= now() THEN d.available_at
@@ -91,8 +86,56 @@ FROM c
 WHERE d.event_id = c.event_id AND d.listener = c.listener
 RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
           (extract(epoch FROM d.emitted_at) * 1000000)::int8 AS emitted_at_us, d.lease_ms,
-          d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key",
-    );
+          d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key"
+    };
+}
+
+impl Outbox for Postgres {
+    // A keyed delivery is claimed only as its key's head (see `key_head!`). The MATERIALIZED
+    // CTE is evaluated exactly once: a plain `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)`
+    // can be rescanned by some plans and then claim more than n rows.
+    const CLAIM: Update = Update::Returning(concat!(
+        "\
+WITH c AS MATERIALIZED (
+    SELECT event_id, listener FROM txbus_deliveries d
+    WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= now()
+      AND listener = ANY($1)
+      AND (event_version = 1 OR event_version <= ($2::jsonb ->> listener)::int4)
+      AND ",
+        key_head!(),
+        "
+    ORDER BY available_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED)",
+        lease_claimed!()
+    ));
+
+    // The first delivery of each (listener `$4`, key `$5`) pair, pending or holding its key, by
+    // the key index: claimed if it is its key's head and due. (A first one that is scheduled and
+    // not due yet stops the look-up; the general claim finds what is behind it.)
+    const CLAIM_HEADS: Option<Update> = Some(Update::Returning(concat!(
+        "\
+WITH c AS MATERIALIZED (
+    SELECT d.event_id, d.listener
+    FROM unnest($4::text[], $5::text[]) AS k (listener, ordering_key)
+    CROSS JOIN LATERAL (
+        SELECT h.event_id FROM txbus_deliveries h
+        WHERE h.listener = k.listener AND h.ordering_key = k.ordering_key
+          AND h.ordering_key IS NOT NULL AND h.delivered_at IS NULL
+          AND (h.dead_at IS NULL OR h.key_hold)
+        ORDER BY h.event_id
+        LIMIT 1) h
+    JOIN txbus_deliveries d ON d.event_id = h.event_id AND d.listener = k.listener
+    WHERE d.dead_at IS NULL AND d.delivered_at IS NULL AND d.available_at <= now()
+      AND d.listener = ANY($1)
+      AND (d.event_version = 1 OR d.event_version <= ($2::jsonb ->> d.listener)::int4)
+      AND ",
+        key_head!(),
+        "
+    LIMIT $3
+    FOR UPDATE OF d SKIP LOCKED)",
+        lease_claimed!()
+    )));
 
     const EXPIRE: Update = Update::Returning(
         "\

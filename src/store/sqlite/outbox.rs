@@ -82,54 +82,102 @@ rows! {
     struct IdRow { id: i64, now_ms: i64 }
 }
 
-// Expired deliveries are made dead instead of leased (all SET expressions see the old row).
-const CLAIM: &str = concat!(
-    "UPDATE txbus_deliveries SET
+/// Leases the deliveries that the `(event_id, listener)` rows of `$candidates` name. Expired
+/// deliveries are made dead instead of leased (all SET expressions see the old row).
+macro_rules! lease_claimed {
+    ($($candidates:expr),+) => {
+        concat!(
+            "UPDATE txbus_deliveries SET
         attempts = CASE WHEN expires_at <= ",
-    now_ms!(),
-    " THEN attempts ELSE attempts + 1 END,
+            now_ms!(),
+            " THEN attempts ELSE attempts + 1 END,
         available_at = CASE WHEN expires_at <= ",
-    now_ms!(),
-    " THEN available_at ELSE ",
-    now_ms!(),
-    " + lease_ms END,
+            now_ms!(),
+            " THEN available_at ELSE ",
+            now_ms!(),
+            " + lease_ms END,
         leased_at = CASE WHEN expires_at <= ",
-    now_ms!(),
-    " THEN NULL ELSE ",
-    now_ms!(),
-    " END,
+            now_ms!(),
+            " THEN NULL ELSE ",
+            now_ms!(),
+            " END,
         dead_at = CASE WHEN expires_at <= ",
-    now_ms!(),
-    " THEN ",
-    now_ms!(),
-    " END,
+            now_ms!(),
+            " THEN ",
+            now_ms!(),
+            " END,
         dead_reason = CASE WHEN expires_at <= ",
-    now_ms!(),
-    " THEN 'expired' END
-    WHERE (event_id, listener) IN (
-        SELECT event_id, listener FROM txbus_deliveries d
-        WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at <= ",
-    now_ms!(),
-    " AND listener IN (SELECT value FROM json_each(?1))
-          AND (event_version = 1 OR event_version <= (
-               SELECT j.value FROM json_each(?2) j WHERE j.key = listener))
-          AND (ordering_key IS NULL OR NOT EXISTS (
+            now_ms!(),
+            " THEN 'expired' END
+    WHERE (event_id, listener) IN (",
+            $($candidates),+,
+            ")
+    RETURNING event_id, listener, attempts, payload, emitted_at * 1000 AS emitted_at_us,
+              lease_ms, dead_at IS NOT NULL AS expired, event_version, ordering_key"
+        )
+    };
+}
+
+/// The conditions under which a delivery `d` may be claimed: due, of a listener of the list
+/// `?1` at a version it knows (the JSON object `?2`), and its key's head (always, without a
+/// key): no other delivery of the key is pending before it (by event id), or dead before it
+/// and holding the key; a scheduled one not due yet does not count. One that may have been
+/// passed by a later one (its `available_at` is past its emit) also waits while a later one
+/// of its key runs.
+macro_rules! claimable {
+    () => {
+        concat!(
+            "d.dead_at IS NULL AND d.delivered_at IS NULL AND d.available_at <= ",
+            now_ms!(),
+            " AND d.listener IN (SELECT value FROM json_each(?1))
+          AND (d.event_version = 1 OR d.event_version <= (
+               SELECT j.value FROM json_each(?2) j WHERE j.key = d.listener))
+          AND (d.ordering_key IS NULL OR NOT EXISTS (
               SELECT 1 FROM txbus_deliveries p
               WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
                 AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
                 AND (p.dead_at IS NULL OR p.key_hold) AND p.event_id <> d.event_id
                 AND ((p.event_id < d.event_id
                       AND (p.dead_at IS NOT NULL OR p.attempts > 0 OR p.available_at <= ",
-    now_ms!(),
-    "))
+            now_ms!(),
+            "))
                      OR (d.available_at > d.emitted_at AND p.dead_at IS NULL
                          AND p.leased_at IS NOT NULL AND p.available_at > ",
-    now_ms!(),
-    "))))
+            now_ms!(),
+            "))))"
+        )
+    };
+}
+
+const CLAIM: &str = lease_claimed!(
+    "
+        SELECT event_id, listener FROM txbus_deliveries d
+        WHERE ",
+    claimable!(),
+    "
         ORDER BY available_at
-        LIMIT ?3)
-    RETURNING event_id, listener, attempts, payload, emitted_at * 1000 AS emitted_at_us,
-              lease_ms, dead_at IS NOT NULL AS expired, event_version, ordering_key"
+        LIMIT ?3"
+);
+
+// The first delivery of each `[listener, key]` pair of the JSON array `?4`, pending or holding
+// its key, by the key index: claimed if it is claimable. (A first one that is scheduled and not
+// due yet stops the look-up; the general claim finds what is behind it.)
+const CLAIM_HEADS: &str = lease_claimed!(
+    "
+        SELECT d.event_id, d.listener FROM json_each(?4) k
+        JOIN txbus_deliveries d
+          ON d.listener = k.value ->> 0
+         AND d.event_id = (
+             SELECT h.event_id FROM txbus_deliveries h
+             WHERE h.listener = k.value ->> 0 AND h.ordering_key = k.value ->> 1
+               AND h.ordering_key IS NOT NULL AND h.delivered_at IS NULL
+               AND (h.dead_at IS NULL OR h.key_hold)
+             ORDER BY h.event_id
+             LIMIT 1)
+        WHERE ",
+    claimable!(),
+    "
+        LIMIT ?3"
 );
 
 impl Outbox for Sqlite {
@@ -284,6 +332,35 @@ impl Outbox for Sqlite {
             })
             .await?;
         Ok(rows.into_iter().map(Claimed::from).collect())
+    }
+
+    async fn claim_heads(
+        conn: &mut Conn,
+        listeners: &[&'static str],
+        versions: &str,
+        heads: &[(&'static str, Arc<str>)],
+        limit: usize,
+    ) -> QueryResult<Option<Vec<Claimed>>> {
+        let listeners = serde_json::Value::from(listeners).to_string();
+        let heads = serde_json::Value::from(
+            heads
+                .iter()
+                .map(|(listener, key)| serde_json::json!([listener, &**key]))
+                .collect::<Vec<_>>(),
+        )
+        .to_string();
+        let versions = versions.to_owned();
+        let rows: Vec<ClaimedRow> = conn
+            .spawn_blocking(move |c| {
+                sql::<Db>(CLAIM_HEADS)
+                    .bind(listeners)
+                    .bind(versions)
+                    .bind(rows::limit(limit))
+                    .bind(heads)
+                    .load(c)
+            })
+            .await?;
+        Ok(Some(rows.into_iter().map(Claimed::from).collect()))
     }
 
     // One immediate transaction on the blocking pool, a statement per result.
