@@ -295,7 +295,10 @@ impl<B: Backend> EventBus<B> {
                 total += deleted as u64;
                 if deleted < BATCH {
                     if total > 0 {
-                        // A purged dead letter may have held its key (`block_key_on_dead`).
+                        // A purged dead letter may have held its key (`block_key_on_dead`):
+                        // what waited behind it is looked at again.
+                        let (_turn, mut conn) = self.engine.pool.get_for_write().await?;
+                        B::unpark(&mut conn).await?;
                         self.engine.poll_now.notify_one();
                     }
                     return Ok(total);

@@ -108,6 +108,11 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
                 }
             }
         }
+        // Heads first: the general claim does not take a parked delivery that a finished run
+        // let go.
+        if let Err(error) = claim_heads(&engine, &known, &versions).await {
+            tracing::warn!(error = %Chain(&error), "claiming the heads of ordering keys failed; retrying at the next poll");
+        }
         more = match claim(&engine, &known, &versions).await {
             Ok(more) => more,
             Err(error) => {
@@ -283,8 +288,6 @@ async fn claim<B: Backend>(
     if room == 0 {
         return Ok(true);
     }
-    // Every key waiting for a claim of its head is claimed by this one, if it is due.
-    engine.runner.clear_heads();
     let span = tracing::debug_span!("txbus.claim", room, claimed = tracing::field::Empty);
     async {
         let (turn, mut conn) = engine.pool.get_for_write().await?;
@@ -311,7 +314,19 @@ fn submit<B: Backend>(
     ready: Instant,
     parent: Option<tracing::span::Id>,
 ) {
+    if delivery.parked {
+        return;
+    }
     if delivery.expired {
+        if let (Some(key), Some((stored_as, _))) = (
+            &delivery.ordering_key,
+            engine.registry.resolve(&delivery.listener),
+        ) {
+            // The next delivery of its key may run now.
+            engine
+                .runner
+                .wake_heads([(stored_as, Arc::from(key.as_str()))]);
+        }
         crate::metrics::died(&delivery.listener, "expired");
         tracing::error!(event_id = %delivery.event_id, listener = %delivery.listener, reason = "expired",
             "delivery expired; it stays in txbus_deliveries as a dead letter");

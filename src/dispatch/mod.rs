@@ -36,9 +36,10 @@ const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(1);
 const QUEUE_PER_LISTENER: usize = 16;
 const MIN_QUEUE: usize = 1024;
 
-/// How many ordering keys at most wait for a claim of their heads; beyond them, the poller
-/// claims everything due instead.
-const MAX_HEADS: usize = 10_000;
+/// How many ordering keys may wait for a claim of their heads before the list is cleared of
+/// repeats (a key is never dropped: its next delivery may be parked, which only that claim
+/// takes before the parking ends).
+const DEDUP_HEADS_AT: usize = 4096;
 
 /// Where the bus is in its life. Ordered: each phase follows the one before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -145,8 +146,7 @@ impl Runner {
         (runner, jobs, report_rx)
     }
 
-    /// Asks the poller to claim the heads of these keys (see [`heads`](Self::heads)). Beyond
-    /// [`MAX_HEADS`] waiting keys, it claims everything due instead.
+    /// Asks the poller to claim the heads of these keys (see [`heads`](Self::heads)).
     pub(crate) fn wake_heads(&self, keys: impl IntoIterator<Item = (&'static str, Arc<str>)>) {
         let mut heads = self.heads.lock().unwrap_or_else(PoisonError::into_inner);
         let before = heads.len();
@@ -154,12 +154,14 @@ impl Runner {
         if heads.len() == before {
             return;
         }
-        if heads.len() > MAX_HEADS {
-            heads.clear();
-            self.retry_due.notify_one();
-        } else {
-            self.heads_ready.notify_one();
+        // Each time the list doubles past the threshold: amortized, the cost stays linear.
+        if heads.len() >= DEDUP_HEADS_AT
+            && heads.len().next_power_of_two() != before.next_power_of_two()
+        {
+            heads.sort_unstable();
+            heads.dedup();
         }
+        self.heads_ready.notify_one();
     }
 
     /// Up to `n` of the keys waiting for a claim of their heads, each once.
@@ -173,14 +175,6 @@ impl Runner {
             self.heads_ready.notify_one();
         }
         taken
-    }
-
-    /// Forgets the keys waiting for a claim of their heads: a claim of everything due takes them.
-    pub(crate) fn clear_heads(&self) {
-        self.heads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
     }
 
     pub(crate) fn phase(&self) -> Phase {

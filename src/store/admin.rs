@@ -207,6 +207,11 @@ pub trait Admin<B: Backend = Self> {
     /// Deletes up to `$2` dead letters that died more than `$1` µs ago, oldest first.
     const PURGE_DEAD: &'static str;
 
+    /// Makes every parked delivery (see [`Outbox::CLAIM`](crate::store::Outbox::CLAIM)) due now,
+    /// for the claims to look at again: after dead letters that may have held their keys were
+    /// deleted. `None` where the backend does not park.
+    const UNPARK: Option<&'static str> = None;
+
     /// Deletes up to `$2` deliveries delivered more than `$1` µs ago, oldest first.
     const PURGE_DELIVERED: &'static str;
 
@@ -281,6 +286,16 @@ pub trait Admin<B: Backend = Self> {
         limit: usize,
     ) -> impl Future<Output = QueryResult<usize>> + Send {
         async move { purge::<B>(conn, Self::PURGE_DEAD, older_than, limit).await }
+    }
+
+    /// Runs [`UNPARK`](Self::UNPARK), if the backend parks.
+    fn unpark(conn: &mut B::Connection) -> impl Future<Output = QueryResult<()>> + Send {
+        async move {
+            if let Some(statement) = Self::UNPARK {
+                sql::<B::Db>(statement).execute(conn).await?;
+            }
+            Ok(())
+        }
     }
 
     /// One retention round, unless another instance is running one (then `None`): deletes

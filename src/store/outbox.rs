@@ -78,6 +78,9 @@ pub struct Claimed {
     pub(crate) version: u32,
     /// The event's ordering key.
     pub(crate) ordering_key: Option<String>,
+    /// Not leased: parked behind an earlier delivery of its key, which the claim of its key's
+    /// head takes as due.
+    pub(crate) parked: bool,
 }
 
 /// What a result write did.

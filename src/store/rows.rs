@@ -45,7 +45,7 @@ rows! {
     #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
     pub struct DeliveryRef { event_id: i64, listener: String }
 
-    /// A delivery a claim leased (or found expired and made dead).
+    /// A delivery a claim leased (or found expired and made dead, or parked behind its key).
     pub(crate) struct ClaimedRow {
         event_id: i64,
         listener: String,
@@ -56,6 +56,7 @@ rows! {
         expired: bool,
         event_version: i32,
         ordering_key: Option<String>,
+        parked: bool,
     }
 
     /// A delivery a result write changed, and its reason when it died.
@@ -153,6 +154,7 @@ impl From<ClaimedRow> for crate::store::Claimed {
             expired: row.expired,
             version: u32::try_from(row.event_version).unwrap_or(1),
             ordering_key: row.ordering_key,
+            parked: row.parked,
         }
     }
 }

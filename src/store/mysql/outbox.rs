@@ -126,7 +126,8 @@ impl Outbox for Mysql {
         read: Some(concat!(
             "SELECT d.event_id, d.listener, d.attempts, d.payload,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', d.emitted_at) AS emitted_at_us,
-           d.lease_ms, d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key
+           d.lease_ms, d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key,
+           d.leased_at IS NULL AND d.dead_at IS NULL AS parked
     FROM txbus_deliveries d JOIN ",
             keys_table!(),
             " ON d.event_id = k.event_id AND d.listener = k.listener"

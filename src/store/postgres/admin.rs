@@ -16,8 +16,9 @@ macro_rules! dead_filter {
 }
 
 impl Admin for Postgres {
-    // Every pending delivery is in exactly one of due, running, stale, retrying, scheduled. A
-    // delivery never run waits since its due time, any other since its emit.
+    // Every pending delivery is in exactly one of due, running, stale, retrying, scheduled (a
+    // parked one is due: it waits only for its key). A delivery never run waits since its due
+    // time, any other (and a parked one) since its emit.
     const STATS: &'static str = "\
 SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead, s.delivered,
        s.oldest_us, s.held_keys, s.held_since_us, s.event_version::int8 AS event_version, i.n AS inbox_ids, m.n AS inbox_messages,
@@ -26,28 +27,31 @@ FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
 LEFT JOIN (
     SELECT listener, event_version,
-           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at <= now()) AS due,
+           count(*) FILTER (WHERE pending AND leased_at IS NULL
+                                  AND (available_at <= now() OR parked)) AS due,
            count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at > now())
                AS running,
            count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at <= now())
                AS stale,
            count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now()
-                                  AND attempts > 0) AS retrying,
+                                  AND attempts > 0 AND NOT parked) AS retrying,
            count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now()
-                                  AND attempts = 0) AS scheduled,
+                                  AND attempts = 0 AND NOT parked) AS scheduled,
            count(dead_at) AS dead,
            count(delivered_at) AS delivered,
-           (extract(epoch FROM min(CASE WHEN attempts = 0 AND leased_at IS NULL
+           (extract(epoch FROM min(CASE WHEN attempts = 0 AND leased_at IS NULL AND NOT parked
                                         THEN available_at ELSE emitted_at END)
                                FILTER (WHERE pending AND NOT (attempts = 0 AND leased_at IS NULL
-                                                              AND available_at > now())))
+                                                              AND available_at > now()
+                                                              AND NOT parked)))
             * 1000000)::int8 AS oldest_us,
            count(DISTINCT ordering_key) FILTER (WHERE dead_at IS NOT NULL AND key_hold)
                AS held_keys,
            (extract(epoch FROM min(dead_at) FILTER (WHERE key_hold)) * 1000000)::int8
                AS held_since_us
     FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
-                 ordering_key, key_hold, dead_at IS NULL AND delivered_at IS NULL AS pending
+                 ordering_key, key_hold, parked,
+                 dead_at IS NULL AND delivered_at IS NULL AS pending
           FROM txbus_deliveries) d
     GROUP BY listener, event_version) s ON true";
 
@@ -71,7 +75,7 @@ SELECT event_id, event_name, listener,
        (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us
 FROM txbus_deliveries
 WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > now()
-  AND leased_at IS NULL AND attempts = 0
+  AND leased_at IS NULL AND attempts = 0 AND NOT parked
 ORDER BY available_at, event_id, listener COLLATE \"C\"
 LIMIT $1";
 
@@ -104,6 +108,12 @@ WITH old AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED)
 DELETE FROM txbus_deliveries d USING old
 WHERE d.event_id = old.event_id AND d.listener = old.listener AND d.dead_at IS NOT NULL";
+
+    // The key index holds every pending keyed delivery, the parked ones among them.
+    const UNPARK: Option<&'static str> = Some(
+        "UPDATE txbus_deliveries SET available_at = now(), parked = FALSE
+WHERE parked AND ordering_key IS NOT NULL AND delivered_at IS NULL AND dead_at IS NULL",
+    );
 
     const PURGE_DELIVERED: &'static str = "\
 WITH old AS MATERIALIZED (

@@ -18,7 +18,8 @@ macro_rules! dead_filter {
 }
 
 impl Admin for Sqlite {
-    // Every pending delivery is in exactly one of due, running, stale, retrying. SQLite treats
+    // Every pending delivery is in exactly one of due, running, stale, retrying, scheduled (a
+    // parked one is due: it waits only for its key). SQLite treats
     // its clock as a constant of the statement, so every count and `now_us` see the same time.
     const STATS: &'static str = concat!(
         "SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead,
@@ -29,26 +30,29 @@ FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
 LEFT JOIN (
     SELECT listener, event_version,
-           count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at <= now) AS due,
+           count(*) FILTER (WHERE pending AND leased_at IS NULL
+                                  AND (available_at <= now OR parked)) AS due,
            count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at > now)
                AS running,
            count(*) FILTER (WHERE pending AND leased_at IS NOT NULL AND available_at <= now)
                AS stale,
            count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now
-                                  AND attempts > 0) AS retrying,
+                                  AND attempts > 0 AND NOT parked) AS retrying,
            count(*) FILTER (WHERE pending AND leased_at IS NULL AND available_at > now
-                                  AND attempts = 0) AS scheduled,
+                                  AND attempts = 0 AND NOT parked) AS scheduled,
            count(dead_at) AS dead,
            count(delivered_at) AS delivered,
-           min(CASE WHEN attempts = 0 AND leased_at IS NULL THEN available_at
+           min(CASE WHEN attempts = 0 AND leased_at IS NULL AND NOT parked THEN available_at
                     ELSE emitted_at END)
                FILTER (WHERE pending AND NOT (attempts = 0 AND leased_at IS NULL
-                                              AND available_at > now)) * 1000 AS oldest_us,
+                                              AND available_at > now AND NOT parked))
+               * 1000 AS oldest_us,
            count(DISTINCT CASE WHEN dead_at IS NOT NULL AND key_hold THEN ordering_key END)
                AS held_keys,
            min(CASE WHEN key_hold THEN dead_at END) * 1000 AS held_since_us
     FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
-                 ordering_key, key_hold, dead_at IS NULL AND delivered_at IS NULL AS pending, ",
+                 ordering_key, key_hold, parked,
+                 dead_at IS NULL AND delivered_at IS NULL AS pending, ",
         now_ms!(),
         " AS now
           FROM txbus_deliveries) d
@@ -61,7 +65,7 @@ LEFT JOIN (
 FROM txbus_deliveries
 WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > ",
         now_ms!(),
-        " AND leased_at IS NULL AND attempts = 0
+        " AND leased_at IS NULL AND attempts = 0 AND NOT parked
 ORDER BY available_at, event_id, listener
 LIMIT ?"
     );
@@ -114,6 +118,14 @@ RETURNING event_id, listener"
     ORDER BY dead_at
     LIMIT ?2)"
     );
+
+    // The key index holds every pending keyed delivery, the parked ones among them.
+    const UNPARK: Option<&'static str> = Some(concat!(
+        "UPDATE txbus_deliveries SET available_at = ",
+        now_ms!(),
+        ", parked = 0
+WHERE parked AND ordering_key IS NOT NULL AND delivered_at IS NULL AND dead_at IS NULL"
+    ));
 
     const PURGE_DELIVERED: &'static str = concat!(
         "DELETE FROM txbus_deliveries WHERE (event_id, listener) IN (
