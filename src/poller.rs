@@ -45,7 +45,7 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
     let versions = engine.registry.versions();
     let mut tick = tokio::time::interval(engine.config.retry_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut more = false;
+    let mut more = More::No;
     // When the earliest delivery waiting in the table falls due, if before the next tick.
     let mut next_due: Option<Instant> = None;
     let mut polls: u64 = 0;
@@ -55,11 +55,18 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
         not_before: Mutex::new(Instant::now()),
     });
     loop {
-        if more {
+        if more == More::Now {
+            // The batch parked deliveries waiting behind their keys: what is due behind them
+            // is claimed at once.
+            if *phase.borrow() >= Phase::Draining {
+                break;
+            }
+        } else if more == More::WhenFree {
             // A full batch came back: more is probably due. Claim again when a listener frees
-            // up, or at the next tick at the latest.
+            // up or a key's head may have changed, or at the next tick at the latest.
             tokio::select! {
                 _ = runner.freed.notified() => {}
+                _ = runner.heads_ready.notified() => {}
                 _ = tick.tick() => {}
                 _ = phase.wait_for(|p| *p >= Phase::Draining) => break,
             }
@@ -79,10 +86,11 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
             if wake == Wake::Heads {
                 // With every listener busy, claim everything due once one frees up.
                 more = match claim_heads(&engine, &known, &versions).await {
-                    Ok(full) => full,
+                    Ok(true) => More::WhenFree,
+                    Ok(false) => More::No,
                     Err(error) => {
                         tracing::warn!(error = %Chain(&error), "claiming the heads of ordering keys failed; retrying at the next poll");
-                        false
+                        More::No
                     }
                 };
                 continue;
@@ -117,10 +125,10 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
             Ok(more) => more,
             Err(error) => {
                 tracing::warn!(error = %Chain(&error), "claiming due deliveries failed; retrying at the next poll");
-                false
+                More::No
             }
         };
-        if !more && !known.is_empty() {
+        if more == More::No && !known.is_empty() {
             next_due = match waiting(&engine, &known).await {
                 Ok(due) => due,
                 Err(error) => {
@@ -130,6 +138,17 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
             };
         }
     }
+}
+
+/// When the poller claims again after a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum More {
+    /// When something falls due, or at the next tick.
+    No,
+    /// When a listener frees up: the batch was full.
+    WhenFree,
+    /// At once: the batch parked deliveries, and more may be due behind them.
+    Now,
 }
 
 /// What woke the idle poller.
@@ -275,18 +294,18 @@ async fn claim_heads<B: Backend>(
     .await
 }
 
-/// Claims one batch and queues it. Returns whether the batch was full.
+/// Claims one batch and queues it. Returns when to claim again.
 async fn claim<B: Backend>(
     engine: &Engine<B>,
     known: &[&'static str],
     versions: &str,
-) -> Result<bool, Error> {
+) -> Result<More, Error> {
     if known.is_empty() {
-        return Ok(false);
+        return Ok(More::No);
     }
     let room = engine.runner.room(engine.config.max_events_per_retry);
     if room == 0 {
-        return Ok(true);
+        return Ok(More::WhenFree);
     }
     let span = tracing::debug_span!("txbus.claim", room, claimed = tracing::field::Empty);
     async {
@@ -294,14 +313,20 @@ async fn claim<B: Backend>(
         let leased = Instant::now();
         let claimed = B::claim(&mut conn, known, versions, room).await?;
         drop((conn, turn));
-        let full = claimed.len() >= room;
+        let more = if claimed.iter().any(|d| d.parked) {
+            More::Now
+        } else if claimed.len() >= room {
+            More::WhenFree
+        } else {
+            More::No
+        };
         tracing::Span::current().record("claimed", claimed.len());
         let ready = Instant::now();
         let parent = tracing::Span::current().id();
         for delivery in claimed {
             submit(engine, delivery, leased, ready, parent.clone());
         }
-        Ok(full)
+        Ok(more)
     }
     .instrument(span)
     .await

@@ -86,15 +86,19 @@ macro_rules! park_lock {
 }
 
 /// Leases the deliveries of the CTE `c`, and parks those it found `blocked` behind an earlier
-/// delivery of their key, for 30 seconds at most (see the migration `key_parking`). Those found
-/// expired are made dead instead of leased (all SET expressions see the row as it was).
+/// delivery of their key (see the migration `key_parking`): for as long as they have waited
+/// since their emit, at least 30 seconds and at most an hour, so that a delivery held up for long
+/// is looked at rarely. The claim of its key's head takes a parked delivery at any time. Those
+/// found expired are made dead instead of leased (all SET expressions see the row as it was).
 macro_rules! lease_claimed {
     () => {
         "
 UPDATE txbus_deliveries d
 SET attempts = CASE WHEN c.blocked OR d.expires_at <= now() THEN d.attempts
                     ELSE d.attempts + 1 END,
-    available_at = CASE WHEN c.blocked THEN now() + interval '30 seconds'
+    available_at = CASE WHEN c.blocked
+                        THEN now() + GREATEST(interval '30 seconds',
+                                              LEAST(now() - d.emitted_at, interval '1 hour'))
                         WHEN d.expires_at <= now() THEN d.available_at
                         ELSE now() + d.lease_ms * interval '1 millisecond' END,
     leased_at = CASE WHEN c.blocked OR d.expires_at <= now() THEN NULL ELSE now() END,

@@ -83,8 +83,9 @@ rows! {
 }
 
 /// Leases the deliveries that the `(event_id, listener, blocked)` rows of `$candidates` name,
-/// and parks those `blocked` behind an earlier delivery of their key for 30 seconds at most
-/// (see the migration `key_parking`). Expired deliveries are made dead instead of leased (all
+/// and parks those `blocked` behind an earlier delivery of their key (see the migration
+/// `key_parking`): for as long as they have waited since their emit, at least 30 seconds and at
+/// most an hour. The claim of its key's head takes a parked delivery at any time. Expired deliveries are made dead instead of leased (all
 /// SET expressions see the old row).
 macro_rules! lease_claimed {
     ($($candidates:expr),+) => {
@@ -95,7 +96,9 @@ macro_rules! lease_claimed {
             " THEN t.attempts ELSE t.attempts + 1 END,
         available_at = CASE WHEN c.blocked THEN ",
             now_ms!(),
-            " + 30000 WHEN t.expires_at <= ",
+            " + MAX(30000, MIN(",
+            now_ms!(),
+            " - t.emitted_at, 3600000)) WHEN t.expires_at <= ",
             now_ms!(),
             " THEN t.available_at ELSE ",
             now_ms!(),
