@@ -114,7 +114,9 @@ pub trait Outbox<B: Backend = Self> {
     /// the list `$1` whose `event_version` is one the listener knows (1, or at most its version
     /// in the JSON object `$2`), oldest due first, in one statement that concurrent claimers
     /// cannot overlap: `attempts` + 1, leased now for `lease_ms`. Those past `expires_at` are
-    /// made dead (`expired`) instead. Returns [`ClaimedRow`]s.
+    /// made dead (`expired`) instead. A keyed delivery is leased only as its key's head; where
+    /// the backend parks, one that is not is parked instead (`parked`, and out of the due range
+    /// for a while) and returned as parked. Returns [`ClaimedRow`]s.
     const CLAIM: Update;
 
     /// [`CLAIM`](Self::CLAIM) restricted to the heads of some ordering keys: `$4` and `$5` are
