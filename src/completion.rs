@@ -34,10 +34,12 @@ pub(crate) async fn complete_loop<B: Backend>(
     let phase = runner.phase.subscribe();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while reports.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        // Let a burst gather: one write for many results is one commit instead of many.
+        // Let a burst gather: one write for many results is one commit instead of many. Not
+        // for a keyed delivery: the next of its key waits for this write.
         let deadline = tokio::time::sleep(LINGER);
         tokio::pin!(deadline);
-        while batch.len() < MAX_BATCH {
+        let keyed = batch.iter().any(|r| r.outcome.ordering_key.is_some());
+        while batch.len() < MAX_BATCH && !keyed {
             let room = MAX_BATCH - batch.len();
             tokio::select! {
                 n = reports.recv_many(&mut batch, room) => if n == 0 { break },
