@@ -282,12 +282,7 @@ async fn claim_heads<B: Backend>(
             return Ok(false);
         };
         let full = claimed.len() >= room;
-        tracing::Span::current().record("claimed", claimed.len());
-        let ready = Instant::now();
-        let parent = tracing::Span::current().id();
-        for delivery in claimed {
-            submit(engine, delivery, leased, ready, parent.clone());
-        }
+        submit_all(engine, claimed, leased);
         Ok(full)
     }
     .instrument(span)
@@ -320,16 +315,21 @@ async fn claim<B: Backend>(
         } else {
             More::No
         };
-        tracing::Span::current().record("claimed", claimed.len());
-        let ready = Instant::now();
-        let parent = tracing::Span::current().id();
-        for delivery in claimed {
-            submit(engine, delivery, leased, ready, parent.clone());
-        }
+        submit_all(engine, claimed, leased);
         Ok(more)
     }
     .instrument(span)
     .await
+}
+
+/// Queues what a claim leased at `leased`, in the claim's span.
+fn submit_all<B: Backend>(engine: &Engine<B>, claimed: Vec<Claimed>, leased: Instant) {
+    tracing::Span::current().record("claimed", claimed.len());
+    let ready = Instant::now();
+    let parent = tracing::Span::current().id();
+    for delivery in claimed {
+        submit(engine, delivery, leased, ready, parent.clone());
+    }
 }
 
 fn submit<B: Backend>(

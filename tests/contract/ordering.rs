@@ -386,24 +386,31 @@ pub async fn a_dead_head_lets_the_next_run_or_holds_its_key<B: TestBackend>() {
     // The fix, then the replay: the head succeeds, then the next one runs.
     failing.store(false, std::sync::atomic::Ordering::SeqCst);
     assert!(bus.replay(first, &dead_head.listener).await.unwrap());
-    let calls = probe
-        .wait_until("held_run's second event", |calls| {
-            calls
-                .iter()
-                .any(|c| c.listener == "held_run" && c.event_id == second)
-        })
-        .await;
-    let order: Vec<&str> = calls
-        .iter()
-        .filter(|c| c.listener == "held_run")
-        .map(|c| c.note.as_str())
-        .collect();
-    assert_eq!(order, ["failed 1", "ok 1", "ok 2"]);
+    assert_eq!(
+        held_runs_until(&probe, second).await,
+        ["failed 1", "ok 1", "ok 2"]
+    );
     crate::support::idle(&bus).await;
     let stats = bus.stats().await.unwrap();
     assert_eq!(stats.total.held_keys, 0, "{stats:?}");
     assert_eq!(stats.total.oldest_held_age, None);
     bus.shutdown().await;
+}
+
+/// What `held_run` noted, in order, once it ran `event`.
+async fn held_runs_until(probe: &Probe, event: EventId) -> Vec<String> {
+    let calls = probe
+        .wait_until("held_run to run the event", |calls| {
+            calls
+                .iter()
+                .any(|c| c.listener == "held_run" && c.event_id == event)
+        })
+        .await;
+    calls
+        .into_iter()
+        .filter(|c| c.listener == "held_run")
+        .map(|c| c.note)
+        .collect()
 }
 
 /// The id of one of this module's listeners.
@@ -450,19 +457,7 @@ pub async fn a_purged_dead_head_releases_its_key<B: TestBackend>() {
 
     failing.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(bus.purge_dead(Duration::ZERO).await.unwrap(), 1);
-    let calls = probe
-        .wait_until("held_run's second event", |calls| {
-            calls
-                .iter()
-                .any(|c| c.listener == "held_run" && c.event_id == second)
-        })
-        .await;
-    let order: Vec<&str> = calls
-        .iter()
-        .filter(|c| c.listener == "held_run")
-        .map(|c| c.note.as_str())
-        .collect();
-    assert_eq!(order, ["failed 1", "ok 2"]);
+    assert_eq!(held_runs_until(&probe, second).await, ["failed 1", "ok 2"]);
     crate::support::idle(&bus).await;
     assert_eq!(bus.stats().await.unwrap().total.held_keys, 0);
     bus.shutdown().await;

@@ -26,6 +26,7 @@ macro_rules! now_ms {
 }
 
 mod admin;
+mod claim;
 mod inbox;
 mod outbox;
 
