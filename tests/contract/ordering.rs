@@ -382,6 +382,14 @@ pub async fn a_dead_head_lets_the_next_run_or_holds_its_key<B: TestBackend>() {
         "the held key's next delivery ran: {:?}",
         probe.calls()
     );
+    // Waiting behind its key (parked, where the backend parks), it counts as due.
+    let stats = bus.stats().await.unwrap();
+    let held = &stats.listeners[&listener_id("held_run")];
+    assert_eq!(
+        (held.due, held.dead, held.scheduled),
+        (1, 1, 0),
+        "{stats:?}"
+    );
 
     // The fix, then the replay: the head succeeds, then the next one runs.
     failing.store(false, std::sync::atomic::Ordering::SeqCst);
