@@ -64,6 +64,18 @@ pub(crate) struct Prepared {
     pub(crate) settings: EventSettings,
 }
 
+impl Prepared {
+    /// The same event with the trace context `trace` (a received message's), when it has
+    /// one, in place of the current span's.
+    #[cfg(feature = "nats")]
+    pub(crate) fn traced(mut self, trace: Option<std::sync::Arc<str>>) -> Self {
+        if trace.is_some() {
+            self.new.trace = trace;
+        }
+        self
+    }
+}
+
 /// An event written in a transaction, to dispatch after the commit.
 pub(crate) struct Written {
     pub(crate) prepared: Prepared,
@@ -157,6 +169,8 @@ impl<B: Backend> Engine<B> {
                 version,
                 key_hold: ordering_key.is_some() && settings.block_key_on_dead,
                 ordering_key: ordering_key.map(Arc::from),
+                // The span at the call, the parent of the `txbus.emit` (or receive) span.
+                trace: crate::trace::current(),
             },
             listeners: listeners.defs,
             settings,
@@ -214,6 +228,7 @@ impl<B: Backend> Engine<B> {
                         settings: prepared.settings,
                         in_flight: self.runner.tracker.enter(),
                         parent: parent.clone(),
+                        trace: prepared.new.trace.clone(),
                     },
                     true,
                 );

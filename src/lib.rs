@@ -86,7 +86,7 @@
 //! 1. **Domain** (no database, no runtime): `event` (the [`Event`] trait, [`EventId`]),
 //!    `settings` ([`EventSettings`], the backoff), `delivery` (delivery keys, how a run ends,
 //!    [`DeadReason`]), `message` ([`MessageId`]), `listener` ([`Context`], [`ListenerError`],
-//!    registration), `error`.
+//!    registration), `trace` (the W3C trace context kept with deliveries), `error`.
 //! 2. **Store** (`store/`): the [`Backend`] contract split by concern — `outbox` (emits, claims,
 //!    results), `inbox` (receipts and stored messages), `admin` (statistics, dead letters,
 //!    replay, retention, stale leases), `migrate` (the embedded migrations and their runner) —
@@ -134,6 +134,7 @@ mod metrics;
 mod poller;
 mod registry;
 mod stats;
+mod trace;
 // Surface: what applications call.
 mod admin;
 mod builder;

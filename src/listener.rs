@@ -123,6 +123,8 @@ pub struct Context {
     /// The version of the event's type that wrote the payload.
     pub(crate) stored_version: u32,
     pub(crate) ordering_key: Option<Arc<str>>,
+    /// The stored trace context of the emit (see `crate::trace`).
+    pub(crate) trace: Option<Arc<str>>,
 }
 
 impl ListenerDef {
@@ -155,6 +157,17 @@ impl Context {
     /// this listener with the same key run one at a time, in event-id order.
     pub fn ordering_key(&self) -> Option<&str> {
         self.ordering_key.as_deref()
+    }
+
+    /// The W3C `traceparent` of the span that emitted (or received) the event, with the
+    /// `opentelemetry` feature: this run's `txbus.listener` span is its child, on every attempt
+    /// and in every process. `None` for an event emitted outside any span OpenTelemetry knows,
+    /// and always without the feature.
+    ///
+    /// Pass it on to continue the trace where the listener calls another service, for example
+    /// as an HTTP `traceparent` header.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.trace.as_deref().map(crate::trace::traceparent)
     }
 
     /// Which run of this delivery this is: 1 the first time, 2 for the first retry, ...
@@ -191,6 +204,7 @@ impl fmt::Debug for Context {
             .field("listener", &self.listener)
             .field("attempt", &self.attempt)
             .field("ordering_key", &self.ordering_key)
+            .field("traceparent", &self.traceparent())
             .field("emitted_at", &self.emitted_at)
             .field("waited", &self.waited)
             .finish_non_exhaustive()
@@ -355,6 +369,7 @@ mod tests {
             state: Arc::new(state),
             stored_version: 1,
             ordering_key: None,
+            trace: None,
         };
         assert_eq!(ctx.state::<u32>(), Ok(&7));
         let missing = ctx.state::<String>().unwrap_err();

@@ -379,6 +379,7 @@ fn submit<B: Backend>(
             settings: engine.settings_for(def.event),
             in_flight: engine.runner.tracker.enter(),
             parent,
+            trace: delivery.trace,
         },
         false,
     );

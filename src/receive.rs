@@ -1,6 +1,8 @@
 //! Receiving messages from outside exactly once: `receive`, on the bus and in a transaction.
 
 use std::future::Future;
+#[cfg(feature = "nats")]
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::Instrument;
@@ -77,6 +79,19 @@ impl<B: Backend> EventBus<B> {
         self.receive_prepared(E::NAME, id, prepared)
     }
 
+    /// [`receive`](Self::receive) of a message that carries the trace context of its sender
+    /// (stored in place of the current span's).
+    #[cfg(feature = "nats")]
+    pub(crate) fn receive_traced<E: Event>(
+        &self,
+        id: MessageId,
+        event: E,
+        trace: Option<Arc<str>>,
+    ) -> impl Future<Output = Result<Received, Error>> + Send + '_ {
+        let prepared = self.engine.prepare(&event).map(|p| p.traced(trace));
+        self.receive_prepared(E::NAME, id, prepared)
+    }
+
     /// Receives an event of type `E` whose payload its `version` wrote elsewhere: stored as
     /// it is, upcast when it runs, or left to an instance that knows a newer version.
     #[cfg(feature = "nats")]
@@ -85,9 +100,13 @@ impl<B: Backend> EventBus<B> {
         id: MessageId,
         payload: String,
         version: u32,
+        trace: Option<Arc<str>>,
     ) -> impl Future<Output = Result<Received, Error>> + Send + '_ {
         let key = stored_ordering_key::<E>(&payload, version);
-        let prepared = self.engine.prepare_stored::<E>(payload, version, key);
+        let prepared = self
+            .engine
+            .prepare_stored::<E>(payload, version, key)
+            .map(|p| p.traced(trace));
         self.receive_prepared(E::NAME, id, prepared)
     }
 
@@ -150,6 +169,18 @@ impl<'c, B: Backend> Transaction<'c, B> {
         self.receive_prepared(id, prepared)
     }
 
+    /// [`Transaction::receive`] of a message that carries the trace context of its sender.
+    #[cfg(feature = "nats")]
+    pub(crate) fn receive_traced<E: Event>(
+        &mut self,
+        id: MessageId,
+        event: &E,
+        trace: Option<Arc<str>>,
+    ) -> impl Future<Output = Result<Received, Error>> + Send + use<'_, 'c, B, E> {
+        let prepared = self.engine.prepare(event).map(|p| p.traced(trace));
+        self.receive_prepared(id, prepared)
+    }
+
     /// [`Transaction::receive`] of a payload its `version` wrote elsewhere (see
     /// [`EventBus::receive_stored`]).
     #[cfg(feature = "nats")]
@@ -158,9 +189,13 @@ impl<'c, B: Backend> Transaction<'c, B> {
         id: MessageId,
         payload: String,
         version: u32,
+        trace: Option<Arc<str>>,
     ) -> impl Future<Output = Result<Received, Error>> + Send + use<'_, 'c, B, E> {
         let key = stored_ordering_key::<E>(&payload, version);
-        let prepared = self.engine.prepare_stored::<E>(payload, version, key);
+        let prepared = self
+            .engine
+            .prepare_stored::<E>(payload, version, key)
+            .map(|p| p.traced(trace));
         self.receive_prepared(id, prepared)
     }
 

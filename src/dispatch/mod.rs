@@ -78,6 +78,8 @@ pub(crate) struct Job {
     pub(crate) in_flight: InFlight,
     /// The span that emitted or claimed it: the listener's span follows from it.
     pub(crate) parent: Option<tracing::span::Id>,
+    /// The stored trace context of the emit: the listener's span is its child.
+    pub(crate) trace: Option<Arc<str>>,
 }
 
 /// A result on its way to the database; the guard keeps the bus busy until it is written.
@@ -382,6 +384,7 @@ mod tests {
             settings: EventSettings::default(),
             in_flight: runner.tracker.enter(),
             parent: None,
+            trace: None,
         }
     }
 

@@ -59,15 +59,7 @@ pub(crate) async fn run(
     runner: Arc<Runner>,
     reports: mpsc::Sender<Report>,
 ) {
-    // A root of its own, even when its first stretch runs inside the emitter's span.
-    let span = tracing::info_span!(
-        parent: None,
-        "txbus.listener",
-        event = job.def.event,
-        event_id = %job.key.event_id,
-        listener = job.def.id,
-        attempt = job.key.attempt,
-    );
+    let span = span(&job);
     span.follows_from(job.parent.clone());
     let started = Instant::now();
     let resolution = if started >= job.deadline {
@@ -103,6 +95,41 @@ pub(crate) async fn run(
     runner.freed.notify_one();
 }
 
+/// The span of a run: a root of its own in `tracing`, even when its first stretch runs inside
+/// the emitter's span; in OpenTelemetry, a child of the emit's stored trace context.
+fn span(job: &Job) -> tracing::Span {
+    #[cfg(not(feature = "opentelemetry"))]
+    let span = tracing::info_span!(
+        parent: None,
+        "txbus.listener",
+        event = job.def.event,
+        event_id = %job.key.event_id,
+        listener = job.def.id,
+        attempt = job.key.attempt,
+    );
+    // With the OpenTelemetry messaging attributes of a message being processed.
+    #[cfg(feature = "opentelemetry")]
+    let span = tracing::info_span!(
+        parent: None,
+        "txbus.listener",
+        event = job.def.event,
+        event_id = %job.key.event_id,
+        listener = job.def.id,
+        attempt = job.key.attempt,
+        otel.name = %format_args!("process {}", job.def.id),
+        otel.kind = "consumer",
+        messaging.system = "txbus",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = job.def.id,
+        messaging.message.id = %job.key.event_id,
+    );
+    if let Some(stored) = &job.trace {
+        crate::trace::set_parent(&span, stored);
+    }
+    span
+}
+
 async fn execute(job: &Job, runner: &Runner) -> Verdict {
     let ctx = Context {
         event_id: job.key.event_id,
@@ -114,6 +141,7 @@ async fn execute(job: &Job, runner: &Runner) -> Verdict {
         state: runner.state.clone(),
         stored_version: job.version,
         ordering_key: job.ordering_key.clone(),
+        trace: job.trace.clone(),
     };
     let mut phase = runner.phase.subscribe();
     let run = async {

@@ -1,6 +1,8 @@
 //! How the JetStream inbox turns a message's payload into a receipt: as the accepted event type,
 //! or, written by another version of it, as it is.
 
+use std::sync::Arc;
+
 use futures_util::future::BoxFuture;
 
 use crate::bus::EventBus;
@@ -35,11 +37,12 @@ pub(super) fn receive<'a, B: Backend, E: Event>(
     id: MessageId,
     payload: &'a [u8],
     version: Option<u32>,
+    trace: Option<Arc<str>>,
 ) -> Result<BoxFuture<'a, Result<Received, Error>>, serde_json::Error> {
     Ok(match decode::<E>(payload, version)? {
-        Payload::Current(event) => Box::pin(bus.receive(id, event)),
+        Payload::Current(event) => Box::pin(bus.receive_traced(id, event, trace)),
         Payload::Stored(payload, version) => {
-            Box::pin(bus.receive_stored::<E>(id, payload, version))
+            Box::pin(bus.receive_stored::<E>(id, payload, version, trace))
         }
     })
 }
@@ -49,13 +52,16 @@ pub(super) fn receive_among<'t, 'c, B: Backend, E: Event>(
     id: MessageId,
     payload: &'t [u8],
     version: Option<u32>,
+    trace: Option<Arc<str>>,
 ) -> BoxFuture<'t, Result<Received, Error>> {
     Box::pin(async move {
         match decode::<E>(payload, version)
             .map_err(|error| Error::Invalid(format!("its payload does not deserialize: {error}")))?
         {
-            Payload::Current(event) => tx.receive(id, &event).await,
-            Payload::Stored(payload, version) => tx.receive_stored::<E>(id, payload, version).await,
+            Payload::Current(event) => tx.receive_traced(id, &event, trace).await,
+            Payload::Stored(payload, version) => {
+                tx.receive_stored::<E>(id, payload, version, trace).await
+            }
         }
     })
 }

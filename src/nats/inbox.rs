@@ -37,6 +37,7 @@ type Receive<B> = for<'a> fn(
     MessageId,
     &'a [u8],
     Option<u32>,
+    Option<Arc<str>>,
 ) -> Result<BoxFuture<'a, Result<Received, Error>>, serde_json::Error>;
 
 /// The same inside a transaction of several receipts; a payload that does not decode fails it.
@@ -45,6 +46,7 @@ type ReceiveIn<B> = for<'t, 'c> fn(
     MessageId,
     &'t [u8],
     Option<u32>,
+    Option<Arc<str>>,
 ) -> BoxFuture<'t, Result<Received, Error>>;
 
 /// How an inbox receives one event type: a message alone, or among others.
@@ -277,6 +279,8 @@ struct Item<B: Backend> {
     id: MessageId,
     /// The version of the event's type that wrote the payload, from its header.
     version: Option<u32>,
+    /// The trace context of the publish, from its `traceparent` and `tracestate` headers.
+    trace: Option<Arc<str>>,
     accept: Result<Accept<B>, String>,
 }
 
@@ -312,12 +316,19 @@ impl<B: Backend> Shared<B> {
         };
         let id = MessageId::new(stream.clone(), key);
         let version = header(EVENT_VERSION_HEADER).and_then(|v| v.parse().ok());
+        #[cfg(feature = "opentelemetry")]
+        let trace = header(super::TRACEPARENT_HEADER).and_then(|parent| {
+            crate::trace::from_headers(&parent, header(super::TRACESTATE_HEADER).as_deref())
+        });
+        #[cfg(not(feature = "opentelemetry"))]
+        let trace = None;
         Some(Item {
             message,
             stream,
             sequence,
             id,
             version,
+            trace,
             accept,
         })
     }
@@ -351,6 +362,7 @@ impl<B: Backend> Shared<B> {
                                 item.id.clone(),
                                 &item.message.payload,
                                 item.version,
+                                item.trace.clone(),
                             )
                             .await?,
                         );
@@ -386,6 +398,7 @@ impl<B: Backend> Shared<B> {
                 item.id.clone(),
                 &item.message.payload,
                 item.version,
+                item.trace.clone(),
             ) {
                 Ok(receipt) => receipt.await,
                 Err(error) => Err(Error::Invalid(format!(

@@ -18,6 +18,8 @@
 //! | `Txbus-Event` | the event's name ([`Event::NAME`](crate::Event::NAME)) |
 //! | `Txbus-Event-Id` | the event's id in the emitting database |
 //! | `Txbus-Emitted-At` | when it was emitted: microseconds since the Unix epoch, database clock |
+//! | `Txbus-Event-Version` | the version of the event's type that wrote the payload |
+//! | `traceparent`, `tracestate` | with the `opentelemetry` feature, the W3C trace context of the publish (a span `txbus.publish`, child of the relay's listener run): the inbox stores it, and the receiving listeners' spans are its children |
 //!
 //! ```no_run
 //! # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
@@ -56,3 +58,11 @@ pub const EMITTED_AT_HEADER: &str = "Txbus-Emitted-At";
 /// so that a consumer on an older or a newer version upcasts it, or leaves it to an instance
 /// that knows it.
 pub const EVENT_VERSION_HEADER: &str = "Txbus-Event-Version";
+
+/// The W3C trace context header of the publish (feature `opentelemetry`): the inbox stores it
+/// with the deliveries, so the receiving service's listeners continue the sender's trace.
+#[cfg(feature = "opentelemetry")]
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// The W3C `tracestate` header that goes with [`TRACEPARENT_HEADER`], when the trace has one.
+#[cfg(feature = "opentelemetry")]
+pub const TRACESTATE_HEADER: &str = "tracestate";

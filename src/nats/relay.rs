@@ -8,6 +8,7 @@ use std::time::UNIX_EPOCH;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind};
+use tracing::Instrument;
 
 use super::{EMITTED_AT_HEADER, EVENT_HEADER, EVENT_ID_HEADER, EVENT_VERSION_HEADER};
 use crate::error::BuildError;
@@ -232,13 +233,18 @@ fn publish(payload: &str, ctx: Context) -> ListenerCall {
         headers.insert(EVENT_ID_HEADER, event_id.to_string().as_str());
         headers.insert(EMITTED_AT_HEADER, emitted_us.to_string().as_str());
         headers.insert(EVENT_VERSION_HEADER, version.to_string().as_str());
-        let ack = target
-            .jetstream
-            .publish_with_headers(subject.to_owned(), headers, payload.into())
-            .await
-            .map_err(|error| publish_error(subject, error))?
-            .await
-            .map_err(|error| publish_error(subject, error))?;
+        let span = publish_span(subject, &message_id, &mut headers);
+        let ack = async {
+            target
+                .jetstream
+                .publish_with_headers(subject.to_owned(), headers, payload.into())
+                .await
+                .map_err(|error| publish_error(subject, error))?
+                .await
+                .map_err(|error| publish_error(subject, error))
+        }
+        .instrument(span)
+        .await?;
         if ack.duplicate {
             tracing::debug!(
                 subject,
@@ -249,6 +255,37 @@ fn publish(payload: &str, ctx: Context) -> ListenerCall {
         }
         Ok(())
     }))
+}
+
+/// With the `opentelemetry` feature, the span of a publish (a child of the relay's listener
+/// run), whose trace context goes into `headers`.
+#[cfg(feature = "opentelemetry")]
+fn publish_span(subject: &str, message_id: &str, headers: &mut HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "txbus.publish",
+        otel.name = %format_args!("send {subject}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = subject,
+        messaging.message.id = message_id,
+    );
+    if let Some(stored) = span.in_scope(crate::trace::current) {
+        headers.insert(
+            super::TRACEPARENT_HEADER,
+            crate::trace::traceparent(&stored),
+        );
+        if let Some(state) = crate::trace::tracestate(&stored) {
+            headers.insert(super::TRACESTATE_HEADER, state);
+        }
+    }
+    span
+}
+
+#[cfg(not(feature = "opentelemetry"))]
+fn publish_span(_subject: &str, _message_id: &str, _headers: &mut HeaderMap) -> tracing::Span {
+    tracing::Span::none()
 }
 
 fn publish_error(subject: &str, error: jetstream::context::PublishError) -> ListenerError {

@@ -38,16 +38,19 @@ pub struct NewEvent {
     /// Whether a dead letter of a keyed delivery holds its key
     /// ([`EventSettings::block_key_on_dead`](crate::EventSettings::block_key_on_dead)).
     pub(crate) key_hold: bool,
+    /// The W3C trace context of the span that emitted or received it (`traceparent`, and
+    /// `tracestate` on a second line), with the `opentelemetry` feature; `None` otherwise.
+    pub(crate) trace: Option<Arc<str>>,
 }
 
 impl NewEvent {
-    /// Microseconds from the emit to the expiry of its deliveries: `expires_after`, counted
-    /// from the due time for a scheduled event.
     /// The version, as the column stores it.
     pub(crate) fn version_i32(&self) -> i32 {
         i32::try_from(self.version).unwrap_or(i32::MAX)
     }
 
+    /// Microseconds from the emit to the expiry of its deliveries: `expires_after`, counted
+    /// from the due time for a scheduled event.
     pub(crate) fn expires_us(&self) -> i64 {
         rows::micros(
             self.due_in
@@ -81,6 +84,8 @@ pub struct Claimed {
     /// Not leased: parked behind an earlier delivery of its key, which the claim of its key's
     /// head takes as due.
     pub(crate) parked: bool,
+    /// The stored trace context (see [`NewEvent::trace`]).
+    pub(crate) trace: Option<Arc<str>>,
 }
 
 /// What a result write did.

@@ -1,6 +1,7 @@
 //! The rows the store's statements return, read alike on every backend (each statement names
 //! its columns as the fields), and their conversions into what the engine uses.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::event::EventId;
@@ -57,6 +58,7 @@ rows! {
         event_version: i32,
         ordering_key: Option<String>,
         parked: bool,
+        trace_context: Option<String>,
     }
 
     /// A delivery a result write changed, and its reason when it died.
@@ -155,6 +157,7 @@ impl From<ClaimedRow> for crate::store::Claimed {
             version: u32::try_from(row.event_version).unwrap_or(1),
             ordering_key: row.ordering_key,
             parked: row.parked,
+            trace: row.trace_context.map(Arc::from),
         }
     }
 }

@@ -162,7 +162,7 @@ mod postgres {
 
     impl TestBackend for Postgres {
         const MINUS_AN_HOUR: &'static str = " - interval '1 hour'";
-        const MIGRATIONS: i64 = 6;
+        const MIGRATIONS: i64 = 7;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -337,7 +337,7 @@ mod mysql {
 
     impl TestBackend for Mysql {
         const MINUS_AN_HOUR: &'static str = " - INTERVAL 1 HOUR";
-        const MIGRATIONS: i64 = 8;
+        const MIGRATIONS: i64 = 9;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -456,7 +456,7 @@ mod sqlite {
     impl TestBackend for Sqlite {
         // Milliseconds since the epoch.
         const MINUS_AN_HOUR: &'static str = " - 3600000";
-        const MIGRATIONS: i64 = 6;
+        const MIGRATIONS: i64 = 7;
 
         async fn open() -> TestDb<Self> {
             let dir = std::env::temp_dir().join("txbus-tests");

@@ -21,9 +21,10 @@ SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id,
 
 const INSERT_EVENT: &str = concat!(
     "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                                   attempts, leased_at, available_at, expires_at, event_version)
+                                   attempts, leased_at, available_at, expires_at, event_version,
+                                   trace_context)
     SELECT ?, j.listener, ?, ?, e.t, ?, 1, e.t, e.t + INTERVAL ? MICROSECOND,
-           e.t + INTERVAL ? MICROSECOND, ?
+           e.t + INTERVAL ? MICROSECOND, ?, ?
     FROM (SELECT TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AS t) e CROSS JOIN ",
     listeners_table!()
 );
@@ -33,26 +34,26 @@ const INSERT_EVENT: &str = concat!(
 const INSERT_SCHEDULED: &str = concat!(
     "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
                                    attempts, leased_at, available_at, expires_at, event_version,
-                                   ordering_key, key_hold)
+                                   ordering_key, key_hold, trace_context)
     SELECT ?, j.listener, ?, ?, e.t, ?, 0, NULL, e.t + INTERVAL ? MICROSECOND,
-           e.t + INTERVAL ? MICROSECOND, ?, ?, ?
+           e.t + INTERVAL ? MICROSECOND, ?, ?, ?, ?
     FROM (SELECT TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AS t) e CROSS JOIN ",
     listeners_table!()
 );
 
 // The deliveries of a transaction's events, from a JSON array of
 // `[event_id, listener, name, payload, emitted_at_us, lease_ms, expires_us, due_us, version,
-// ordering_key, key_hold]`: a
-// scheduled event's deliveries fall due `due_us` after the emit and are not leased; the others
-// have -1 there.
+// ordering_key, key_hold, trace_context]`: a scheduled event's deliveries fall due `due_us`
+// after the emit and are not leased; the others have -1 there.
 const INSERT_EVENTS: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
                               attempts, leased_at, available_at, expires_at, event_version,
-                              ordering_key, key_hold)
+                              ordering_key, key_hold, trace_context)
 SELECT x.event_id, x.listener, x.name, x.payload, x.at, x.lease,
        CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN x.at END,
        x.at + INTERVAL CASE WHEN x.due < 0 THEN x.lease * 1000 ELSE x.due END MICROSECOND,
-       x.at + INTERVAL x.expires MICROSECOND, x.version, x.ordering_key, x.key_hold
+       x.at + INTERVAL x.expires MICROSECOND, x.version, x.ordering_key, x.key_hold,
+       x.trace_context
 FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00') AS at
       FROM JSON_TABLE(?, '$[*]' COLUMNS (
           event_id BIGINT PATH '$[0]',
@@ -65,7 +66,8 @@ FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00')
           due BIGINT PATH '$[7]',
           version INT PATH '$[8]',
           ordering_key VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[9]',
-          key_hold BOOLEAN PATH '$[10]')) j) x";
+          key_hold BOOLEAN PATH '$[10]',
+          trace_context TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[11]')) j) x";
 
 /// Locks ordering key `?` to the end of the transaction (see `Outbox::LOCK_KEY`).
 const LOCK_KEY: &str = "\
@@ -127,7 +129,7 @@ impl Outbox for Mysql {
             "SELECT d.event_id, d.listener, d.attempts, d.payload,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', d.emitted_at) AS emitted_at_us,
            d.lease_ms, d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key,
-           d.leased_at IS NULL AND d.dead_at IS NULL AS parked
+           d.leased_at IS NULL AND d.dead_at IS NULL AS parked, d.trace_context
     FROM txbus_deliveries d JOIN ",
             keys_table!(),
             " ON d.event_id = k.event_id AND d.listener = k.listener"
@@ -252,6 +254,7 @@ LIMIT 10000",
                     .bind(event.key_hold),
                 None => statement,
             }
+            .bind(event.trace.as_deref())
             .bind(crate::store::micros_since_epoch(inserted.emitted_at))
             .bind_list(&event.listeners)
             .execute(conn)
@@ -295,6 +298,7 @@ LIMIT 10000",
                         event.version_i32(),
                         event.ordering_key.as_deref(),
                         event.key_hold,
+                        event.trace.as_deref(),
                     ])
                 })
             })

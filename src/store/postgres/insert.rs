@@ -11,10 +11,11 @@ use crate::store::{Inserted, NewEvent};
 
 const INSERT_EVENT: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at, event_version)
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              trace_context)
 SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 1, statement_timestamp(),
        statement_timestamp() + $3 * interval '1 millisecond',
-       statement_timestamp() + $4 * interval '1 microsecond', $6
+       statement_timestamp() + $4 * interval '1 microsecond', $6, $7
 FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
 RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
 
@@ -22,28 +23,31 @@ RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS em
 // server to start and run than the join with `unnest`.
 const INSERT_EVENT_ONE: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at, event_version)
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              trace_context)
 VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3, 1,
         statement_timestamp(), statement_timestamp() + $3 * interval '1 millisecond',
-        statement_timestamp() + $4 * interval '1 microsecond', $6)
+        statement_timestamp() + $4 * interval '1 microsecond', $6, $7)
 RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
 
 // A scheduled event: its deliveries are not leased, and fall due `$7` microseconds from now.
 const INSERT_SCHEDULED: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at, event_version)
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              trace_context)
 SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
        statement_timestamp() + $7 * interval '1 microsecond',
-       statement_timestamp() + $4 * interval '1 microsecond', $6
+       statement_timestamp() + $4 * interval '1 microsecond', $6, $8
 FROM (SELECT nextval('txbus_event_ids') AS id) e CROSS JOIN unnest($5::text[]) AS l (listener)
 RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
 
 const INSERT_SCHEDULED_ONE: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at, event_version)
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              trace_context)
 VALUES (nextval('txbus_event_ids'), $5, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
         statement_timestamp() + $7 * interval '1 microsecond',
-        statement_timestamp() + $4 * interval '1 microsecond', $6)
+        statement_timestamp() + $4 * interval '1 microsecond', $6, $8)
 RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
 
 // A keyed event, scheduled or due now: its deliveries are not leased (a claim takes each key's
@@ -54,10 +58,10 @@ const INSERT_KEYED: &str = "\
 WITH k AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended($8, 0)) AS locked)
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
                               attempts, leased_at, available_at, expires_at, event_version,
-                              ordering_key, key_hold)
+                              ordering_key, key_hold, trace_context)
 SELECT e.id, l.listener, $1, $2::jsonb, statement_timestamp(), $3, 0, NULL,
        statement_timestamp() + $7 * interval '1 microsecond',
-       statement_timestamp() + $4 * interval '1 microsecond', $6, $8, $9
+       statement_timestamp() + $4 * interval '1 microsecond', $6, $8, $9, $10
 FROM (SELECT nextval('txbus_event_ids') AS id FROM k OFFSET 0) e
 CROSS JOIN unnest($5::text[]) AS l (listener)
 RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS emitted_at_us";
@@ -81,16 +85,17 @@ FROM generate_series(1, $1)";
 const INSERT_EVENTS: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
                               attempts, leased_at, available_at, expires_at, event_version,
-                              ordering_key, key_hold)
+                              ordering_key, key_hold, trace_context)
 SELECT x.id, x.listener, x.name, x.payload::jsonb, t.at, x.lease,
        CASE WHEN x.due < 0 THEN 1 ELSE 0 END, CASE WHEN x.due < 0 THEN t.at END,
        t.at + CASE WHEN x.due < 0 THEN x.lease * interval '1 millisecond'
                    ELSE x.due * interval '1 microsecond' END,
-       t.at + x.expires * interval '1 microsecond', x.version, x.ordering_key, x.key_hold
+       t.at + x.expires * interval '1 microsecond', x.version, x.ordering_key, x.key_hold,
+       x.trace_context
 FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
-            $8::int8[], $9::int4[], $10::text[], $11::bool[])
+            $8::int8[], $9::int4[], $10::text[], $11::bool[], $12::text[])
      AS x (id, listener, name, payload, emitted_us, lease, expires, due, version, ordering_key,
-           key_hold)
+           key_hold, trace_context)
 CROSS JOIN LATERAL (SELECT timestamptz 'epoch' + x.emitted_us * interval '1 microsecond' AS at) t";
 
 /// The insert of an event's deliveries, or without listeners the reservation of its id.
@@ -107,7 +112,8 @@ pub(super) fn insert_statement(event: &NewEvent) -> Sql<'_, Pg> {
                 .bind(event.version_i32())
                 .bind(micros(event.due_in.unwrap_or_default()))
                 .bind(event.ordering_key.as_deref())
-                .bind(event.key_hold);
+                .bind(event.key_hold)
+                .bind(event.trace.as_deref());
         }
         ([_], None) => INSERT_EVENT_ONE,
         (_, None) => INSERT_EVENT,
@@ -128,6 +134,7 @@ pub(super) fn insert_statement(event: &NewEvent) -> Sql<'_, Pg> {
         Some(due_in) => statement.bind(micros(due_in)),
         None => statement,
     }
+    .bind(event.trace.as_deref())
 }
 
 /// [`insert_statement`] through a shared connection (so that it can be pipelined). It goes on
@@ -153,6 +160,7 @@ pub(super) struct EventColumns<'a> {
     versions: Vec<i32>,
     keys: Vec<Option<&'a str>>,
     holds: Vec<bool>,
+    traces: Vec<Option<&'a str>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -174,6 +182,7 @@ impl<'a> EventColumns<'a> {
                 columns.versions.push(event.version_i32());
                 columns.keys.push(event.ordering_key.as_deref());
                 columns.holds.push(event.key_hold);
+                columns.traces.push(event.trace.as_deref());
             }
         }
         columns
@@ -198,5 +207,6 @@ impl<'a> EventColumns<'a> {
             .bind(&self.versions[..])
             .bind(&self.keys[..])
             .bind(&self.holds[..])
+            .bind(&self.traces[..])
     }
 }

@@ -109,7 +109,8 @@ FROM c
 WHERE d.event_id = c.event_id AND d.listener = c.listener
 RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
           (extract(epoch FROM d.emitted_at) * 1000000)::int8 AS emitted_at_us, d.lease_ms,
-          d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key, d.parked"
+          d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key, d.parked,
+          d.trace_context"
     };
 }
 

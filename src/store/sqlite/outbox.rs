@@ -23,16 +23,17 @@ const NEXT_EVENT_ID: &str = concat!(
 
 const INSERT_EVENT: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
-                              attempts, leased_at, available_at, expires_at, event_version)
-SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 / 1000, ?8 FROM json_each(?7)";
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              trace_context)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 / 1000, ?8, ?9 FROM json_each(?7)";
 
 // A scheduled or keyed event: its deliveries are not leased, and fall due `?9` microseconds
 // after `?4`. (Writers take turns, so the emits of a key take their ids in commit order.)
 const INSERT_SCHEDULED: &str = "\
 INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
                               attempts, leased_at, available_at, expires_at, event_version,
-                              ordering_key, key_hold)
-SELECT ?1, value, ?2, ?3, ?4, ?5, 0, NULL, ?4 + ?9 / 1000, ?4 + ?6 / 1000, ?8, ?10, ?11
+                              ordering_key, key_hold, trace_context)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 0, NULL, ?4 + ?9 / 1000, ?4 + ?6 / 1000, ?8, ?10, ?11, ?12
 FROM json_each(?7)";
 
 const DELETE_DONE: &str = "\
@@ -283,6 +284,7 @@ struct EventRow {
     listeners: Option<String>,
     ordering_key: Option<Arc<str>>,
     key_hold: bool,
+    trace: Option<Arc<str>>,
 }
 
 impl EventRow {
@@ -298,6 +300,7 @@ impl EventRow {
                 .then(|| serde_json::Value::from(&*event.listeners).to_string()),
             ordering_key: event.ordering_key.clone(),
             key_hold: event.key_hold,
+            trace: event.trace.clone(),
         }
     }
 
@@ -335,6 +338,7 @@ impl EventRow {
                     .bind(self.key_hold),
                 None => statement,
             }
+            .bind(self.trace.as_deref())
             .execute(c)?;
         }
         Ok(())
