@@ -5,7 +5,7 @@
 //! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite]
 //! [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1] [--concurrency 1,4,16] [--events N] [--rounds N]
 //! [--payload BYTES] [--backlog N] [--memory-backlog N] [--overload N] [--later N]
-//! [--idle-secs N] [--scheduled N] [--smoke]`
+//! [--idle-secs N] [--scheduled N] [--otel] [--smoke]`
 
 #![allow(dead_code)]
 
@@ -15,6 +15,7 @@ mod keyed;
 mod later;
 #[cfg(feature = "nats")]
 mod nats;
+mod otel;
 mod scenarios;
 mod scheduled;
 
@@ -200,6 +201,8 @@ pub struct Args {
     pub idle: Duration,
     /// Scheduled deliveries not due in the table of T1's idle bus.
     pub scheduled: usize,
+    /// Installs an OpenTelemetry pipeline (see `otel`), and E1 emits in a request span.
+    pub otel: bool,
 }
 
 impl Default for Args {
@@ -224,6 +227,7 @@ impl Default for Args {
             later: 200,
             idle: Duration::from_secs(10),
             scheduled: 1_000_000,
+            otel: false,
         }
     }
 }
@@ -251,7 +255,10 @@ impl Args {
         } else {
             Self::default()
         };
-        let mut it = raw.into_iter().filter(|a| a != "--smoke" && a != "--bench");
+        args.otel = raw.iter().any(|a| a == "--otel");
+        let mut it = raw
+            .into_iter()
+            .filter(|a| a != "--smoke" && a != "--bench" && a != "--otel");
         while let Some(flag) = it.next() {
             let mut value = || it.next().ok_or(format!("{flag} needs a value"));
             let list = |v: String| v.split(',').map(str::to_owned).collect::<Vec<_>>();
@@ -284,7 +291,7 @@ impl Args {
 
 const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
 [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
-[--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--scheduled N] [--smoke]";
+[--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--scheduled N] [--otel] [--smoke]";
 
 fn compiled_backends() -> Vec<String> {
     let mut all = Vec::new();
@@ -408,6 +415,7 @@ pub fn main(raw: Vec<String>) -> ExitCode {
         }
     };
     eprintln!("txbus benchmarks: {args:?}");
+    let pipeline = args.otel.then(otel::install);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -429,6 +437,9 @@ pub fn main(raw: Vec<String>) -> ExitCode {
         };
         rows.extend(result);
         print_table(&rows);
+    }
+    if let Some(pipeline) = pipeline {
+        pipeline.finish();
     }
     ExitCode::SUCCESS
 }

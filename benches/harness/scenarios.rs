@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use diesel_async::AsyncConnection;
+use tracing::Instrument;
 use txbus::{Entity, EventBus, Pool, persist};
 
 use super::backends::{BenchBackend, bulk_backlog, bulk_backlog_keyed};
@@ -127,10 +128,19 @@ where
                         fan_out(clients, n, |count| {
                             let bus = bus.clone();
                             let payload = args.payload;
+                            let otel = args.otel;
                             async move {
                                 for _ in 0..count {
                                     let (user, event) = next_user(payload);
-                                    bus.emit(event, [persist(&user)]).await.unwrap();
+                                    let emit = async { bus.emit(event, [persist(&user)]).await };
+                                    if otel {
+                                        // The request an emit serves, as a service has one.
+                                        emit.instrument(tracing::info_span!("request"))
+                                            .await
+                                            .unwrap();
+                                    } else {
+                                        emit.await.unwrap();
+                                    }
                                 }
                             }
                         })

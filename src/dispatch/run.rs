@@ -60,7 +60,11 @@ pub(crate) async fn run(
     reports: mpsc::Sender<Report>,
 ) {
     let span = span(&job);
-    span.follows_from(job.parent.clone());
+    if job.trace.is_none() {
+        // The emit's span, for subscribers that see no trace context (with one, the stored
+        // context is the run's parent already).
+        span.follows_from(job.parent.clone());
+    }
     let started = Instant::now();
     let resolution = if started >= job.deadline {
         // The lease ran out while it waited (a slow claim, a busy process): not started, so it
