@@ -26,10 +26,11 @@ const DEFAULT_LIMIT: usize = 100;
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use txbus::DeadLetterQuery;
+/// use txbus::{DeadLetterQuery, DeadReason};
 ///
 /// let query = DeadLetterQuery::new()
 ///     .listener("billing::charge_card")
+///     .reason(DeadReason::MaxAttempts)
 ///     .died_after(SystemTime::now() - Duration::from_secs(3600))
 ///     .limit(20);
 /// ```
@@ -40,7 +41,9 @@ pub struct DeadLetterQuery {
     event_name: Option<String>,
     died_after: Option<SystemTime>,
     died_before: Option<SystemTime>,
+    reason: Option<DeadReason>,
     limit: Option<usize>,
+    offset: usize,
 }
 
 impl DeadLetterQuery {
@@ -79,10 +82,30 @@ impl DeadLetterQuery {
         self
     }
 
+    /// Only those that died for this reason.
+    pub fn reason(mut self, reason: DeadReason) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+
     /// At most this many. Default: 100 for [`EventBus::dead_letters`], every match for
     /// [`EventBus::replay_dead`].
     pub fn limit(mut self, limit: usize) -> Self {
         self.limit = Some(limit);
+        self
+    }
+
+    /// Skip the first `offset` matches, newest first: with [`limit`](Self::limit), a page of
+    /// [`EventBus::dead_letters`]. Default: 0. [`EventBus::replay_dead`] ignores it and replays
+    /// every match (up to the limit).
+    ///
+    /// ```
+    /// use txbus::DeadLetterQuery;
+    ///
+    /// let third_page = DeadLetterQuery::new().offset(2 * 50).limit(50);
+    /// ```
+    pub fn offset(mut self, offset: usize) -> Self {
+        self.offset = offset;
         self
     }
 
@@ -93,6 +116,7 @@ impl DeadLetterQuery {
             event_name: self.event_name.as_deref(),
             died_after_us: self.died_after.map(micros_since_epoch),
             died_before_us: self.died_before.map(micros_since_epoch),
+            reason: self.reason.map(DeadReason::as_str),
         }
     }
 }
@@ -177,7 +201,8 @@ impl<B: Backend> EventBus<B> {
     }
 
     /// The dead letters that match `query`, newest first: at most its
-    /// [`limit`](DeadLetterQuery::limit), 100 by default.
+    /// [`limit`](DeadLetterQuery::limit), 100 by default, after skipping its
+    /// [`offset`](DeadLetterQuery::offset).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -210,6 +235,7 @@ impl<B: Backend> EventBus<B> {
                     &mut conn,
                     &query.filter(),
                     query.limit.unwrap_or(DEFAULT_LIMIT),
+                    query.offset,
                 )
                 .await?
             };
@@ -246,8 +272,8 @@ impl<B: Backend> EventBus<B> {
 
     /// Replays every dead letter that matches `query` (up to its
     /// [`limit`](DeadLetterQuery::limit), if it has one) as [`replay`](Self::replay) does, in
-    /// batches of 1,000. Returns how many. A delivery that dies again while this runs is not
-    /// replayed twice.
+    /// batches of 1,000. Returns how many. Its [`offset`](DeadLetterQuery::offset) is ignored. A
+    /// delivery that dies again while this runs is not replayed twice.
     pub fn replay_dead(
         &self,
         query: DeadLetterQuery,

@@ -136,6 +136,8 @@ pub struct DeadFilter<'a> {
     pub(crate) died_after_us: Option<i64>,
     /// Died before, in microseconds since the Unix epoch.
     pub(crate) died_before_us: Option<i64>,
+    /// The code of the reason it died for (`DeadReason::as_str`).
+    pub(crate) reason: Option<&'a str>,
 }
 
 /// `TIMESTAMPDIFF(MICROSECOND, '1970-01-01', '1000-01-01')`: the start of MySQL's `DATETIME`,
@@ -145,7 +147,7 @@ const EARLIEST_US: i64 = -30_610_224_000_000_000;
 const LATEST_US: i64 = 253_402_300_799_999_999;
 
 impl<'a> DeadFilter<'a> {
-    /// Binds the filter to `$1` to `$5`. The times are clamped to the range every backend
+    /// Binds the filter to `$1` to `$6`. The times are clamped to the range every backend
     /// stores: past it, date arithmetic overflows (to an error, or to `NULL`, which would match
     /// nothing instead of everything); no death lies outside it.
     fn bind<DB: SqlDb>(&self, query: Sql<'a, DB>) -> Sql<'a, DB> {
@@ -156,6 +158,7 @@ impl<'a> DeadFilter<'a> {
             .bind(self.event_name)
             .bind(clamp(self.died_after_us))
             .bind(clamp(self.died_before_us))
+            .bind(self.reason)
     }
 }
 
@@ -189,16 +192,17 @@ pub trait Admin<B: Backend = Self> {
     /// [`StatsRow`]s.
     const STATS: &'static str;
 
-    /// Up to `$6` dead letters matching the filter `$1`..`$5` (event id, listener, event name,
-    /// died at or after and before, in µs; each `NULL` for any), newest first (by death time,
-    /// then event id descending, then listener in byte order): [`DeadRow`]s.
+    /// Up to `$7` dead letters matching the filter `$1`..`$6` (event id, listener, event name,
+    /// died at or after and before, in µs, reason code; each `NULL` for any), newest first (by
+    /// death time, then event id descending, then listener in byte order), after skipping the
+    /// first `$8`: [`DeadRow`]s.
     const DEAD_LETTERS: &'static str;
 
     /// Up to `$1` scheduled deliveries not due yet (never run, not leased, available later),
     /// soonest due first: [`ScheduledRow`]s.
     const SCHEDULED: &'static str;
 
-    /// Makes up to `$8` dead letters matching `$1`..`$5` whose key comes after (`$6`, `$7`) in
+    /// Makes up to `$9` dead letters matching `$1`..`$6` whose key comes after (`$7`, `$8`) in
     /// key order (event id, then listener in byte order) pending again: due now, lease and
     /// reason cleared, expiring after the same window as when emitted, counted from now. The
     /// attempt count stays (it fences the results of older runs). Returns their keys.
@@ -231,16 +235,18 @@ pub trait Admin<B: Backend = Self> {
         }
     }
 
-    /// Up to `limit` dead letters matching `filter`, newest first.
+    /// Up to `limit` dead letters matching `filter`, newest first, after the first `offset`.
     fn dead_letters(
         conn: &mut B::Connection,
         filter: &DeadFilter<'_>,
         limit: usize,
+        offset: usize,
     ) -> impl Future<Output = QueryResult<Vec<DeadRow>>> + Send {
         async move {
             filter
                 .bind(sql::<B::Db>(Self::DEAD_LETTERS))
                 .bind(rows::limit(limit))
+                .bind(rows::limit(offset))
                 .load(conn)
                 .await
         }

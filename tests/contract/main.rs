@@ -58,6 +58,7 @@ macro_rules! scenarios {
             inbox::inbox_store_consumers_never_share_a_message,
             ops::stats_count_every_state,
             ops::dead_letters_tell_why_and_replay,
+            ops::dead_letters_filter_by_reason_and_page,
             ops::purge_removes_only_older_dead_letters,
             ops::retention_empties_the_table_after_its_windows,
             ops::operations_on_an_empty_bus,

@@ -389,6 +389,163 @@ pub async fn dead_letters_tell_why_and_replay<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+pub async fn dead_letters_filter_by_reason_and_page<B: TestBackend>() {
+    let db = B::open().await;
+    let (probe, fixed) = (Probe::new(), Arc::new(Fixed::default()));
+    let bus = dying_bus(db.pool.clone(), &probe, &fixed).await;
+    let (mut aborted, mut limited) = (Vec::new(), Vec::new());
+    for n in 0..3 {
+        aborted.push(bus.emit(Job::new("abort"), []).await.unwrap().get());
+        limited.push(bus.emit(Limited { n }, []).await.unwrap().get());
+    }
+    aborted.sort();
+    limited.sort();
+    let all = eventually("six dead letters", || async {
+        let dead = bus.dead_letters(DeadLetterQuery::new()).await.unwrap();
+        (dead.len() == 6).then_some(dead)
+    })
+    .await;
+    let key = |d: &txbus::DeadLetter| (d.event_id.get(), d.listener.clone());
+    let keys = |dead: &[txbus::DeadLetter]| dead.iter().map(key).collect::<Vec<_>>();
+    let mut sorted = all.clone();
+    sorted.sort_by(|a, b| {
+        (b.died_at, b.event_id)
+            .cmp(&(a.died_at, a.event_id))
+            .then_with(|| a.listener.cmp(&b.listener))
+    });
+    assert_eq!(keys(&all), keys(&sorted), "newest first");
+
+    // By reason: exactly those, alone or with other conditions.
+    let ids = |query: DeadLetterQuery| {
+        let bus = bus.clone();
+        async move {
+            let dead = bus.dead_letters(query).await.unwrap();
+            let mut ids: Vec<_> = dead.iter().map(|d| d.event_id.get()).collect();
+            ids.sort();
+            (ids, dead.iter().map(|d| d.reason).collect::<Vec<_>>())
+        }
+    };
+    let (ids_aborted, reasons) = ids(DeadLetterQuery::new().reason(DeadReason::Aborted)).await;
+    assert_eq!(ids_aborted, aborted);
+    assert!(reasons.iter().all(|r| *r == DeadReason::Aborted));
+    let (ids_limited, reasons) = ids(DeadLetterQuery::new().reason(DeadReason::MaxAttempts)).await;
+    assert_eq!(ids_limited, limited);
+    assert!(reasons.iter().all(|r| *r == DeadReason::MaxAttempts));
+    assert!(
+        ids(DeadLetterQuery::new().reason(DeadReason::Expired))
+            .await
+            .0
+            .is_empty()
+    );
+    assert!(
+        ids(DeadLetterQuery::new()
+            .reason(DeadReason::Aborted)
+            .listener("contract.ops.limited_worker"))
+        .await
+        .0
+        .is_empty()
+    );
+    assert_eq!(
+        ids(DeadLetterQuery::new()
+            .reason(DeadReason::MaxAttempts)
+            .event(txbus::EventId::new(limited[1])))
+        .await
+        .0,
+        [limited[1]]
+    );
+
+    // Pages of every size walk the whole list, newest first, without overlap or gap.
+    for size in 1..=4 {
+        let mut walked = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page = bus
+                .dead_letters(DeadLetterQuery::new().offset(offset).limit(size))
+                .await
+                .unwrap();
+            assert!(page.len() <= size);
+            if page.is_empty() {
+                break;
+            }
+            offset += page.len();
+            walked.extend(page);
+        }
+        assert_eq!(keys(&walked), keys(&all), "pages of {size}");
+    }
+    // Pages of one reason are pages of its list.
+    let of_reason = bus
+        .dead_letters(DeadLetterQuery::new().reason(DeadReason::MaxAttempts))
+        .await
+        .unwrap();
+    let second = bus
+        .dead_letters(
+            DeadLetterQuery::new()
+                .reason(DeadReason::MaxAttempts)
+                .offset(1)
+                .limit(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys(&second), keys(&of_reason[1..3]));
+    // The default limit applies after the offset; an offset past the end finds nothing.
+    let rest = bus
+        .dead_letters(DeadLetterQuery::new().offset(4))
+        .await
+        .unwrap();
+    assert_eq!(keys(&rest), keys(&all[4..]));
+    for offset in [6, usize::MAX] {
+        assert!(
+            bus.dead_letters(DeadLetterQuery::new().offset(offset))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    // Replay by reason: only those, whatever the offset.
+    fixed.0.store(true, Ordering::SeqCst);
+    assert_eq!(
+        bus.replay_dead(DeadLetterQuery::new().reason(DeadReason::Expired))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        bus.replay_dead(
+            DeadLetterQuery::new()
+                .reason(DeadReason::MaxAttempts)
+                .offset(2)
+        )
+        .await
+        .unwrap(),
+        3
+    );
+    probe
+        .wait_until("the replayed max_attempts deliveries to succeed", |calls| {
+            limited.iter().all(|id| {
+                calls
+                    .iter()
+                    .any(|c| c.event_id.get() == *id && c.attempt == 2)
+            })
+        })
+        .await;
+    eventually("the replayed deliveries to be deleted", || async {
+        let left = bus.dead_letters(DeadLetterQuery::new()).await.unwrap();
+        let mut ids: Vec<_> = left.iter().map(|d| d.event_id.get()).collect();
+        ids.sort();
+        (ids == aborted
+            && B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await == 3)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        probe.calls_of("contract.ops.worker").len(),
+        3,
+        "the aborted ones are not replayed"
+    );
+    bus.shutdown().await;
+}
+
 /// Makes `n` deliveries of an unknown listener, doubles them `doublings` times, and makes them
 /// all dead (as `aborted`) since their emit.
 async fn dead_backlog<B: TestBackend>(pool: &Pool<B>, n: usize, doublings: u32) {

@@ -8,7 +8,7 @@
 use super::{Mysql, keys_table};
 use crate::store::{Admin, RoundLock, Update};
 
-/// The conditions of a dead-letter filter, on `?1` to `?5` (a NULL sets no condition).
+/// The conditions of a dead-letter filter, on `?1` to `?6` (a NULL sets no condition).
 macro_rules! dead_filter {
     () => {
         "delivered_at IS NULL AND dead_at IS NOT NULL
@@ -16,7 +16,8 @@ macro_rules! dead_filter {
   AND (?2 IS NULL OR listener = ?2)
   AND (?3 IS NULL OR event_name = ?3)
   AND (?4 IS NULL OR dead_at >= TIMESTAMP '1970-01-01 00:00:00' + INTERVAL ?4 MICROSECOND)
-  AND (?5 IS NULL OR dead_at < TIMESTAMP '1970-01-01 00:00:00' + INTERVAL ?5 MICROSECOND)"
+  AND (?5 IS NULL OR dead_at < TIMESTAMP '1970-01-01 00:00:00' + INTERVAL ?5 MICROSECOND)
+  AND (?6 IS NULL OR dead_reason = ?6)"
     };
 }
 
@@ -73,7 +74,10 @@ ORDER BY available_at, event_id, CAST(listener AS BINARY)
 LIMIT ?";
 
     // utf8mb4_bin pads with spaces when it compares ('a' sorts after 'a\t'): the listener is
-    // compared and ordered as bytes, as Rust orders strings.
+    // compared and ordered as bytes, as Rust orders strings. `event_id + 0`: once the prepared
+    // statement has run with an event id bound (`event_id = ?1`, a constant), MariaDB drops a
+    // plain `event_id` from its ORDER BY for every later run, which then orders ties of
+    // `dead_at` by listener alone, and pages (`OFFSET`) overlap. The sort is a filesort anyway.
     const DEAD_LETTERS: &'static str = concat!(
         "\
 SELECT event_id, event_name, listener, attempts, COALESCE(dead_reason, '') AS reason, last_error,
@@ -83,8 +87,8 @@ FROM txbus_deliveries
 WHERE ",
         dead_filter!(),
         "
-ORDER BY dead_at DESC, event_id DESC, CAST(listener AS BINARY)
-LIMIT ?6"
+ORDER BY dead_at DESC, event_id + 0 DESC, CAST(listener AS BINARY)
+LIMIT ?7 OFFSET ?8"
     );
 
     // Keyset pages in byte order of the listener, as Rust orders strings (see DEAD_LETTERS). No
@@ -96,9 +100,9 @@ SELECT event_id, listener FROM txbus_deliveries
 WHERE ",
             dead_filter!(),
             "
-  AND (event_id > ?6 OR (event_id = ?6 AND CAST(listener AS BINARY) > CAST(?7 AS BINARY)))
+  AND (event_id > ?7 OR (event_id = ?7 AND CAST(listener AS BINARY) > CAST(?8 AS BINARY)))
 ORDER BY event_id, CAST(listener AS BINARY)
-LIMIT ?8
+LIMIT ?9
 FOR UPDATE"
         ),
         update: concat!(

@@ -3,7 +3,7 @@
 use super::Postgres;
 use crate::store::{Admin, RoundLock, Update};
 
-/// The conditions of a dead-letter filter, on `$1` to `$5`.
+/// The conditions of a dead-letter filter, on `$1` to `$6`.
 macro_rules! dead_filter {
     () => {
         "dead_at IS NOT NULL
@@ -11,7 +11,8 @@ macro_rules! dead_filter {
   AND ($2::text IS NULL OR listener = $2)
   AND ($3::text IS NULL OR event_name = $3)
   AND ($4::int8 IS NULL OR dead_at >= timestamptz 'epoch' + $4 * interval '1 microsecond')
-  AND ($5::int8 IS NULL OR dead_at < timestamptz 'epoch' + $5 * interval '1 microsecond')"
+  AND ($5::int8 IS NULL OR dead_at < timestamptz 'epoch' + $5 * interval '1 microsecond')
+  AND ($6::text IS NULL OR dead_reason = $6)"
     };
 }
 
@@ -65,7 +66,7 @@ WHERE ",
         dead_filter!(),
         "
 ORDER BY dead_at DESC, event_id DESC, listener COLLATE \"C\"
-LIMIT $6"
+LIMIT $7 OFFSET $8"
     );
 
     // The due index serves it: pending deliveries by `available_at`, from now on.
@@ -87,9 +88,9 @@ WITH c AS MATERIALIZED (
     WHERE ",
         dead_filter!(),
         "
-      AND (event_id > $6 OR (event_id = $6 AND listener COLLATE \"C\" > $7))
+      AND (event_id > $7 OR (event_id = $7 AND listener COLLATE \"C\" > $8))
     ORDER BY event_id, listener COLLATE \"C\"
-    LIMIT $8
+    LIMIT $9
     FOR UPDATE)
 UPDATE txbus_deliveries d
 SET dead_at = NULL, dead_reason = NULL, leased_at = NULL, available_at = now(),

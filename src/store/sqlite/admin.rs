@@ -3,7 +3,7 @@
 use super::Sqlite;
 use crate::store::{Admin, RoundLock, Update};
 
-/// The conditions of a dead-letter filter, on `?1` to `?5` (times in µs, compared with the
+/// The conditions of a dead-letter filter, on `?1` to `?6` (times in µs, compared with the
 /// millisecond column scaled up). `dead_at IS NOT NULL` stands alone so that the partial index
 /// applies.
 macro_rules! dead_filter {
@@ -13,7 +13,8 @@ macro_rules! dead_filter {
   AND (?2 IS NULL OR listener = ?2)
   AND (?3 IS NULL OR event_name = ?3)
   AND (?4 IS NULL OR dead_at * 1000 >= ?4)
-  AND (?5 IS NULL OR dead_at * 1000 < ?5)"
+  AND (?5 IS NULL OR dead_at * 1000 < ?5)
+  AND (?6 IS NULL OR dead_reason = ?6)"
     };
 }
 
@@ -78,7 +79,7 @@ WHERE ",
         dead_filter!(),
         "
 ORDER BY dead_at DESC, event_id DESC, listener
-LIMIT ?6"
+LIMIT ?7 OFFSET ?8"
     );
 
     // Keyset pages in key order. The listener column has SQLite's default BINARY collation,
@@ -100,10 +101,10 @@ WHERE (event_id, listener) IN (
     WHERE ",
         dead_filter!(),
         "
-      AND (event_id, listener) > (?6, ?7)
-      AND event_id BETWEEN COALESCE(?1, ?6) AND COALESCE(?1, 9223372036854775807)
+      AND (event_id, listener) > (?7, ?8)
+      AND event_id BETWEEN COALESCE(?1, ?7) AND COALESCE(?1, 9223372036854775807)
     ORDER BY event_id, listener
-    LIMIT ?8)
+    LIMIT ?9)
 RETURNING event_id, listener"
     ));
 
