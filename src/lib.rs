@@ -104,7 +104,8 @@
 //!    ([`Transaction`]), `schedule` (scheduled events and cancellation), `receive` (the
 //!    inbox's [`EventBus::receive`]), `inbox_store`
 //!    ([`InboxStore`]), `admin` (statistics, dead letters and their replay, retention, stale
-//!    leases), `cli/` (`args`, `commands`, `render`), `nats/` (`relay`, `inbox`), and `private`
+//!    leases), `cli/` (`args`, `commands`, `render`), `nats/` (`relay`, `inbox`), `web/` (the console's
+//!    requests in `handlers`, its HTML in `pages`), and `private`
 //!    (what the macros' expansions call).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -149,6 +150,9 @@ pub mod nats;
 mod receive;
 mod schedule;
 mod transaction;
+#[cfg(feature = "web")]
+#[cfg_attr(docsrs, doc(cfg(feature = "web")))]
+pub mod web;
 
 pub use admin::{DeadLetter, DeadLetterQuery};
 pub use builder::EventBusBuilder;

@@ -148,6 +148,24 @@ async fn the_command_line_inspects_and_repairs() {
         &["dead", "list", "--json", "--listener", "nobody"],
     ));
     assert_eq!(filtered.as_array().unwrap().len(), 0);
+    let by_reason = |reason: &str| {
+        json(&txbus(
+            &url,
+            &["dead", "list", "--json", "--reason", reason],
+        ))
+        .as_array()
+        .unwrap()
+        .len()
+    };
+    assert_eq!(by_reason("aborted"), 2);
+    assert_eq!(by_reason("max_attempts"), 0);
+    let page = json(&txbus(
+        &url,
+        &["dead", "list", "--json", "--limit", "1", "--offset", "1"],
+    ));
+    let page = page.as_array().unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0]["event_id"], first.get(), "the next page");
 
     // Replay one; the bus runs it again and it succeeds.
     let replayed = txbus(
@@ -209,6 +227,17 @@ fn bad_input_fails_clearly() {
     );
     assert_eq!(duration.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&duration.stderr).contains("not a duration"));
+
+    let reason = txbus(
+        "postgres://127.0.0.1:1/none",
+        &["dead", "list", "--reason", "exploded"],
+    );
+    assert_eq!(reason.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&reason.stderr);
+    assert!(
+        message.contains("--reason") && message.contains("max_attempts"),
+        "{message}"
+    );
 
     let unknown = txbus("postgres://127.0.0.1:1/none", &["explode"]);
     assert_eq!(unknown.status.code(), Some(2));

@@ -1,9 +1,9 @@
-//! The benchmark harness: scenarios E1, E2, E3, L1, L2, L3, D1, M1, S1, T1, K1 (and N1 with feature
-//! `nats`) on each backend, each measured beside a baseline (or a target) in the same run, rounds
+//! The benchmark harness: scenarios E1, E2, E3, L1, L2, L3, D1, M1, S1, T1, K1 (N1 with feature
+//! `nats`, W1 with feature `web`) on each backend, each measured beside a baseline (or a target) in the same run, rounds
 //! alternating, reported as medians with min–max.
 //!
 //! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite]
-//! [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1] [--concurrency 1,4,16] [--events N] [--rounds N]
+//! [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1,W1] [--concurrency 1,4,16] [--events N] [--rounds N]
 //! [--payload BYTES] [--backlog N] [--memory-backlog N] [--overload N] [--later N]
 //! [--idle-secs N] [--scheduled N] [--otel] [--smoke]`
 
@@ -18,6 +18,8 @@ mod nats;
 mod otel;
 mod scenarios;
 mod scheduled;
+#[cfg(feature = "web")]
+mod web;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -210,10 +212,11 @@ impl Default for Args {
         Self {
             backends: compiled_backends(),
             scenarios: [
-                "E1", "E2", "E3", "L1", "L2", "L3", "D1", "M1", "S1", "T1", "K1", "N1",
+                "E1", "E2", "E3", "L1", "L2", "L3", "D1", "M1", "S1", "T1", "K1", "N1", "W1",
             ]
             .into_iter()
             .filter(|s| *s != "N1" || cfg!(feature = "nats"))
+            .filter(|s| *s != "W1" || cfg!(feature = "web"))
             .map(String::from)
             .collect(),
             concurrency: vec![1, 4, 16],
@@ -290,7 +293,7 @@ impl Args {
 }
 
 const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
-[--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
+[--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1,W1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
 [--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--scheduled N] [--otel] [--smoke]";
 
 fn compiled_backends() -> Vec<String> {

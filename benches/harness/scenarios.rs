@@ -78,6 +78,8 @@ where
             "K1" => rows.extend(super::keyed::k1::<B>(args).await),
             #[cfg(feature = "nats")]
             "N1" => rows.extend(super::nats::n1::<B>(args).await),
+            #[cfg(feature = "web")]
+            "W1" => rows.extend(super::web::w1::<B>(args).await),
             other => panic!("unknown scenario {other}"),
         }
     }

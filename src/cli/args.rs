@@ -2,9 +2,11 @@
 
 use std::time::{Duration, SystemTime};
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin::DeadLetterQuery;
+use crate::delivery::DeadReason;
 
 /// Inspect and repair a txbus database.
 #[derive(Debug, Parser)]
@@ -47,6 +49,17 @@ pub(super) enum Command {
     Migrate,
     /// The listeners compiled into this binary.
     Listeners,
+    /// Serve the web console until Ctrl-C. It has no authentication of its own: keep it on
+    /// localhost (the default), or behind a proxy that authenticates.
+    #[cfg(feature = "web")]
+    Web {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: std::net::SocketAddr,
+        /// Pages and JSON only: no replay, no purge.
+        #[arg(long)]
+        read_only: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,6 +71,9 @@ pub(super) enum DeadCommand {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Skip this many first, to list the next page.
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
     },
     /// Make dead letters pending again: one (EVENT_ID LISTENER), or every match of the filters
     /// with --all.
@@ -98,6 +114,25 @@ pub(super) struct Filter {
     /// Only those that died within this time: 90s, 30m, 12h, 14d.
     #[arg(long, value_parser = parse_duration)]
     since: Option<Duration>,
+    /// Only those that died for this reason.
+    #[arg(long, value_parser = reason_parser())]
+    reason: Option<DeadReason>,
+}
+
+/// Every reason a delivery dies for, as `--reason` takes them.
+const REASONS: [DeadReason; 6] = [
+    DeadReason::Expired,
+    DeadReason::MaxAttempts,
+    DeadReason::Aborted,
+    DeadReason::NoListener,
+    DeadReason::UpcastFailed,
+    DeadReason::UnknownVersion,
+];
+
+/// Takes one of [`REASONS`]' codes, which clap lists in the help and in its error.
+fn reason_parser() -> impl TypedValueParser<Value = DeadReason> {
+    PossibleValuesParser::new(REASONS.map(DeadReason::as_str))
+        .try_map(|code| code.parse::<DeadReason>())
 }
 
 impl Filter {
@@ -108,6 +143,9 @@ impl Filter {
         }
         if let Some(name) = &self.event_name {
             query = query.event_name(name);
+        }
+        if let Some(reason) = self.reason {
+            query = query.reason(reason);
         }
         if let Some(since) = self.since {
             query = query.died_after(
@@ -179,5 +217,75 @@ mod tests {
             cli.command,
             Command::Scheduled(ScheduledCommand::List { limit: 3 })
         ));
+    }
+
+    #[test]
+    fn dead_filters_take_a_reason_and_an_offset() {
+        let cli = Cli::try_parse_from([
+            "txbus",
+            "dead",
+            "list",
+            "--reason",
+            "max_attempts",
+            "--offset",
+            "100",
+        ])
+        .unwrap();
+        let Command::Dead(DeadCommand::List {
+            filter,
+            limit,
+            offset,
+        }) = cli.command
+        else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!((limit, offset), (50, 100));
+        assert_eq!(
+            filter.query(),
+            DeadLetterQuery::new().reason(DeadReason::MaxAttempts)
+        );
+        let cli = Cli::try_parse_from(["txbus", "dead", "list"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Dead(DeadCommand::List { offset: 0, .. })
+        ));
+
+        let cli = Cli::try_parse_from(["txbus", "dead", "replay", "--all", "--reason", "aborted"])
+            .unwrap();
+        let Command::Dead(DeadCommand::Replay { filter, .. }) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(
+            filter.query(),
+            DeadLetterQuery::new().reason(DeadReason::Aborted)
+        );
+        // Pages are for listing: a replay takes every match.
+        assert!(
+            Cli::try_parse_from(["txbus", "dead", "replay", "--all", "--offset", "1"]).is_err()
+        );
+
+        let error =
+            Cli::try_parse_from(["txbus", "dead", "list", "--reason", "exploded"]).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::InvalidValue);
+        let message = error.to_string();
+        for reason in REASONS {
+            assert!(message.contains(reason.as_str()), "{message}");
+        }
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        for reason in REASONS {
+            assert_eq!(reason.as_str().parse::<DeadReason>().unwrap(), reason);
+            // Fails to compile when a reason is added: add it to `REASONS` too.
+            match reason {
+                DeadReason::Expired
+                | DeadReason::MaxAttempts
+                | DeadReason::Aborted
+                | DeadReason::NoListener
+                | DeadReason::UpcastFailed
+                | DeadReason::UnknownVersion => {}
+            }
+        }
     }
 }

@@ -37,9 +37,13 @@ pub(super) async fn on<B: Backend>(url: &str, cli: &Cli) -> Result<u8, Error> {
 async fn command<B: Backend>(bus: &EventBus<B>, cli: &Cli) -> Result<u8, Error> {
     let output = match &cli.command {
         Command::Status => render::status(&bus.stats().await.map_err(missing_tables)?),
-        Command::Dead(DeadCommand::List { filter, limit }) => {
+        Command::Dead(DeadCommand::List {
+            filter,
+            limit,
+            offset,
+        }) => {
             let dead = bus
-                .dead_letters(filter.query().limit(*limit))
+                .dead_letters(filter.query().limit(*limit).offset(*offset))
                 .await
                 .map_err(missing_tables)?;
             render::dead_letters(&dead)
@@ -82,9 +86,42 @@ async fn command<B: Backend>(bus: &EventBus<B>, cli: &Cli) -> Result<u8, Error> 
                 json!({ "purged": purged }),
             )
         }
+        #[cfg(feature = "web")]
+        Command::Web { bind, read_only } => return web(bus, *bind, *read_only).await,
         Command::Migrate | Command::Listeners => return Ok(EXIT_OK),
     };
     output.print(cli.json);
+    Ok(EXIT_OK)
+}
+
+/// Serves the web console of `bus` on `bind` until Ctrl-C.
+#[cfg(feature = "web")]
+async fn web<B: Backend>(
+    bus: &EventBus<B>,
+    bind: std::net::SocketAddr,
+    read_only: bool,
+) -> Result<u8, Error> {
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|error| Error::Config(format!("could not listen on {bind}: {error}")))?;
+    let router = if read_only {
+        crate::web::router_read_only(bus.clone())
+    } else {
+        crate::web::router(bus.clone())
+    };
+    let at = listener.local_addr().unwrap_or(bind);
+    eprintln!("the txbus console: http://{at}/ (Ctrl-C to stop)");
+    if !at.ip().is_loopback() {
+        eprintln!(
+            "warning: the console has no authentication of its own, and {at} is reachable from              other hosts: put it behind a proxy that authenticates"
+        );
+    }
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|error| Error::Config(format!("the console stopped: {error}")))?;
     Ok(EXIT_OK)
 }
 
