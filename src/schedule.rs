@@ -140,8 +140,15 @@ impl<B: Backend> EventBus<B> {
     /// waits for a retry is cancelled too.
     pub fn cancel(&self, id: EventId) -> impl Future<Output = Result<u64, Error>> + Send + '_ {
         async move {
-            let (_turn, mut conn) = self.engine.pool.get_for_write().await?;
-            Ok(B::cancel(&mut conn, id).await?)
+            let cancelled = {
+                let (_turn, mut conn) = self.engine.pool.get_for_write().await?;
+                B::cancel(&mut conn, id).await?
+            };
+            if cancelled > 0 {
+                // A cancelled head of an ordering key: what waited behind it is due now.
+                self.engine.poll_now.notify_one();
+            }
+            Ok(cancelled)
         }
     }
 }

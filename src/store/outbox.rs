@@ -150,6 +150,15 @@ pub trait Outbox<B: Backend = Self> {
     /// leased with the lease passed (a run that can no longer record its result).
     const CANCEL: &'static str;
 
+    /// Where the backend parks (see [`CLAIM`](Self::CLAIM)): the listener and ordering key of
+    /// the keyed deliveries of event `$1` that [`CANCEL`](Self::CANCEL) deletes ([`KeyRow`]s,
+    /// read before it), and the statement that then makes the parked deliveries of those keys
+    /// (listeners in the list `$1`, keys in the list `$2`) due now: the next of a cancelled
+    /// head's key runs without waiting for its parking to end. `None` elsewhere.
+    ///
+    /// [`KeyRow`]: rows::KeyRow
+    const CANCEL_KEYS: Option<(&'static str, &'static str)> = None;
+
     /// Deletes delivery (`$1`, `$2`) if it is pending and its `attempts` is `$3`.
     const COMPLETE: &'static str;
 
@@ -345,10 +354,24 @@ pub trait Outbox<B: Backend = Self> {
         event_id: EventId,
     ) -> impl Future<Output = QueryResult<u64>> + Send {
         async move {
+            let keys: Vec<rows::KeyRow> = match Self::CANCEL_KEYS {
+                Some((find, _)) => sql::<B::Db>(find).bind(event_id.get()).load(conn).await?,
+                None => Vec::new(),
+            };
             let deleted = sql::<B::Db>(Self::CANCEL)
                 .bind(event_id.get())
                 .execute(conn)
                 .await?;
+            if let (Some((_, unpark)), false) = (Self::CANCEL_KEYS, keys.is_empty() || deleted == 0)
+            {
+                let listeners: Vec<&str> = keys.iter().map(|k| k.listener.as_str()).collect();
+                let ordering: Vec<&str> = keys.iter().map(|k| k.ordering_key.as_str()).collect();
+                sql::<B::Db>(unpark)
+                    .bind_list(&listeners)
+                    .bind_list(&ordering)
+                    .execute(conn)
+                    .await?;
+            }
             Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
         }
     }

@@ -42,6 +42,9 @@ rows! {
     /// An applied migration.
     pub(crate) struct Version { version: String }
 
+    /// A listener and an ordering key.
+    pub(crate) struct KeyRow { listener: String, ordering_key: String }
+
     /// A delivery's key: its event and listener.
     #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
     pub struct DeliveryRef { event_id: i64, listener: String }

@@ -471,6 +471,64 @@ pub async fn a_purged_dead_head_releases_its_key<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// Cancelling a key's head that waits for its retry lets the next delivery of its key run at
+/// once, though a claim parked it behind the head (for 30 s at least, where the backend parks).
+pub async fn a_cancelled_head_releases_its_key<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let bus = bus(db.pool.clone(), &probe)
+        .state(failing.clone())
+        .event::<Held>(
+            fast_settings()
+                .expires_after(Duration::from_secs(7200))
+                .retry_after(Duration::from_secs(3600)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let held = |n| Held {
+        account: "cancelled".into(),
+        n,
+    };
+    let head = bus.emit(held(1), []).await.unwrap();
+    let second = bus.emit(held(2), []).await.unwrap();
+    probe
+        .wait_until("held_run's head to fail, held_other to run both", |calls| {
+            calls.iter().any(|c| c.note == "failed 1")
+                && calls.iter().filter(|c| c.listener == "held_other").count() == 2
+        })
+        .await;
+    // The head's failure is written: it waits for its retry, in an hour.
+    crate::support::eventually("the head to wait for its retry", || async {
+        let stats = bus.stats().await.unwrap();
+        (stats.listeners[&listener_id("held_run")].retrying == 1).then_some(())
+    })
+    .await;
+    if B::PARKS {
+        crate::support::eventually("a claim to park the second behind the head", || async {
+            let parked = B::count(
+                &db.pool,
+                "SELECT count(*) AS n FROM txbus_deliveries WHERE parked",
+            );
+            (parked.await == 1).then_some(())
+        })
+        .await;
+    }
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        bus.cancel(head).await.unwrap(),
+        1,
+        "held_run's retrying head"
+    );
+    // Well before the parking would end by itself.
+    let runs = tokio::time::timeout(Duration::from_secs(20), held_runs_until(&probe, second))
+        .await
+        .expect("the second delivery of the key ran without waiting for its parking to end");
+    assert_eq!(runs, ["failed 1", "ok 2"]);
+    bus.shutdown().await;
+}
+
 /// A scheduled keyed event does not hold its key before it is due (a later event of the key
 /// runs first), and once due it takes its place by event id: a later event waits for it.
 pub async fn a_scheduled_keyed_event_takes_its_place_when_due<B: TestBackend>() {

@@ -16,6 +16,10 @@ pub trait TestBackend: Backend {
     /// How many migrations txbus has for this backend.
     const MIGRATIONS: i64;
 
+    /// Whether a claim parks a keyed delivery it finds waiting behind its key (column
+    /// `parked`).
+    const PARKS: bool;
+
     /// A fresh, empty database of this backend.
     fn open() -> impl Future<Output = TestDb<Self>> + Send;
 
@@ -163,6 +167,7 @@ mod postgres {
     impl TestBackend for Postgres {
         const MINUS_AN_HOUR: &'static str = " - interval '1 hour'";
         const MIGRATIONS: i64 = 7;
+        const PARKS: bool = true;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -338,6 +343,7 @@ mod mysql {
     impl TestBackend for Mysql {
         const MINUS_AN_HOUR: &'static str = " - INTERVAL 1 HOUR";
         const MIGRATIONS: i64 = 9;
+        const PARKS: bool = false;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -457,6 +463,7 @@ mod sqlite {
         // Milliseconds since the epoch.
         const MINUS_AN_HOUR: &'static str = " - 3600000";
         const MIGRATIONS: i64 = 7;
+        const PARKS: bool = true;
 
         async fn open() -> TestDb<Self> {
             let dir = std::env::temp_dir().join("txbus-tests");

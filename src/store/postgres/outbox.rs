@@ -223,6 +223,19 @@ DELETE FROM txbus_deliveries
 WHERE event_id = $1 AND COALESCE(dead_at, delivered_at) IS NULL
   AND (leased_at IS NULL OR available_at <= now())";
 
+    // The parked deliveries of the keys are found through the key index.
+    const CANCEL_KEYS: Option<(&'static str, &'static str)> = Some((
+        "\
+SELECT DISTINCT listener, ordering_key FROM txbus_deliveries
+WHERE event_id = $1 AND ordering_key IS NOT NULL AND COALESCE(dead_at, delivered_at) IS NULL
+  AND (leased_at IS NULL OR available_at <= now())",
+        "\
+UPDATE txbus_deliveries d SET available_at = now(), parked = FALSE
+FROM unnest($1::text[], $2::text[]) AS k (listener, ordering_key)
+WHERE d.listener = k.listener AND d.ordering_key = k.ordering_key AND d.parked
+  AND d.ordering_key IS NOT NULL AND d.delivered_at IS NULL AND d.dead_at IS NULL",
+    ));
+
     // Fenced like the result writes: `COALESCE` keeps the planner on the primary key.
     const COMPLETE: &'static str = "\
 DELETE FROM txbus_deliveries

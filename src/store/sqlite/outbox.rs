@@ -138,6 +138,26 @@ impl Outbox for Sqlite {
         ")"
     );
 
+    // The parked deliveries of the keys are found through the key index; the two lists pair
+    // by position.
+    const CANCEL_KEYS: Option<(&'static str, &'static str)> = Some((
+        concat!(
+            "SELECT DISTINCT listener, ordering_key FROM txbus_deliveries
+    WHERE event_id = ? AND ordering_key IS NOT NULL AND dead_at IS NULL AND delivered_at IS NULL
+    AND (leased_at IS NULL OR available_at <= ",
+            now_ms!(),
+            ")"
+        ),
+        concat!(
+            "UPDATE txbus_deliveries SET available_at = ",
+            now_ms!(),
+            ", parked = 0
+    WHERE parked AND ordering_key IS NOT NULL AND delivered_at IS NULL AND dead_at IS NULL
+    AND (listener, ordering_key) IN (
+        SELECT l.value, k.value FROM json_each(?1) l JOIN json_each(?2) k ON k.key = l.key)"
+        ),
+    ));
+
     const COMPLETE: &'static str = DELETE_DONE;
 
     const COMPLETE_RETAINED: &'static str = MARK_DONE;
