@@ -30,6 +30,20 @@ pub enum DeadReason {
 }
 
 impl DeadReason {
+    /// Every reason, in the order above.
+    /// ```
+    /// use txbus::DeadReason;
+    /// assert!(DeadReason::ALL.contains(&DeadReason::Aborted));
+    /// ```
+    pub const ALL: &'static [DeadReason] = &[
+        Self::Expired,
+        Self::MaxAttempts,
+        Self::Aborted,
+        Self::NoListener,
+        Self::UpcastFailed,
+        Self::UnknownVersion,
+    ];
+
     /// The code stored in `txbus_deliveries.dead_reason`: `expired`, `max_attempts`, `aborted`,
     /// `no_listener`, `upcast_failed` or `unknown_version`.
     pub fn as_str(self) -> &'static str {
@@ -115,6 +129,22 @@ pub struct Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_in_all_and_reads_back() {
+        for &reason in DeadReason::ALL {
+            assert_eq!(reason.as_str().parse::<DeadReason>().unwrap(), reason);
+            // Fails to compile when a reason is added: add it to `ALL` too.
+            match reason {
+                DeadReason::Expired
+                | DeadReason::MaxAttempts
+                | DeadReason::Aborted
+                | DeadReason::NoListener
+                | DeadReason::UpcastFailed
+                | DeadReason::UnknownVersion => {}
+            }
+        }
+    }
 
     #[test]
     fn reasons_round_trip() {

@@ -25,16 +25,6 @@ pub(super) fn encode(value: &str) -> impl std::fmt::Display + '_ {
     utf8_percent_encode(value, COMPONENT)
 }
 
-/// Every reason a delivery dies for, as the filter offers them.
-const REASONS: [DeadReason; 6] = [
-    DeadReason::Expired,
-    DeadReason::MaxAttempts,
-    DeadReason::Aborted,
-    DeadReason::NoListener,
-    DeadReason::UpcastFailed,
-    DeadReason::UnknownVersion,
-];
-
 /// The states of a pending delivery and a dead one, with their colours in the chart.
 const STATES: [(&str, &str); 6] = [
     ("due", "#2b6cb0"),
@@ -212,7 +202,7 @@ impl<'a> Page<'a> {
                 label { "event" input name="event" value=(filters.event); }
                 label { "reason" select name="reason" {
                     option value="" { "any" }
-                    @for reason in REASONS {
+                    @for reason in DeadReason::ALL {
                         option value=(reason.as_str()) selected[filters.reason == reason.as_str()] { (reason.as_str()) }
                     }
                 } }
