@@ -181,6 +181,20 @@ impl<B: Backend> Engine<B> {
     /// caller's task until it first waits. Scheduled events are left to the poller, which they
     /// wake when they fall due.
     pub(crate) fn dispatch(&self, written: Vec<Written>) {
+        #[cfg(feature = "testing")]
+        if self
+            .runner
+            .hooks
+            .committed(written.iter().map(|w| dispatch::Emitted {
+                id: w.inserted.id,
+                name: w.prepared.new.name,
+                payload: w.prepared.new.payload.clone(),
+            }))
+        {
+            // A simulated crash right after the commit: nothing starts, and the deliveries'
+            // leases run out as after a real one.
+            return;
+        }
         let ready = Instant::now();
         // Runs follow from the span that emitted (or received) their event.
         let parent = tracing::Span::current().id();

@@ -103,7 +103,7 @@
 //! 4. **Surface**: `bus` ([`EventBus`]), `builder` ([`EventBusBuilder`]), `transaction`
 //!    ([`Transaction`]), `schedule` (scheduled events and cancellation), `receive` (the
 //!    inbox's [`EventBus::receive`]), `inbox_store`
-//!    ([`InboxStore`]), `admin` (statistics, dead letters and their replay, retention, stale
+//!    ([`InboxStore`]), `testing` (the test kit; its hooks in the runner are `dispatch/hooks`), `admin` (statistics, dead letters and their replay, retention, stale
 //!    leases), `cli/` (`args`, `commands`, `render`), `nats/` (`relay`, `inbox`), `web/` (the console's
 //!    requests in `handlers`, its HTML in `pages`), and `private`
 //!    (what the macros' expansions call).
@@ -149,6 +149,9 @@ mod inbox_store;
 pub mod nats;
 mod receive;
 mod schedule;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 mod transaction;
 #[cfg(feature = "web")]
 #[cfg_attr(docsrs, doc(cfg(feature = "web")))]

@@ -140,6 +140,17 @@ pub(crate) async fn poll_loop<B: Backend>(engine: Arc<Engine<B>>) {
     }
 }
 
+/// One round of the poller's claims, heads first (for the test kit's `run_due`). Returns
+/// whether more may be due at once.
+#[cfg(feature = "testing")]
+pub(crate) async fn claim_round<B: Backend>(engine: &Engine<B>) -> Result<bool, Error> {
+    let known = engine.registry.names();
+    let versions = engine.registry.versions();
+    let full = claim_heads(engine, &known, &versions).await?;
+    let more = claim(engine, &known, &versions).await?;
+    Ok(full || more != More::No)
+}
+
 /// When the poller claims again after a claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum More {
@@ -353,6 +364,8 @@ fn submit<B: Backend>(
                 .wake_heads([(stored_as, Arc::from(key.as_str()))]);
         }
         crate::metrics::died(&delivery.listener, "expired");
+        #[cfg(feature = "testing")]
+        engine.runner.hooks.expired();
         tracing::error!(event_id = %delivery.event_id, listener = %delivery.listener, reason = "expired",
             "delivery expired; it stays in txbus_deliveries as a dead letter");
         return;

@@ -18,12 +18,18 @@ use crate::listener::{ListenerDef, State};
 use crate::settings::{EventSettings, MAX_DURATION};
 
 mod due;
+#[cfg(feature = "testing")]
+mod hooks;
 mod retry;
 mod run;
 mod tracker;
 mod transactional;
 
 pub(crate) use due::wake_when_due;
+#[cfg(feature = "testing")]
+pub use hooks::{CrashPoint, RunReport};
+#[cfg(feature = "testing")]
+pub(crate) use hooks::{Emitted, Hooks};
 pub(crate) use run::{Transactions, run};
 pub(crate) use tracker::{InFlight, Tracker};
 pub(crate) use transactional::PoolTransactions;
@@ -112,6 +118,9 @@ pub(crate) struct Runner {
     state: Arc<State>,
     /// Runs the transactional listeners, when the binary has any.
     transactions: Option<Arc<dyn Transactions>>,
+    /// What the test kit sees and changes.
+    #[cfg(feature = "testing")]
+    pub(crate) hooks: Hooks,
 }
 
 impl Runner {
@@ -144,6 +153,8 @@ impl Runner {
             heads_ready: Notify::new(),
             state: Arc::new(state),
             transactions,
+            #[cfg(feature = "testing")]
+            hooks: Hooks::default(),
         });
         (runner, jobs, report_rx)
     }

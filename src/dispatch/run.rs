@@ -81,7 +81,11 @@ pub(crate) async fn run(
     } else {
         let verdict = execute(&job, &runner).instrument(span.clone()).await;
         crate::metrics::ran(job.def.id, verdict.outcome(), started.elapsed());
-        span.in_scope(|| retry::resolve(verdict, job.key.attempt, &job.settings, started))
+        let resolution =
+            span.in_scope(|| retry::resolve(verdict, job.key.attempt, &job.settings, started));
+        #[cfg(feature = "testing")]
+        let resolution = runner.hooks.ran(resolution);
+        resolution
     };
     if let Some(resolution) = resolution {
         let report = Report {

@@ -10,6 +10,7 @@ use crate::store::migrate::{self, Migration, MigrationLock, Migrations};
 use crate::store::{Backend, Sealed};
 
 mod admin;
+mod claim;
 mod inbox;
 mod insert;
 mod outbox;

@@ -1,0 +1,274 @@
+//! The test kit (feature `testing`) on every backend: `run_due` runs what is due and what it
+//! emits, `emitted` lists what committed, and the simulated crashes bring deliveries back after
+//! their lease, as the next attempt: a non-idempotent listener charges twice, an idempotent one
+//! once.
+#![cfg(all(
+    feature = "testing",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
+#![allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use txbus::testing::{CrashPoint, RunReport};
+use txbus::{Context, EventBus, EventId, EventSettings, ListenerError};
+
+use support::{TestBackend, eventually};
+
+/// Short leases, so that what a simulated crash left leased comes back within the test.
+fn settings() -> EventSettings {
+    EventSettings::default()
+        .max_execution_time(Duration::from_secs(1))
+        .retry_after(Duration::from_millis(50))
+}
+
+/// Emits a `Shipped` for an order, through the bus under test (set once it is built).
+type Ship = Arc<OnceLock<Box<dyn Fn(i64) -> BoxFuture<'static, ()> + Send + Sync>>>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, txbus::Event)]
+#[event(name = "kit.order_placed")]
+struct OrderPlaced {
+    id: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, txbus::Event)]
+#[event(name = "kit.order_shipped")]
+struct OrderShipped {
+    id: i64,
+}
+
+/// What the listeners did.
+#[derive(Default)]
+struct Ledger {
+    shipped: Mutex<Vec<i64>>,
+    charges: AtomicU64,
+    charged_once: Mutex<HashSet<EventId>>,
+    attempts: Mutex<Vec<u32>>,
+}
+
+#[txbus::listener(name = "kit.ship")]
+async fn ship(order: OrderPlaced, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Ledger>>()?
+        .attempts
+        .lock()
+        .unwrap()
+        .push(ctx.attempt());
+    let emit = ctx.state::<Ship>()?.get().ok_or("no bus yet")?;
+    emit(order.id).await;
+    Ok(())
+}
+
+#[txbus::listener(name = "kit.record_shipment")]
+async fn record_shipment(shipped: OrderShipped, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Ledger>>()?
+        .shipped
+        .lock()
+        .unwrap()
+        .push(shipped.id);
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "kit.payment")]
+struct Payment {
+    cents: i64,
+}
+
+/// Charges on every run: a lost success charges twice.
+#[txbus::listener(name = "kit.charge")]
+async fn charge(_payment: Payment, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Ledger>>()?
+        .charges
+        .fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "kit.idempotent_payment")]
+struct IdempotentPayment {
+    cents: i64,
+}
+
+/// Charges once per event, whatever the runs.
+#[txbus::listener(name = "kit.charge_once")]
+async fn charge_once(_payment: IdempotentPayment, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Ledger>>()?
+        .charged_once
+        .lock()
+        .unwrap()
+        .insert(ctx.event_id());
+    Ok(())
+}
+
+/// A bus with its poller off, whose `kit.ship` listener emits through it.
+async fn kit<B: TestBackend>(db: &support::TestDb<B>) -> (EventBus<B>, Arc<Ledger>) {
+    let ledger = Arc::new(Ledger::default());
+    let ship: Ship = Arc::default();
+    let bus = EventBus::builder(db.another_pool().await)
+        .state(ledger.clone())
+        .state(ship.clone())
+        .default_settings(settings())
+        .poller(false)
+        .build()
+        .await
+        .unwrap();
+    let emitter = bus.clone();
+    let _ = ship.set(Box::new(move |id| {
+        let bus = emitter.clone();
+        Box::pin(async move {
+            bus.emit(OrderShipped { id }, []).await.unwrap();
+        })
+    }));
+    (bus, ledger)
+}
+
+/// Calls `run_due` until it has run something, and returns what that call did.
+async fn run_when_due<B: txbus::Backend>(bus: &EventBus<B>) -> RunReport {
+    eventually("a delivery to fall due for run_due", || async {
+        let report = bus.run_due().await.unwrap();
+        (report.ran > 0).then_some(report)
+    })
+    .await
+}
+
+async fn emitted_lists_what_committed<B: TestBackend>() {
+    let db = B::open().await;
+    let (bus, _) = kit(&db).await;
+    let first = bus.emit(Payment { cents: 1 }, []).await.unwrap();
+    let (second, _) = bus
+        .transaction(async |tx| {
+            let a = tx.emit(&Payment { cents: 2 }).await?;
+            let b = tx.emit(&IdempotentPayment { cents: 3 }).await?;
+            Ok::<_, txbus::Error>((a, b))
+        })
+        .await
+        .unwrap();
+    let rolled_back = bus
+        .transaction(async |tx| {
+            tx.emit(&Payment { cents: 4 }).await?;
+            Err::<(), _>(txbus::Error::Invalid("rolled back".into()))
+        })
+        .await;
+    assert!(rolled_back.is_err());
+    let payments: Vec<(EventId, i64)> = bus
+        .emitted::<Payment>()
+        .into_iter()
+        .map(|(id, p)| (id, p.cents))
+        .collect();
+    assert_eq!(payments, [(first, 1), (second, 2)]);
+    assert_eq!(
+        bus.emitted_names(),
+        ["kit.payment", "kit.payment", "kit.idempotent_payment"]
+    );
+    assert!(bus.emitted::<OrderPlaced>().is_empty());
+    bus.shutdown().await;
+}
+
+async fn run_due_runs_what_falls_due_and_what_it_emits<B: TestBackend>() {
+    let db = B::open().await;
+    let (bus, ledger) = kit(&db).await;
+    assert_eq!(bus.run_due().await.unwrap(), RunReport::default());
+    // The process "dies" after the commit: nothing runs until the lease ends.
+    bus.simulate_crash(CrashPoint::AfterCommit);
+    let order = bus.emit(OrderPlaced { id: 7 }, []).await.unwrap();
+    assert_eq!(bus.run_due().await.unwrap().ran, 0, "still leased");
+    assert!(ledger.attempts.lock().unwrap().is_empty());
+
+    let report = run_when_due(&bus).await;
+    // The order's listener, and the listener of the event it emitted, in the same call.
+    assert_eq!(report.ran, 2, "{report:?}");
+    assert_eq!(report.succeeded, 2);
+    assert_eq!(*ledger.attempts.lock().unwrap(), [2], "the next attempt");
+    assert_eq!(*ledger.shipped.lock().unwrap(), [7]);
+    let emitted: Vec<i64> = bus
+        .emitted::<OrderPlaced>()
+        .iter()
+        .map(|(_, o)| o.id)
+        .collect();
+    assert_eq!(emitted, [7]);
+    assert_eq!(bus.emitted::<OrderShipped>().len(), 1);
+    assert_eq!(bus.emitted::<OrderPlaced>()[0].0, order);
+    // Nothing is left.
+    assert_eq!(bus.run_due().await.unwrap(), RunReport::default());
+    assert_eq!(bus.stats().await.unwrap().total.pending(), 0);
+    bus.shutdown().await;
+}
+
+async fn a_lost_success_charges_twice_unless_the_listener_is_idempotent<B: TestBackend>() {
+    let db = B::open().await;
+    let (bus, ledger) = kit(&db).await;
+
+    // Not idempotent: the run succeeded, its record was lost, it runs again.
+    bus.simulate_crash(CrashPoint::AfterListenerSuccess);
+    bus.emit(Payment { cents: 500 }, []).await.unwrap();
+    eventually("the first charge", || async {
+        (ledger.charges.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let report = run_when_due(&bus).await;
+    assert_eq!((report.ran, report.succeeded), (1, 1));
+    assert_eq!(ledger.charges.load(Ordering::SeqCst), 2, "charged twice");
+
+    // Idempotent: the same crash, one charge.
+    bus.simulate_crash(CrashPoint::AfterListenerSuccess);
+    let payment = bus
+        .emit(IdempotentPayment { cents: 500 }, [])
+        .await
+        .unwrap();
+    eventually("the first run", || async {
+        (!ledger.charged_once.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let report = run_when_due(&bus).await;
+    assert_eq!((report.ran, report.succeeded), (1, 1));
+    assert_eq!(
+        *ledger.charged_once.lock().unwrap(),
+        HashSet::from([payment]),
+        "charged once"
+    );
+    assert_eq!(bus.run_due().await.unwrap(), RunReport::default());
+    bus.shutdown().await;
+}
+
+macro_rules! backend_tests {
+    ($($module:ident: $backend:ty),+ $(,)?) => {$(
+        mod $module {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn emitted_lists_what_committed() {
+                super::emitted_lists_what_committed::<$backend>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn run_due_runs_what_falls_due_and_what_it_emits() {
+                super::run_due_runs_what_falls_due_and_what_it_emits::<$backend>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_lost_success_charges_twice_unless_the_listener_is_idempotent() {
+                super::a_lost_success_charges_twice_unless_the_listener_is_idempotent::<$backend>()
+                    .await;
+            }
+        }
+    )+};
+}
+
+backend_tests!(
+    postgres: txbus::Postgres,
+    mysql: txbus::Mysql,
+    sqlite: txbus::Sqlite
+);
