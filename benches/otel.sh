@@ -6,12 +6,14 @@
 # order; the ratios are per round, reported as the median and the range.
 #
 #   benches/otel.sh [backend] [rounds] [events] [emitters]     # defaults: postgres 5 3000 16
+#   PIPELINE=--otel-lean benches/otel.sh ...     # the layer without busy/idle times, location, thread
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backend=${1:-postgres}
 rounds=${2:-5}
 events=${3:-3000}
 emitters=${4:-16}
+pipeline=${PIPELINE:---otel}
 
 # Builds the benchmark binary with these features and prints its path.
 build() {
@@ -37,9 +39,9 @@ declare -a on off off_otel
 for round in $(seq 0 $((rounds - 1))); do
   for turn in 0 1 2; do
     case $(((round + turn) % 3)) in
-      0) on+=("$(e1 "$dir/on" --otel)") ;;
+      0) on+=("$(e1 "$dir/on" "$pipeline")") ;;
       1) off+=("$(e1 "$dir/off")") ;;
-      2) off_otel+=("$(e1 "$dir/off" --otel)") ;;
+      2) off_otel+=("$(e1 "$dir/off" "$pipeline")") ;;
     esac
   done
   echo "round $((round + 1)): on+pipeline ${on[-1]}, off ${off[-1]}, off+pipeline ${off_otel[-1]} events/s" >&2
@@ -57,4 +59,4 @@ ratios() { # numerators, denominators (two arrays by name)
 
 echo "| backend | case | feature on + pipeline | feature off | feature off + pipeline | on ÷ off | on ÷ off with pipeline |"
 echo "|---|---|---|---|---|---|---|"
-echo "| $backend | $emitters emitters, $events events, $rounds rounds | $(stats "${on[@]}") | $(stats "${off[@]}") | $(stats "${off_otel[@]}") | $(ratios on off) | $(ratios on off_otel) |"
+echo "| $backend ($pipeline) | $emitters emitters, $events events, $rounds rounds | $(stats "${on[@]}") | $(stats "${off[@]}") | $(stats "${off_otel[@]}") | $(ratios on off) | $(ratios on off_otel) |"

@@ -5,7 +5,7 @@
 //! `cargo bench --bench txbus -- [--backends postgres,mysql,sqlite]
 //! [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1,W1] [--concurrency 1,4,16] [--events N] [--rounds N]
 //! [--payload BYTES] [--backlog N] [--memory-backlog N] [--overload N] [--later N]
-//! [--idle-secs N] [--scheduled N] [--otel] [--smoke]`
+//! [--idle-secs N] [--scheduled N] [--otel | --otel-lean] [--smoke]`
 
 #![allow(dead_code)]
 
@@ -205,6 +205,8 @@ pub struct Args {
     pub scheduled: usize,
     /// Installs an OpenTelemetry pipeline (see `otel`), and E1 emits in a request span.
     pub otel: bool,
+    /// The same pipeline without the layer's default extras (`--otel-lean`).
+    pub otel_lean: bool,
 }
 
 impl Default for Args {
@@ -231,6 +233,7 @@ impl Default for Args {
             idle: Duration::from_secs(10),
             scheduled: 1_000_000,
             otel: false,
+            otel_lean: false,
         }
     }
 }
@@ -258,10 +261,11 @@ impl Args {
         } else {
             Self::default()
         };
-        args.otel = raw.iter().any(|a| a == "--otel");
+        args.otel_lean = raw.iter().any(|a| a == "--otel-lean");
+        args.otel = args.otel_lean || raw.iter().any(|a| a == "--otel");
         let mut it = raw
             .into_iter()
-            .filter(|a| a != "--smoke" && a != "--bench" && a != "--otel");
+            .filter(|a| !matches!(a.as_str(), "--smoke" | "--bench" | "--otel" | "--otel-lean"));
         while let Some(flag) = it.next() {
             let mut value = || it.next().ok_or(format!("{flag} needs a value"));
             let list = |v: String| v.split(',').map(str::to_owned).collect::<Vec<_>>();
@@ -294,7 +298,7 @@ impl Args {
 
 const HELP: &str = "usage: cargo bench --bench txbus -- [--backends postgres,mysql,sqlite] \
 [--scenarios E1,E2,E3,L1,L2,L3,D1,M1,S1,T1,K1,N1,W1] [--concurrency 1,4,16] [--events N] [--rounds N] [--payload BYTES] \
-[--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--scheduled N] [--otel] [--smoke]";
+[--backlog N] [--memory-backlog N] [--overload N] [--later N] [--idle-secs N] [--scheduled N] [--otel | --otel-lean] [--smoke]";
 
 fn compiled_backends() -> Vec<String> {
     let mut all = Vec::new();
@@ -418,7 +422,7 @@ pub fn main(raw: Vec<String>) -> ExitCode {
         }
     };
     eprintln!("txbus benchmarks: {args:?}");
-    let pipeline = args.otel.then(otel::install);
+    let pipeline = args.otel.then(|| otel::install(args.otel_lean));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -28,15 +28,25 @@ pub struct Pipeline {
     exported: Arc<AtomicU64>,
 }
 
-/// Installs the pipeline as the global `tracing` subscriber.
-pub fn install() -> Pipeline {
+/// Installs the pipeline as the global `tracing` subscriber. `lean`: without the layer's
+/// default extras per span (busy and idle times, code location, thread).
+pub fn install(lean: bool) -> Pipeline {
     let exporter = Dropping::default();
     let exported = exporter.0.clone();
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("txbus-bench"));
+    let layer = if lean {
+        layer
+            .with_tracked_inactivity(false)
+            .with_location(false)
+            .with_threads(false)
+    } else {
+        layer
+    };
     let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("txbus-bench")))
+        .with(layer)
         .with(tracing_subscriber::filter::LevelFilter::INFO);
     tracing::subscriber::set_global_default(subscriber).unwrap();
     Pipeline { provider, exported }
