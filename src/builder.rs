@@ -235,7 +235,9 @@ impl<B: Backend> EventBusBuilder<B> {
 
     /// Whether this process runs the background poller, which retries failed deliveries and
     /// takes over those of crashed processes. Default: true. Turn it off only where another
-    /// process polls the same database; this process still runs the listeners of its own emits.
+    /// process polls the same database, or in tests; this process still runs the listeners of
+    /// its own emits. With feature `testing`, a bus without its poller is a test's: it keeps
+    /// the record of its events that [`EventBus::emitted`](crate::EventBus::emitted) reads.
     pub fn poller(mut self, enabled: bool) -> Self {
         self.poller = enabled;
         self
@@ -269,6 +271,9 @@ impl<B: Backend> EventBusBuilder<B> {
             });
             let (runner, jobs, reports) =
                 Runner::new(this.max_concurrent_listeners, this.state, transactions);
+            // A test's bus (feature `testing`): it keeps a record of what it emits.
+            #[cfg(feature = "testing")]
+            runner.hooks.record_emitted(!this.poller);
             let settings = this
                 .events
                 .into_iter()

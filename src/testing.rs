@@ -60,6 +60,10 @@ impl<B: Backend> EventBus<B> {
     /// The events of type `E` committed through this bus (emitted, in a transaction, or
     /// received), in commit order, with their ids. Rolled-back ones never count.
     ///
+    /// Only a test's bus, built with [`poller(false)`](crate::EventBusBuilder::poller), keeps
+    /// this record: on a bus with its poller it is empty, so that a bus that runs for long
+    /// (a benchmark built with every feature, say) does not collect every event it emits.
+    ///
     /// An event whose stored payload does not read back as `E` (another version of the type's
     /// wrote it) is left out.
     pub fn emitted<E: Event>(&self) -> Vec<(EventId, E)> {
@@ -73,7 +77,8 @@ impl<B: Backend> EventBus<B> {
         })
     }
 
-    /// The names of every event committed through this bus, in commit order.
+    /// The names of every event committed through this bus, in commit order (on a test's bus,
+    /// as [`emitted`](Self::emitted)).
     pub fn emitted_names(&self) -> Vec<&'static str> {
         self.engine
             .runner

@@ -177,6 +177,18 @@ async fn emitted_lists_what_committed<B: TestBackend>() {
     );
     assert!(bus.emitted::<OrderPlaced>().is_empty());
     bus.shutdown().await;
+
+    // A bus with its poller (a service's, not a test's) keeps no record.
+    let service = EventBus::builder(db.another_pool().await)
+        .state(Arc::new(Ledger::default()))
+        .state(Ship::default())
+        .build()
+        .await
+        .unwrap();
+    service.emit(Payment { cents: 5 }, []).await.unwrap();
+    assert!(service.emitted::<Payment>().is_empty());
+    assert!(service.emitted_names().is_empty());
+    service.shutdown().await;
 }
 
 async fn run_due_runs_what_falls_due_and_what_it_emits<B: TestBackend>() {

@@ -49,6 +49,9 @@ pub(crate) struct Emitted {
 /// The runner's test hooks.
 #[derive(Default)]
 pub(crate) struct Hooks {
+    /// Whether committed events are recorded: on a test's bus only (its poller off), so that a
+    /// bus that runs for long keeps no record that grows without end.
+    recording: AtomicBool,
     emitted: Mutex<Vec<Emitted>>,
     crash_after_commit: AtomicBool,
     crash_after_success: AtomicBool,
@@ -68,12 +71,20 @@ impl Hooks {
         .store(true, Ordering::SeqCst);
     }
 
-    /// Records committed events; returns whether their dispatch is lost to a simulated crash.
+    /// Whether to record committed events.
+    pub(crate) fn record_emitted(&self, record: bool) {
+        self.recording.store(record, Ordering::SeqCst);
+    }
+
+    /// Records committed events (on a test's bus); returns whether their dispatch is lost to a
+    /// simulated crash.
     pub(crate) fn committed(&self, events: impl IntoIterator<Item = Emitted>) -> bool {
-        self.emitted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(events);
+        if self.recording.load(Ordering::Relaxed) {
+            self.emitted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(events);
+        }
         self.crash_after_commit.swap(false, Ordering::SeqCst)
     }
 
