@@ -20,7 +20,7 @@
 //! Everything that comes from the data (payloads, errors, names) is escaped. The actions are
 //! `POST` forms that carry a token of this router (random, made when it is built), and a request
 //! whose `Origin` is another host's is refused: another site cannot make a browser replay or
-//! purge. A read-only router answers `405 Method Not Allowed` to every `POST`.
+//! purge. Behind a reverse proxy that rewrites `Host`, have it send `X-Forwarded-Host`. A read-only router answers `405 Method Not Allowed` to every `POST`.
 //!
 //! **It has no authentication of its own.** Mount it behind your service's: anyone who can reach
 //! it can read payloads and replay dead letters. For example, under `/txbus`, behind a check of
@@ -159,7 +159,10 @@ fn new_token() -> String {
 }
 
 /// Whether a `POST` may act: it carries this console's token, and comes from a page of the
-/// same host (its `Origin`, when the browser sends one, and its `Sec-Fetch-Site`).
+/// same host (its `Origin`, when the browser sends one, and its `Sec-Fetch-Site`). Behind a
+/// reverse proxy that rewrites `Host`, the host the browser asked for is in `X-Forwarded-Host`:
+/// either matches. (A page of another site can set neither `Origin` nor that header on a form
+/// it submits.)
 fn check_post(
     headers: &HeaderMap,
     expected: &str,
@@ -171,10 +174,18 @@ fn check_post(
     }
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(origin) = text(header::ORIGIN) {
-        let host = text(header::HOST).unwrap_or_default();
         let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
-        if host.is_empty() || !origin_host.eq_ignore_ascii_case(host) {
-            return Err("the request comes from another site");
+        let forwarded = text(header::HeaderName::from_static("x-forwarded-host"))
+            .map(|hosts| hosts.split(',').next().unwrap_or_default().trim());
+        let same = [text(header::HOST), forwarded]
+            .into_iter()
+            .flatten()
+            .any(|host| !host.is_empty() && origin_host.eq_ignore_ascii_case(host));
+        if !same {
+            return Err(
+                "the request comes from another site (behind a proxy that rewrites \
+                        Host, have it send X-Forwarded-Host)",
+            );
         }
     }
     if text(header::HeaderName::from_static("sec-fetch-site"))
@@ -247,6 +258,18 @@ mod tests {
         assert!(check_post(&cross, "abc", Some("abc")).is_err());
         let plain = headers(&[("host", "ops.example")]);
         assert_eq!(check_post(&plain, "abc", Some("abc")), Ok(()));
+        let proxied = headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("x-forwarded-host", "ops.example"),
+            ("origin", "https://ops.example"),
+        ]);
+        assert_eq!(check_post(&proxied, "abc", Some("abc")), Ok(()));
+        let spoofed = headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("x-forwarded-host", "ops.example"),
+            ("origin", "https://evil.example"),
+        ]);
+        assert!(check_post(&spoofed, "abc", Some("abc")).is_err());
     }
 
     #[test]
