@@ -41,7 +41,7 @@ pub(crate) fn traceparent(stored: &str) -> &str {
 }
 
 /// The `tracestate` of a stored context, if it has one.
-#[cfg(all(feature = "opentelemetry", feature = "nats"))]
+#[cfg(feature = "opentelemetry")]
 pub(crate) fn tracestate(stored: &str) -> Option<&str> {
     stored.split_once('\n').map(|(_, state)| state)
 }
@@ -109,7 +109,7 @@ impl opentelemetry::propagation::Extractor for Read<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         match key {
             "traceparent" => Some(traceparent(self.0)),
-            "tracestate" => self.0.split_once('\n').map(|(_, state)| state),
+            "tracestate" => tracestate(self.0),
             _ => None,
         }
     }

@@ -158,10 +158,7 @@ where
 {
     const KEYS: usize = 1000;
     let n = args.backlog;
-    let payload = format!(
-        r#"{{"padding":"{}"}}"#,
-        "x".repeat(args.payload.saturating_sub(14))
-    );
+    let payload = args.backlog_payload();
     let mut one = Row {
         backend: B::NAME,
         scenario: "K1 keyed drain",

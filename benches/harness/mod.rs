@@ -239,6 +239,14 @@ impl Default for Args {
 }
 
 impl Args {
+    /// The JSON payload of a backlog's rows, `--payload` bytes long.
+    pub fn backlog_payload(&self) -> String {
+        format!(
+            r#"{{"padding":"{}"}}"#,
+            "x".repeat(self.payload.saturating_sub(14))
+        )
+    }
+
     fn smoke() -> Self {
         Self {
             concurrency: vec![1, 4],

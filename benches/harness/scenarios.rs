@@ -446,10 +446,7 @@ where
     BenchUser: Entity<B>,
 {
     let n = args.backlog;
-    let payload = format!(
-        r#"{{"padding":"{}"}}"#,
-        "x".repeat(args.payload.saturating_sub(14))
-    );
+    let payload = args.backlog_payload();
     let mut one = Row {
         backend: B::NAME,
         scenario: "D1 poller drain",
@@ -596,10 +593,7 @@ async fn s1<B: BenchBackend>(args: &Args) -> Vec<Row>
 where
     BenchUser: Entity<B>,
 {
-    let payload = format!(
-        r#"{{"padding":"{}"}}"#,
-        "x".repeat(args.payload.saturating_sub(14))
-    );
+    let payload = args.backlog_payload();
     let mut rows = Vec::new();
     for n in [args.backlog, args.memory_backlog] {
         let db = B::open().await;
@@ -649,10 +643,7 @@ async fn m1<B: BenchBackend>(args: &Args) -> Vec<Row>
 where
     BenchUser: Entity<B>,
 {
-    let payload = format!(
-        r#"{{"padding":"{}"}}"#,
-        "x".repeat(args.payload.saturating_sub(14))
-    );
+    let payload = args.backlog_payload();
     let mut rows = Vec::new();
     for backlog in [args.memory_backlog / 10, args.memory_backlog] {
         let db = B::open().await;

@@ -197,10 +197,7 @@ where
     BenchUser: Entity<B>,
 {
     let n = args.backlog;
-    let payload = format!(
-        r#"{{"padding":"{}"}}"#,
-        "x".repeat(args.payload.saturating_sub(14))
-    );
+    let payload = args.backlog_payload();
     let mut row = Row {
         backend: B::NAME,
         scenario: "T1 falling due at once",

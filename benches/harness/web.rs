@@ -18,10 +18,7 @@ pub async fn w1<B: BenchBackend>(args: &Args) -> Vec<Row>
 where
     BenchUser: Entity<B>,
 {
-    let payload = format!(
-        r#"{{"padding":"{}"}}"#,
-        "x".repeat(args.payload.saturating_sub(14))
-    );
+    let payload = args.backlog_payload();
     let n = args.memory_backlog;
     let db = B::open().await;
     txbus::migrate(&db.pool).await.unwrap();
