@@ -307,7 +307,8 @@ pub trait Admin<B: Backend = Self> {
     /// One retention round, unless another instance is running one (then `None`): deletes
     /// deliveries delivered more than `retention.delivered` ago and dead letters that died more
     /// than `retention.dead` ago, `limit` rows per statement, each kind until a statement finds
-    /// fewer or `max_batches` ran. Returns the rows deleted.
+    /// fewer or `max_batches` ran, and unparks what deleted dead letters may have held. Returns
+    /// the rows deleted.
     fn cleanup(
         conn: &mut B::Connection,
         retention: Retention,
@@ -315,10 +316,6 @@ pub trait Admin<B: Backend = Self> {
         max_batches: usize,
     ) -> impl Future<Output = QueryResult<Option<usize>>> + Send {
         async move {
-            let round = [
-                (Self::PURGE_DELIVERED, retention.delivered),
-                (Self::PURGE_DEAD, retention.dead),
-            ];
             match Self::ROUND_LOCK {
                 RoundLock::Transaction(lock) => {
                     B::begin(conn).await?;
@@ -328,7 +325,7 @@ pub trait Admin<B: Backend = Self> {
                         {
                             return Ok(None);
                         }
-                        purge_round::<B>(conn, round, limit, max_batches)
+                        purge_round::<B>(conn, retention, limit, max_batches)
                             .await
                             .map(Some)
                     }
@@ -339,7 +336,7 @@ pub trait Admin<B: Backend = Self> {
                     if !taken::<B>(conn, lock).await? {
                         return Ok(None);
                     }
-                    let result = purge_round::<B>(conn, round, limit, max_batches).await;
+                    let result = purge_round::<B>(conn, retention, limit, max_batches).await;
                     let unlocked = sql::<B::Db>(unlock).load::<Lock>(conn).await;
                     let deleted = result?;
                     unlocked?;
@@ -392,21 +389,43 @@ async fn purge<B: Backend>(
 }
 
 /// The deletes of a retention round: each kind in up to `max_batches` statements of `limit`
-/// rows, stopping early when one finds fewer.
+/// rows, stopping early when one finds fewer. Dead letters deleted may have held their keys
+/// (`block_key_on_dead`): what a claim parked behind them is made due again, as after a purge.
 async fn purge_round<B: Backend>(
     conn: &mut B::Connection,
-    round: [(&'static str, Duration); 2],
+    retention: Retention,
+    limit: usize,
+    max_batches: usize,
+) -> QueryResult<usize> {
+    let delivered = purge_batches::<B>(
+        conn,
+        B::PURGE_DELIVERED,
+        retention.delivered,
+        limit,
+        max_batches,
+    )
+    .await?;
+    let dead = purge_batches::<B>(conn, B::PURGE_DEAD, retention.dead, limit, max_batches).await?;
+    if dead > 0 {
+        B::unpark(conn).await?;
+    }
+    Ok(delivered + dead)
+}
+
+/// Up to `max_batches` runs of the delete `statement`, until one deletes fewer than `limit`.
+async fn purge_batches<B: Backend>(
+    conn: &mut B::Connection,
+    statement: &'static str,
+    older_than: Duration,
     limit: usize,
     max_batches: usize,
 ) -> QueryResult<usize> {
     let mut deleted = 0;
-    for (statement, older_than) in round {
-        for _ in 0..max_batches {
-            let n = purge::<B>(conn, statement, older_than, limit).await?;
-            deleted += n;
-            if n < limit {
-                break;
-            }
+    for _ in 0..max_batches {
+        let n = purge::<B>(conn, statement, older_than, limit).await?;
+        deleted += n;
+        if n < limit {
+            break;
         }
     }
     Ok(deleted)

@@ -78,6 +78,7 @@ macro_rules! scenarios {
             ordering::a_failing_head_holds_only_its_key,
             ordering::a_dead_head_lets_the_next_run_or_holds_its_key,
             ordering::a_purged_dead_head_releases_its_key,
+            ordering::retention_of_a_dead_head_releases_its_key,
             ordering::a_cancelled_head_releases_its_key,
             ordering::a_scheduled_keyed_event_takes_its_place_when_due,
         );
