@@ -257,6 +257,11 @@ impl<B: Backend> EventBusBuilder<B> {
             if !this.routes.is_empty() {
                 this.state.insert(std::mem::take(&mut this.routes));
             }
+            // The bus's clock, which the test kit moves, is its own.
+            #[cfg(feature = "testing")]
+            {
+                this.pool = this.pool.with_own_clock();
+            }
             if this.run_migrations {
                 crate::store::migrate(&this.pool)
                     .await

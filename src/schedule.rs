@@ -65,9 +65,11 @@ fn schedule(prepared: Result<Prepared, Error>, delay: Duration) -> Result<Prepar
     Ok(prepared)
 }
 
-/// The delay until `at` by this process's clock; zero for a time in the past.
-fn delay_until(at: SystemTime) -> Duration {
-    at.duration_since(SystemTime::now()).unwrap_or_default()
+/// The delay until `at` by this process's clock, `ahead` of the system's (the test kit's
+/// [`advance`](EventBus::advance)); zero for a time in the past.
+fn delay_until(at: SystemTime, ahead: Duration) -> Duration {
+    at.duration_since(SystemTime::now() + ahead)
+        .unwrap_or_default()
 }
 
 impl<B: Backend> EventBus<B> {
@@ -115,7 +117,7 @@ impl<B: Backend> EventBus<B> {
         event: E,
         ops: impl IntoIterator<Item = Operation<'a, B>>,
     ) -> impl Future<Output = Result<EventId, Error>> + Send + 'a {
-        self.emit_after(delay_until(at), event, ops)
+        self.emit_after(delay_until(at, self.engine.pool.clock_offset()), event, ops)
     }
 
     /// The deliveries of scheduled events that are not due yet, soonest due first: at most
@@ -173,7 +175,8 @@ impl<'c, B: Backend> Transaction<'c, B> {
         at: SystemTime,
         event: &E,
     ) -> impl Future<Output = Result<EventId, Error>> + Send + use<'_, 'c, B, E> {
-        self.emit_after(delay_until(at), event)
+        let ahead = self.engine.pool.clock_offset();
+        self.emit_after(delay_until(at, ahead), event)
     }
 
     /// Cancels event `id` in this transaction (see [`EventBus::cancel`]): the deliveries are
@@ -197,8 +200,17 @@ mod tests {
 
     #[test]
     fn a_time_in_the_past_is_now() {
-        assert_eq!(delay_until(SystemTime::UNIX_EPOCH), Duration::ZERO);
-        let ahead = delay_until(SystemTime::now() + Duration::from_secs(60));
+        assert_eq!(
+            delay_until(SystemTime::UNIX_EPOCH, Duration::ZERO),
+            Duration::ZERO
+        );
+        let ahead = delay_until(SystemTime::now() + Duration::from_secs(60), Duration::ZERO);
         assert!(ahead > Duration::from_secs(50) && ahead <= Duration::from_secs(60));
+        // A clock moved ahead by the test kit counts from its time.
+        let moved = delay_until(
+            SystemTime::now() + Duration::from_secs(60),
+            Duration::from_secs(30),
+        );
+        assert!(moved > Duration::from_secs(20) && moved <= Duration::from_secs(30));
     }
 }

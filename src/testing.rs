@@ -7,14 +7,19 @@
 //! - [`EventBus::run_due`] claims and runs every delivery that is due, waits for the runs and
 //!   for their results to be written, and goes on until nothing more is due (a listener that
 //!   emits: that event runs too). It returns a [`RunReport`].
+//! - [`EventBus::advance`] moves the bus's clock forward: retries and scheduled events fall
+//!   due, leases end and deliveries expire without waiting, on this bus only.
 //! - [`EventBus::emitted`] lists the events of a type committed through the bus, in order.
 //! - [`EventBus::simulate_crash`] loses the dispatch after the next commit, or the record of the
 //!   next success ([`CrashPoint`]): the delivery comes back after its lease, as the next
 //!   attempt, exactly as after a real crash. That is how a test shows a listener idempotent.
 //!
-//! Without the feature none of this is compiled, and the hot path does not change.
+//! Without the feature none of this is compiled, and the hot path does not change. With it,
+//! once a bus moved its clock, every statement of the bus reads the clock through its offset
+//! (see `advance`): the feature is for tests, not for a service's build.
 
 use std::future::Future;
+use std::time::Duration;
 
 use crate::bus::EventBus;
 use crate::error::Error;
@@ -84,6 +89,52 @@ impl<B: Backend> EventBus<B> {
             .runner
             .hooks
             .emitted(|emitted| Some(emitted.name))
+    }
+
+    /// Moves this bus's clock forward by `by`, for everything time-based that it does: due
+    /// times of retries and scheduled events, leases, expiry, retention, `emit_at`, the ages in
+    /// [`stats`](Self::stats). The database server's clock does not move, nor do other buses
+    /// (each has a clock of its own, even on the same pool) or the application's queries. After
+    /// a retry's delay a [`run_due`](Self::run_due) runs it; past an event's `expires_after`,
+    /// the next one turns it dead; past `max_execution_time`, what a
+    /// [simulated crash](Self::simulate_crash) left leased runs again.
+    ///
+    /// The listeners' own timeouts are not affected: they count real time. Once any bus of the
+    /// process moved its clock, the bus's statements read the clock through the offset, and
+    /// every connection taken from a pool sets its offset first (one more statement per
+    /// checkout); until then, nothing of it runs.
+    ///
+    /// ```
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, txbus::Event)]
+    /// # struct Reminder { user_id: i64 }
+    /// #[txbus::listener]
+    /// async fn remind(_reminder: Reminder) -> Result<(), txbus::ListenerError> {
+    ///     Ok(())
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("txbus-doc-advance-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let path = dir.join("app.db");
+    /// # let _ = std::fs::remove_file(&path);
+    /// use std::time::Duration;
+    /// use txbus::{EventBus, Pool, Sqlite};
+    ///
+    /// let pool = Pool::<Sqlite>::connect(path.to_str().unwrap()).await?;
+    /// let bus = EventBus::builder(pool).poller(false).build().await?;
+    /// bus.emit_after(Duration::from_secs(3600), Reminder { user_id: 1 }, []).await?;
+    /// assert_eq!(bus.run_due().await?.ran, 0, "not due for an hour");
+    /// bus.advance(Duration::from_secs(3600));
+    /// assert_eq!(bus.run_due().await?.succeeded, 1);
+    /// # bus.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn advance(&self, by: Duration) {
+        self.engine.pool.clock().advance(by);
+        // A poller asleep until the next due time it knew wakes to look again.
+        self.engine.runner.retry_due.notify_one();
     }
 
     /// Simulates a crash at `point`, once: the next commit loses its dispatch

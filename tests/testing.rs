@@ -1,7 +1,7 @@
 //! The test kit (feature `testing`) on every backend: `run_due` runs what is due and what it
-//! emits, `emitted` lists what committed, and the simulated crashes bring deliveries back after
-//! their lease, as the next attempt: a non-idempotent listener charges twice, an idempotent one
-//! once.
+//! emits, `emitted` lists what committed, `advance` moves one bus's clock past due times, leases
+//! and expiry, and the simulated crashes bring deliveries back after their lease, as the next
+//! attempt: a non-idempotent listener charges twice, an idempotent one once.
 #![cfg(all(
     feature = "testing",
     feature = "postgres",
@@ -30,12 +30,16 @@ use txbus::{Context, EventBus, EventId, EventSettings, ListenerError};
 
 use support::{TestBackend, eventually};
 
-/// Short leases, so that what a simulated crash left leased comes back within the test.
+/// The lease of a run: what a simulated crash left leased is due again this much later, by the
+/// bus's clock, which the tests move.
+const LEASE: Duration = Duration::from_secs(30);
+
 fn settings() -> EventSettings {
-    EventSettings::default()
-        .max_execution_time(Duration::from_secs(1))
-        .retry_after(Duration::from_millis(50))
+    EventSettings::default().max_execution_time(LEASE)
 }
+
+/// A margin for "not due yet": a run of a loaded machine takes well under it.
+const MARGIN: Duration = Duration::from_secs(10);
 
 /// Emits a `Shipped` for an order, through the bus under test (set once it is built).
 type Ship = Arc<OnceLock<Box<dyn Fn(i64) -> BoxFuture<'static, ()> + Send + Sync>>>;
@@ -59,6 +63,7 @@ struct Ledger {
     charges: AtomicU64,
     charged_once: Mutex<HashSet<EventId>>,
     attempts: Mutex<Vec<u32>>,
+    reminded: Mutex<Vec<u32>>,
 }
 
 #[txbus::listener(name = "kit.ship")]
@@ -115,6 +120,40 @@ async fn charge_once(_payment: IdempotentPayment, ctx: Context) -> Result<(), Li
     Ok(())
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "kit.reminder")]
+struct Reminder {
+    user: i64,
+}
+
+/// Fails its first attempt and asks to be retried in ten minutes.
+#[txbus::listener(name = "kit.remind")]
+async fn remind(_reminder: Reminder, ctx: Context) -> Result<(), ListenerError> {
+    ctx.state::<Arc<Ledger>>()?
+        .reminded
+        .lock()
+        .unwrap()
+        .push(ctx.attempt());
+    if ctx.attempt() == 1 {
+        return Err(ListenerError::retry_after(TEN_MINUTES, "not now"));
+    }
+    Ok(())
+}
+
+const TEN_MINUTES: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "kit.doomed")]
+struct Doomed {
+    n: i64,
+}
+
+/// Never succeeds.
+#[txbus::listener(name = "kit.doom")]
+async fn doom(_doomed: Doomed) -> Result<(), ListenerError> {
+    Err("the provider is down".into())
+}
+
 /// A bus with its poller off, whose `kit.ship` listener emits through it.
 async fn kit<B: TestBackend>(db: &support::TestDb<B>) -> (EventBus<B>, Arc<Ledger>) {
     let ledger = Arc::new(Ledger::default());
@@ -137,13 +176,10 @@ async fn kit<B: TestBackend>(db: &support::TestDb<B>) -> (EventBus<B>, Arc<Ledge
     (bus, ledger)
 }
 
-/// Calls `run_due` until it has run something, and returns what that call did.
-async fn run_when_due<B: txbus::Backend>(bus: &EventBus<B>) -> RunReport {
-    eventually("a delivery to fall due for run_due", || async {
-        let report = bus.run_due().await.unwrap();
-        (report.ran > 0).then_some(report)
-    })
-    .await
+/// Moves the bus's clock past the lease of a run, and runs what is due.
+async fn after_the_lease<B: txbus::Backend>(bus: &EventBus<B>) -> RunReport {
+    bus.advance(LEASE);
+    bus.run_due().await.unwrap()
 }
 
 async fn emitted_lists_what_committed<B: TestBackend>() {
@@ -199,9 +235,12 @@ async fn run_due_runs_what_falls_due_and_what_it_emits<B: TestBackend>() {
     bus.simulate_crash(CrashPoint::AfterCommit);
     let order = bus.emit(OrderPlaced { id: 7 }, []).await.unwrap();
     assert_eq!(bus.run_due().await.unwrap().ran, 0, "still leased");
+    bus.advance(LEASE - MARGIN);
+    assert_eq!(bus.run_due().await.unwrap().ran, 0, "still leased");
     assert!(ledger.attempts.lock().unwrap().is_empty());
+    bus.advance(MARGIN);
 
-    let report = run_when_due(&bus).await;
+    let report = after_the_lease(&bus).await;
     // The order's listener, and the listener of the event it emitted, in the same call.
     assert_eq!(report.ran, 2, "{report:?}");
     assert_eq!(report.succeeded, 2);
@@ -232,7 +271,7 @@ async fn a_lost_success_charges_twice_unless_the_listener_is_idempotent<B: TestB
         (ledger.charges.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
-    let report = run_when_due(&bus).await;
+    let report = after_the_lease(&bus).await;
     assert_eq!((report.ran, report.succeeded), (1, 1));
     assert_eq!(ledger.charges.load(Ordering::SeqCst), 2, "charged twice");
 
@@ -246,7 +285,7 @@ async fn a_lost_success_charges_twice_unless_the_listener_is_idempotent<B: TestB
         (!ledger.charged_once.lock().unwrap().is_empty()).then_some(())
     })
     .await;
-    let report = run_when_due(&bus).await;
+    let report = after_the_lease(&bus).await;
     assert_eq!((report.ran, report.succeeded), (1, 1));
     assert_eq!(
         *ledger.charged_once.lock().unwrap(),
@@ -254,6 +293,82 @@ async fn a_lost_success_charges_twice_unless_the_listener_is_idempotent<B: TestB
         "charged once"
     );
     assert_eq!(bus.run_due().await.unwrap(), RunReport::default());
+    bus.shutdown().await;
+}
+
+async fn advance_moves_the_clock_of_this_bus_only<B: TestBackend>() {
+    let db = B::open().await;
+    let ledger = Arc::new(Ledger::default());
+    let pool = db.another_pool().await;
+    let hour = Duration::from_secs(3600);
+    let bus = EventBus::builder(pool.clone())
+        .state(ledger.clone())
+        .state(Ship::default())
+        .event::<Doomed>(EventSettings::default().expires_after(2 * hour))
+        .poller(false)
+        .build()
+        .await
+        .unwrap();
+    // A second bus on the same pool: its clock is its own.
+    let other = EventBus::builder(pool)
+        .state(Arc::new(Ledger::default()))
+        .state(Ship::default())
+        .poller(false)
+        .build()
+        .await
+        .unwrap();
+
+    // A scheduled event falls due when the clock reaches it.
+    let reminder = bus
+        .emit_after(hour, Reminder { user: 1 }, [])
+        .await
+        .unwrap();
+    assert_eq!(bus.run_due().await.unwrap(), RunReport::default());
+    bus.advance(hour - MARGIN);
+    assert_eq!(bus.run_due().await.unwrap().ran, 0, "not due yet");
+    assert_eq!(bus.scheduled(10).await.unwrap().len(), 1);
+    bus.advance(MARGIN);
+    assert!(bus.scheduled(10).await.unwrap().is_empty(), "due");
+    assert_eq!(
+        other.scheduled(10).await.unwrap()[0].event_id,
+        reminder,
+        "still ahead for the other bus"
+    );
+    assert_eq!(other.run_due().await.unwrap(), RunReport::default());
+    let report = bus.run_due().await.unwrap();
+    assert_eq!((report.ran, report.failed), (1, 1), "{report:?}");
+
+    // Its retry, ten minutes later by the same clock.
+    bus.advance(TEN_MINUTES - MARGIN);
+    assert_eq!(
+        bus.run_due().await.unwrap().ran,
+        0,
+        "the retry is not due yet"
+    );
+    bus.advance(MARGIN);
+    let report = bus.run_due().await.unwrap();
+    assert_eq!((report.ran, report.succeeded), (1, 1), "{report:?}");
+    assert_eq!(*ledger.reminded.lock().unwrap(), [1, 2]);
+
+    // Past `expires_after`, a delivery that keeps failing is dead at the next run_due.
+    let doomed = bus.emit(Doomed { n: 1 }, []).await.unwrap();
+    bus.wait_idle().await;
+    assert_eq!(
+        bus.run_due().await.unwrap().ran,
+        0,
+        "the retry is not due yet"
+    );
+    bus.advance(2 * hour);
+    let report = bus.run_due().await.unwrap();
+    assert_eq!((report.ran, report.dead), (0, 1), "{report:?}");
+    let dead = bus
+        .dead_letters(txbus::DeadLetterQuery::new().event(doomed))
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, txbus::DeadReason::Expired);
+    assert_eq!(bus.stats().await.unwrap().total.pending(), 0);
+    other.shutdown().await;
     bus.shutdown().await;
 }
 
@@ -268,6 +383,11 @@ macro_rules! backend_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn run_due_runs_what_falls_due_and_what_it_emits() {
                 super::run_due_runs_what_falls_due_and_what_it_emits::<$backend>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn advance_moves_the_clock_of_this_bus_only() {
+                super::advance_moves_the_clock_of_this_bus_only::<$backend>().await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

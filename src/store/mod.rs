@@ -28,6 +28,8 @@ use diesel_async::AsyncConnection;
 use crate::error::Error;
 
 mod admin;
+#[cfg(feature = "testing")]
+mod clock;
 mod entity;
 mod inbox;
 mod migrate;
@@ -61,6 +63,8 @@ pub use sqlite::Sqlite;
 pub(crate) use admin::{
     Admin, DeadFilter, DeadRow, ListenerRow, Retention, RoundLock, ScheduledRow,
 };
+#[cfg(feature = "testing")]
+pub(crate) use clock::Clock;
 pub(crate) use entity::Persist;
 pub(crate) use inbox::{Inbox, Receipt, StoredMessage, Take};
 pub(crate) use migrate::Migrations;
@@ -125,4 +129,13 @@ pub trait Backend:
     fn begin(conn: &mut Self::Connection) -> impl Future<Output = QueryResult<()>> + Send {
         tx::begin(conn)
     }
+
+    /// Sets the offset from the database's clock that the bus's statements on `conn` read
+    /// (the test kit's clock).
+    #[doc(hidden)]
+    #[cfg(feature = "testing")]
+    fn set_clock_offset(
+        conn: &mut Self::Connection,
+        offset_us: i64,
+    ) -> impl Future<Output = QueryResult<()>> + Send;
 }

@@ -41,6 +41,9 @@ pub struct Pool<B: Backend> {
     /// The turns of the bus's writers, on a single-writer database.
     writer: Option<Arc<tokio::sync::Mutex<()>>>,
     acquire_timeout: Duration,
+    /// The offset of the test kit's clock, set on each connection taken once any clock moved.
+    #[cfg(feature = "testing")]
+    clock: crate::store::Clock,
 }
 
 impl<B: Backend> Clone for Pool<B> {
@@ -49,6 +52,8 @@ impl<B: Backend> Clone for Pool<B> {
             inner: self.inner.clone(),
             writer: self.writer.clone(),
             acquire_timeout: self.acquire_timeout,
+            #[cfg(feature = "testing")]
+            clock: self.clock.clone(),
         }
     }
 }
@@ -92,7 +97,37 @@ impl<B: Backend> Pool<B> {
     /// Takes a connection, waiting for one to come back when all are in use (at most the pool's
     /// acquire timeout, 30 seconds unless set).
     pub fn get(&self) -> impl Future<Output = Result<PooledConnection<B>, Error>> + Send + '_ {
-        async move { self.inner.get().await.map_err(pool_error::<B>) }
+        async move {
+            #[cfg_attr(not(feature = "testing"), allow(unused_mut))]
+            let mut conn = self.inner.get().await.map_err(pool_error::<B>)?;
+            #[cfg(feature = "testing")]
+            if crate::store::clock::moved() {
+                B::set_clock_offset(&mut conn, self.clock.offset_us()).await?;
+            }
+            Ok(conn)
+        }
+    }
+
+    /// This pool with a clock of its own, for a bus: moving it moves no other pool's.
+    #[cfg(feature = "testing")]
+    pub(crate) fn with_own_clock(mut self) -> Self {
+        self.clock = crate::store::Clock::default();
+        self
+    }
+
+    /// The clock of the bus that owns this pool (the test kit's).
+    #[cfg(feature = "testing")]
+    pub(crate) fn clock(&self) -> &crate::store::Clock {
+        &self.clock
+    }
+
+    /// How far the test kit moved this pool's clock ahead of the database's: zero unless a
+    /// test called [`EventBus::advance`](crate::EventBus::advance).
+    pub(crate) fn clock_offset(&self) -> Duration {
+        #[cfg(feature = "testing")]
+        return self.clock.offset();
+        #[cfg(not(feature = "testing"))]
+        Duration::ZERO
     }
 
     /// Waits for the bus's turn to write (see `Backend::SINGLE_WRITER`).
@@ -190,6 +225,8 @@ impl<B: Backend> PoolBuilder<B> {
                 inner,
                 writer: B::SINGLE_WRITER.then(|| Arc::new(tokio::sync::Mutex::new(()))),
                 acquire_timeout: self.acquire_timeout,
+                #[cfg(feature = "testing")]
+                clock: crate::store::Clock::default(),
             };
             drop(pool.get().await.map_err(|e| match e {
                 Error::Connection { source, .. } => Error::Connection {

@@ -65,6 +65,19 @@ impl Backend for Mysql {
         config.recycling_method = RecyclingMethod::Fast;
         Ok(AsyncDieselConnectionManager::new_with_config(url, config))
     }
+
+    #[cfg(feature = "testing")]
+    async fn set_clock_offset(
+        conn: &mut AsyncMysqlConnection,
+        offset_us: i64,
+    ) -> diesel::QueryResult<()> {
+        use diesel_async::RunQueryDsl;
+        crate::store::sql::sql::<diesel::mysql::Mysql>("SET @txbus_clock_offset_us = ?")
+            .bind(offset_us)
+            .execute(conn)
+            .await
+            .map(drop)
+    }
 }
 
 impl Migrations for Mysql {

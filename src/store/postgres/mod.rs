@@ -42,6 +42,21 @@ impl Backend for Postgres {
         config.recycling_method = RecyclingMethod::Fast;
         Ok(AsyncDieselConnectionManager::new_with_config(url, config))
     }
+
+    #[cfg(feature = "testing")]
+    async fn set_clock_offset(
+        conn: &mut AsyncPgConnection,
+        offset_us: i64,
+    ) -> diesel::QueryResult<()> {
+        use diesel_async::RunQueryDsl;
+        crate::store::sql::sql::<diesel::pg::Pg>(
+            "SELECT set_config('txbus.clock_offset_us', $1::int8::text, false)",
+        )
+        .bind(offset_us)
+        .execute(conn)
+        .await
+        .map(drop)
+    }
 }
 
 impl Migrations for Postgres {

@@ -77,6 +77,10 @@ impl Backend for Sqlite {
                 conn.batch_execute(PRAGMAS)
                     .await
                     .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                #[cfg(feature = "testing")]
+                Self::set_clock_offset(&mut conn, 0)
+                    .await
+                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
                 Ok(conn)
             })
         });
@@ -88,6 +92,21 @@ impl Backend for Sqlite {
     async fn begin(conn: &mut Conn) -> QueryResult<()> {
         conn.spawn_blocking(|c| AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE"))
             .await
+    }
+
+    // SQLite has no session variables: the offset is a function of the connection's, defined
+    // when it opens (a statement rewritten while it was out of the pool finds it), and again with
+    // each value (which makes the connection prepare its statements again).
+    #[cfg(feature = "testing")]
+    async fn set_clock_offset(conn: &mut Conn, offset_us: i64) -> QueryResult<()> {
+        diesel::define_sql_function! {
+            /// The test kit's offset from the clock, in microseconds.
+            fn txbus_clock_offset_us() -> diesel::sql_types::BigInt;
+        }
+        conn.spawn_blocking(move |c| {
+            txbus_clock_offset_us_utils::register_nondeterministic_impl(c, move || offset_us)
+        })
+        .await
     }
 }
 
