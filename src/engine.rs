@@ -255,6 +255,8 @@ impl<B: Backend> Engine<B> {
     /// One retention round, unless another instance is running one (`None`). Returns the rows
     /// deleted.
     pub(crate) async fn cleanup(&self) -> Result<Option<usize>, Error> {
+        #[cfg(feature = "testing")]
+        let _claiming = self.runner.hooks.claiming().await;
         let (_turn, mut conn) = self.pool.get_for_write().await?;
         let deleted = B::cleanup(&mut conn, self.config.retention, BATCH, MAX_BATCHES).await?;
         if let Some(deleted) = deleted.filter(|n| *n > 0) {

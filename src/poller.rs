@@ -237,6 +237,8 @@ async fn sweep<B: Backend>(
     known: &[&'static str],
     versions: &str,
 ) -> Result<(), Error> {
+    #[cfg(feature = "testing")]
+    let _claiming = engine.runner.hooks.claiming().await;
     let (_turn, mut conn) = engine.pool.get_for_write().await?;
     B::purge_inbox(&mut conn, engine.config.inbox_dedup_window, EXPIRE_BATCH).await?;
     let died = B::expire(&mut conn, known, versions, EXPIRE_BATCH).await?;
@@ -252,6 +254,8 @@ async fn sweep<B: Backend>(
 /// this process does not have (a rolling deploy, a rename, a listener in a crate that is not
 /// linked).
 async fn housekeeping<B: Backend>(engine: &Engine<B>, known: &[&'static str]) -> Result<(), Error> {
+    #[cfg(feature = "testing")]
+    let _claiming = engine.runner.hooks.claiming().await;
     let (_turn, mut conn) = engine.pool.get_for_write().await?;
     B::maintain(&mut conn).await?;
     for orphan in B::orphans(&mut conn, known, ORPHAN_SAMPLE).await? {
@@ -284,6 +288,8 @@ async fn claim_heads<B: Backend>(
         claimed = tracing::field::Empty
     );
     async {
+        #[cfg(feature = "testing")]
+        let _claiming = engine.runner.hooks.claiming().await;
         let (turn, mut conn) = engine.pool.get_for_write().await?;
         let leased = Instant::now();
         let claimed = B::claim_heads(&mut conn, known, versions, &heads, room).await?;
@@ -315,6 +321,8 @@ async fn claim<B: Backend>(
     }
     let span = tracing::debug_span!("txbus.claim", room, claimed = tracing::field::Empty);
     async {
+        #[cfg(feature = "testing")]
+        let _claiming = engine.runner.hooks.claiming().await;
         let (turn, mut conn) = engine.pool.get_for_write().await?;
         let leased = Instant::now();
         let claimed = B::claim(&mut conn, known, versions, room).await?;

@@ -372,6 +372,32 @@ async fn advance_moves_the_clock_of_this_bus_only<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// `run_due` on a bus whose poller runs too: whoever claims a delivery, it has run and its
+/// result is written when `run_due` returns.
+async fn run_due_works_beside_the_poller<B: TestBackend>() {
+    let db = B::open().await;
+    let ledger = Arc::new(Ledger::default());
+    let hour = Duration::from_secs(3600);
+    let bus = EventBus::builder(db.another_pool().await)
+        .state(ledger.clone())
+        .state(Ship::default())
+        .retry_every(hour)
+        .build()
+        .await
+        .unwrap();
+    for round in 1..=5 {
+        bus.emit_after(hour, Payment { cents: round }, [])
+            .await
+            .unwrap();
+        // Wakes the poller, which races run_due for the delivery.
+        bus.advance(hour);
+        bus.run_due().await.unwrap();
+        assert_eq!(ledger.charges.load(Ordering::SeqCst), round as u64);
+        assert_eq!(bus.stats().await.unwrap().total.pending(), 0);
+    }
+    bus.shutdown().await;
+}
+
 macro_rules! backend_tests {
     ($($module:ident: $backend:ty),+ $(,)?) => {$(
         mod $module {
@@ -383,6 +409,11 @@ macro_rules! backend_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn run_due_runs_what_falls_due_and_what_it_emits() {
                 super::run_due_runs_what_falls_due_and_what_it_emits::<$backend>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn run_due_works_beside_the_poller() {
+                super::run_due_works_beside_the_poller::<$backend>().await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,6 +59,9 @@ pub(crate) struct Hooks {
     succeeded: AtomicU64,
     failed: AtomicU64,
     dead: AtomicU64,
+    /// Held by every claim from its statement until what it claimed is queued (see
+    /// [`claiming`](Self::claiming)).
+    claiming: tokio::sync::Mutex<()>,
 }
 
 impl Hooks {
@@ -114,6 +117,14 @@ impl Hooks {
             }
             other => other,
         }
+    }
+
+    /// Taken by every claim, the poller's and `run_due`'s, until what it claimed is queued, and
+    /// by the poller's other statements that lock rows (the expiry sweep, retention,
+    /// housekeeping): a claim of `run_due` skips no row they hold, and comes after the poller's
+    /// claim under way, whose runs it then waits for.
+    pub(crate) async fn claiming(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.claiming.lock().await
     }
 
     /// Counts a delivery a claim found expired (and made dead).
