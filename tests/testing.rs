@@ -305,6 +305,7 @@ async fn advance_moves_the_clock_of_this_bus_only<B: TestBackend>() {
         .state(ledger.clone())
         .state(Ship::default())
         .event::<Doomed>(EventSettings::default().expires_after(2 * hour))
+        .retain_dead(hour)
         .poller(false)
         .build()
         .await
@@ -368,6 +369,13 @@ async fn advance_moves_the_clock_of_this_bus_only<B: TestBackend>() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, txbus::DeadReason::Expired);
     assert_eq!(bus.stats().await.unwrap().total.pending(), 0);
+
+    // Retention keeps the dead letter for an hour of the same clock.
+    bus.advance(hour - MARGIN);
+    assert_eq!(bus.cleanup().await.unwrap(), Some(0));
+    bus.advance(MARGIN);
+    assert_eq!(bus.cleanup().await.unwrap(), Some(1));
+    assert_eq!(bus.stats().await.unwrap().total.dead, 0);
     other.shutdown().await;
     bus.shutdown().await;
 }
