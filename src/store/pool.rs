@@ -98,14 +98,20 @@ impl<B: Backend> Pool<B> {
     /// acquire timeout, 30 seconds unless set).
     pub fn get(&self) -> impl Future<Output = Result<PooledConnection<B>, Error>> + Send + '_ {
         async move {
-            #[cfg_attr(not(feature = "testing"), allow(unused_mut))]
-            let mut conn = self.inner.get().await.map_err(pool_error::<B>)?;
+            let conn = self.inner.get().await.map_err(pool_error::<B>)?;
             #[cfg(feature = "testing")]
-            if crate::store::clock::moved() {
-                B::set_clock_offset(&mut conn, self.clock.offset_us()).await?;
-            }
+            let conn = self.set_clock(conn).await?;
             Ok(conn)
         }
+    }
+
+    /// Sets the connection's offset to this pool's clock, once any clock of the process moved.
+    #[cfg(feature = "testing")]
+    async fn set_clock(&self, mut conn: PooledConnection<B>) -> Result<PooledConnection<B>, Error> {
+        if crate::store::clock::moved() {
+            B::set_clock_offset(&mut conn, self.clock.offset_us()).await?;
+        }
+        Ok(conn)
     }
 
     /// This pool with a clock of its own, for a bus: moving it moves no other pool's.
