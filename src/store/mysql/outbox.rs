@@ -1,19 +1,32 @@
 //! MySQL / MariaDB: the outbox's statements, event ids from an `AUTO_INCREMENT` table, results
 //! written as one JSON parameter.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use diesel::QueryResult;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use serde_json::json;
 
 use super::{Mysql, keys_table, listeners_table, results};
 use crate::delivery::Outcome;
-use crate::store::rows::{InsertedRow, inserted, lease_ms, micros};
+use crate::store::rows::{Count, InsertedRow, inserted, lease_ms, micros};
 use crate::store::sql::sql;
 use crate::store::tx::finish;
 use crate::store::update::{read_committed, select_and_update};
 use crate::store::{Backend, Died, Inserted, NewEvent, Outbox, Persist, Recorded, Update};
 
 const NEXT_EVENT_ID: &str = "INSERT INTO txbus_event_ids () VALUES ()";
+
+/// MariaDB (10.5 and later) returns the new id and the time from the insert: one round trip
+/// instead of `NEXT_EVENT_ID` and `LOAD_EVENT_ID`.
+const NEXT_EVENT_ID_RETURNING: &str = "\
+INSERT INTO txbus_event_ids () VALUES ()
+RETURNING CAST(id AS SIGNED) AS id,
+          TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
+
+/// Whether a server refused `RETURNING` (MySQL has none): from then on, the process takes ids in
+/// two statements. A process that talks to MariaDB only never sets it.
+static NO_RETURNING: AtomicBool = AtomicBool::new(false);
 
 const LOAD_EVENT_ID: &str = "\
 SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id,
@@ -229,11 +242,7 @@ LIMIT 10000",
                 .execute(conn)
                 .await?;
         }
-        sql::<<Self as Backend>::Db>(NEXT_EVENT_ID)
-            .execute(conn)
-            .await?;
-        let rows: Vec<InsertedRow> = sql(LOAD_EVENT_ID).load(conn).await?;
-        let inserted = inserted(rows)?;
+        let inserted = next_event_id(conn).await?;
         if !event.listeners.is_empty() {
             let lease = lease_ms(event.lease);
             let (statement, available_us) = match event.due_in {
@@ -270,10 +279,7 @@ LIMIT 10000",
     async fn reserve_ids(conn: &mut AsyncMysqlConnection, n: usize) -> QueryResult<Vec<Inserted>> {
         let mut ids = Vec::with_capacity(n);
         for _ in 0..n {
-            sql::<<Self as Backend>::Db>(NEXT_EVENT_ID)
-                .execute(conn)
-                .await?;
-            ids.push(inserted(sql(LOAD_EVENT_ID).load(conn).await?)?);
+            ids.push(next_event_id(conn).await?);
         }
         Ok(ids)
     }
@@ -374,4 +380,37 @@ LIMIT 10000",
     ) -> QueryResult<Recorded> {
         results::record(conn, outcomes, retain).await
     }
+}
+
+/// A new event id and the database's time: one statement on MariaDB, two where the server has
+/// no `RETURNING`. The first refusal, which leaves the transaction as it was, teaches the process
+/// that: unless the server says it is MariaDB (then the error was another and is returned).
+async fn next_event_id(conn: &mut AsyncMysqlConnection) -> QueryResult<Inserted> {
+    if !AtomicBool::load(&NO_RETURNING, Ordering::Relaxed) {
+        match sql::<<Mysql as Backend>::Db>(NEXT_EVENT_ID_RETURNING)
+            .load::<InsertedRow>(conn)
+            .await
+        {
+            Ok(rows) => return inserted(rows),
+            Err(error) => {
+                if is_mariadb(conn).await.unwrap_or(true) {
+                    return Err(error);
+                }
+                AtomicBool::store(&NO_RETURNING, true, Ordering::Relaxed);
+            }
+        }
+    }
+    sql::<<Mysql as Backend>::Db>(NEXT_EVENT_ID)
+        .execute(conn)
+        .await?;
+    inserted(sql(LOAD_EVENT_ID).load(conn).await?)
+}
+
+/// Whether the server is MariaDB, by its version string.
+async fn is_mariadb(conn: &mut AsyncMysqlConnection) -> QueryResult<bool> {
+    let rows: Vec<Count> =
+        sql::<<Mysql as Backend>::Db>("SELECT CAST(VERSION() LIKE '%MariaDB%' AS SIGNED) AS n")
+            .load(conn)
+            .await?;
+    Ok(<[Count]>::first(&rows).is_some_and(|row| row.n == 1))
 }
