@@ -307,6 +307,10 @@ impl<B: Backend> EventBus<B> {
     /// Deletes the dead letters that died more than `older_than` ago, in batches of 1,000.
     /// Returns how many. (The poller does this by itself after
     /// [`retain_dead`](crate::EventBusBuilder::retain_dead).)
+    ///
+    /// On PostgreSQL and MySQL, a dead letter that another transaction holds at that moment (a
+    /// replay of it, or a claim looking for the head of its ordering key) is skipped rather than
+    /// waited for, so that a purge never deadlocks with them: a later call deletes it.
     pub fn purge_dead(
         &self,
         older_than: Duration,
