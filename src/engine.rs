@@ -154,8 +154,9 @@ impl<B: Backend> Engine<B> {
         let settings = self.settings_for(E::NAME);
         // A listener here of an older version of the type (a payload received from a newer
         // sender, say) cannot run it: its deliveries are written due now, not leased, and the
-        // claims of instances that know the version take them. So are those of a keyed event:
-        // only a claim can tell whether a delivery is its key's head.
+        // claims of instances that know the version take them. So are those of a keyed event,
+        // for a claim of its key's head, unless the backend's insert finds the key idle and
+        // leases them itself (`lease_head`).
         let behind = listeners.defs.iter().any(|def| def.version < version);
         let due_now = behind || ordering_key.is_some();
         Ok(Prepared {
@@ -168,6 +169,7 @@ impl<B: Backend> Engine<B> {
                 due_in: due_now.then_some(Duration::ZERO),
                 version,
                 key_hold: ordering_key.is_some() && settings.block_key_on_dead,
+                lease_head: ordering_key.is_some() && !behind,
                 ordering_key: ordering_key.map(Arc::from),
                 // The span at the call, the parent of the `txbus.emit` (or receive) span.
                 trace: crate::trace::current(),
@@ -208,7 +210,9 @@ impl<B: Backend> Engine<B> {
         } in written
         {
             crate::metrics::emitted(prepared.new.name);
-            if let Some(due_in) = prepared.new.due_in {
+            if !inserted.head
+                && let Some(due_in) = prepared.new.due_in
+            {
                 match &prepared.new.ordering_key {
                     // Due now: a claim of its key's head, for each listener, takes it if it is.
                     Some(key) if due_in.is_zero() => heads.extend(
@@ -235,7 +239,8 @@ impl<B: Backend> Engine<B> {
                         def,
                         payload: prepared.new.payload.clone(),
                         version: prepared.new.version,
-                        ordering_key: None,
+                        // A keyed head's result lets the next of its key run.
+                        ordering_key: prepared.new.ordering_key.clone(),
                         emitted_at: inserted.emitted_at,
                         deadline,
                         ready,

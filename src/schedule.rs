@@ -61,6 +61,7 @@ fn schedule(prepared: Result<Prepared, Error>, delay: Duration) -> Result<Prepar
     }
     if !delay.is_zero() {
         prepared.new.due_in = Some(delay);
+        prepared.new.lease_head = false;
     }
     Ok(prepared)
 }

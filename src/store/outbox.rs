@@ -38,6 +38,10 @@ pub struct NewEvent {
     /// Whether a dead letter of a keyed delivery holds its key
     /// ([`EventSettings::block_key_on_dead`](crate::EventSettings::block_key_on_dead)).
     pub(crate) key_hold: bool,
+    /// A keyed event due now that every listener here can run: where the backend can tell in
+    /// the insert, its deliveries are written leased to the emitter when none of its key is
+    /// pending (or holding the key) for its listeners ([`Inserted::head`]).
+    pub(crate) lease_head: bool,
     /// The W3C trace context of the span that emitted or received it (`traceparent`, and
     /// `tracestate` on a second line), with the `opentelemetry` feature; `None` otherwise.
     pub(crate) trace: Option<Arc<str>>,
@@ -65,6 +69,9 @@ impl NewEvent {
 pub struct Inserted {
     pub(crate) id: EventId,
     pub(crate) emitted_at: SystemTime,
+    /// A keyed event's deliveries were written leased to the emitter, as the heads of their
+    /// key (see [`NewEvent::lease_head`]).
+    pub(crate) head: bool,
 }
 
 /// A delivery leased by a claim, or found expired by it (and made dead).

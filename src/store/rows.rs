@@ -129,7 +129,9 @@ pub(crate) fn attempt_u32(attempt: i32) -> u32 {
 
 /// The event id and emit time of the first row an insert returned.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
-pub(crate) fn inserted(rows: Vec<InsertedRow>) -> diesel::QueryResult<crate::store::Inserted> {
+pub(crate) fn inserted<R: Into<crate::store::Inserted>>(
+    rows: Vec<R>,
+) -> diesel::QueryResult<crate::store::Inserted> {
     let row = rows
         .into_iter()
         .next()
@@ -143,6 +145,7 @@ impl From<InsertedRow> for crate::store::Inserted {
         Self {
             id: EventId::new(row.id),
             emitted_at: system_time_from_micros(row.emitted_at_us),
+            head: false,
         }
     }
 }

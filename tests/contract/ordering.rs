@@ -653,3 +653,66 @@ pub async fn a_scheduled_keyed_event_takes_its_place_when_due<B: TestBackend>() 
     crate::support::idle(&bus).await;
     bus.shutdown().await;
 }
+
+/// An emit whose key has nothing pending writes its deliveries leased to itself, as the key's
+/// heads, where the backend tells so in its insert (`LEASES_KEY_HEADS`, PostgreSQL): they run
+/// from the emitting task, with no claim (the poller is off here). A crash right after such a
+/// commit leaves them leased, and the key's next event waits for that lease to end, as every
+/// delivery of a process that died does. Elsewhere a claim takes the key's head.
+pub async fn an_emit_on_an_idle_key_leases_its_head<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let lease = Duration::from_secs(5);
+    let bus = bus(db.pool.clone(), &probe)
+        .state(Arc::new(std::sync::atomic::AtomicBool::new(false)))
+        .event::<Held>(fast_settings().max_execution_time(lease))
+        .poller(false)
+        .build()
+        .await
+        .unwrap();
+    let held = |account: &str, n| Held {
+        account: account.into(),
+        n,
+    };
+
+    let first = bus.emit(held("idle", 1), []).await.unwrap();
+    if B::LEASES_KEY_HEADS {
+        probe
+            .wait_until("both listeners to run from the emit", |calls| {
+                calls.iter().filter(|c| c.event_id == first).count() == 2
+            })
+            .await;
+        crate::support::idle(&bus).await;
+        assert_eq!(bus.run_due().await.unwrap().ran, 0, "nothing left to claim");
+    } else {
+        let report = bus.run_due().await.unwrap();
+        assert_eq!(report.succeeded, 2, "a claim runs the key's head");
+    }
+
+    bus.simulate_crash(txbus::testing::CrashPoint::AfterCommit);
+    let crashed = bus.emit(held("crash", 1), []).await.unwrap();
+    let next = bus.emit(held("crash", 2), []).await.unwrap();
+    let report = bus.run_due().await.unwrap();
+    if B::LEASES_KEY_HEADS {
+        assert_eq!(
+            report.ran, 0,
+            "the crashed emit's heads are leased, and the next event waits behind them"
+        );
+        bus.advance(lease);
+        let report = bus.run_due().await.unwrap();
+        assert_eq!(report.succeeded, 4, "after the lease: {report:?}");
+    } else {
+        assert_eq!(report.succeeded, 4, "{report:?}");
+    }
+    let order: Vec<(EventId, String)> = probe
+        .calls_of("held_run")
+        .into_iter()
+        .filter(|c| c.event_id == crashed || c.event_id == next)
+        .map(|c| (c.event_id, c.note))
+        .collect();
+    assert_eq!(
+        order,
+        [(crashed, "ok 1".to_string()), (next, "ok 2".to_string())]
+    );
+    bus.shutdown().await;
+}

@@ -20,6 +20,10 @@ pub trait TestBackend: Backend {
     /// `parked`).
     const PARKS: bool;
 
+    /// Whether an emit whose ordering key has nothing pending writes its deliveries leased to
+    /// itself, as the key's heads, and runs them without a claim.
+    const LEASES_KEY_HEADS: bool;
+
     /// A fresh, empty database of this backend.
     fn open() -> impl Future<Output = TestDb<Self>> + Send;
 
@@ -166,8 +170,9 @@ mod postgres {
 
     impl TestBackend for Postgres {
         const MINUS_AN_HOUR: &'static str = " - interval '1 hour'";
-        const MIGRATIONS: i64 = 7;
+        const MIGRATIONS: i64 = 8;
         const PARKS: bool = true;
+        const LEASES_KEY_HEADS: bool = true;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -344,6 +349,7 @@ mod mysql {
         const MINUS_AN_HOUR: &'static str = " - INTERVAL 1 HOUR";
         const MIGRATIONS: i64 = 9;
         const PARKS: bool = false;
+        const LEASES_KEY_HEADS: bool = false;
 
         async fn open() -> TestDb<Self> {
             let base = base_url();
@@ -464,6 +470,7 @@ mod sqlite {
         const MINUS_AN_HOUR: &'static str = " - 3600000";
         const MIGRATIONS: i64 = 7;
         const PARKS: bool = true;
+        const LEASES_KEY_HEADS: bool = false;
 
         async fn open() -> TestDb<Self> {
             let dir = std::env::temp_dir().join("txbus-tests");

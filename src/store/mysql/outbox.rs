@@ -403,7 +403,7 @@ async fn next_event_id(conn: &mut AsyncMysqlConnection) -> QueryResult<Inserted>
     sql::<<Mysql as Backend>::Db>(NEXT_EVENT_ID)
         .execute(conn)
         .await?;
-    inserted(sql(LOAD_EVENT_ID).load(conn).await?)
+    inserted(sql(LOAD_EVENT_ID).load::<InsertedRow>(conn).await?)
 }
 
 /// Whether the server is MariaDB, by its version string.

@@ -7,7 +7,9 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::Untyped;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
 
-use super::insert::{EventColumns, LOCK_KEY, RESERVE_IDS, insert_rows, insert_statement};
+use super::insert::{
+    EmittedRow, EventColumns, LOCK_KEY, RESERVE_IDS, insert_rows, insert_statement, reads_the_write,
+};
 use super::{Postgres, pipeline};
 use crate::delivery::{DeliveryKey, Outcome};
 use crate::store::outbox::{Failure, split_done};
@@ -167,6 +169,12 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
         result
     }
 
+    // One statement, atomic by itself, keyed or not: a keyed event's takes its key's lock (see
+    // `INSERT_KEYED`), which its implicit transaction holds to its commit.
+    async fn emit_alone(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
+        Self::insert_event(conn, event).await
+    }
+
     async fn insert_event(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
         inserted(insert_rows(conn, event).await?)
     }
@@ -208,18 +216,16 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
         ops: &[Operation<'_, Self>],
         event: &NewEvent,
     ) -> QueryResult<Inserted> {
-        // Not for a keyed event: its insert takes the key's lock, and PostgreSQL runs a `WITH`
-        // write after the statement's main part, so the entity's row would be locked after the
-        // key, where every other emit locks it before (a deadlock between the two).
         if let [op] = ops
-            && event.ordering_key.is_none()
             && let Some(write) = op.statement()
         {
             let statement = WithEvent {
                 write,
-                event: insert_statement(event),
+                read: reads_the_write(event),
+                event: insert_statement(event, true),
             };
-            return inserted(statement.load(conn).await?);
+            let rows: Vec<EmittedRow> = statement.load(conn).await?;
+            return inserted(rows);
         }
         if let Some(result) = pipeline::emit(conn, ops, event).await {
             return result;
@@ -312,8 +318,14 @@ pub(super) fn change_depth(
 /// `WITH txbus_write AS (<write>) <insert>`. PostgreSQL runs every data-modifying statement in
 /// `WITH` to completion, and a statement is atomic by itself: the emit needs no transaction, and
 /// takes one round trip, one statement and one commit.
+///
+/// PostgreSQL runs a `WITH` write that nothing reads after the statement's main part. A keyed
+/// event's insert takes the key's lock, which every emit takes after its entity writes (a
+/// deadlock otherwise), so it reads the write (`read`: the write returns a row per row written)
+/// before the lock.
 struct WithEvent<'a> {
     write: Statement<'a, Pg>,
+    read: bool,
     event: Sql<'a, Pg>,
 }
 
@@ -321,7 +333,7 @@ impl QueryFragment<Pg> for WithEvent<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql("WITH txbus_write AS (");
         self.write.walk_ast(out.reborrow())?;
-        out.push_sql(") ");
+        out.push_sql(if self.read { " RETURNING 1) " } else { ") " });
         self.event.walk_ast(out.reborrow())
     }
 

@@ -197,6 +197,7 @@ impl Outbox for Sqlite {
             .map(|id| Inserted {
                 id: EventId::new(id),
                 emitted_at,
+                head: false,
             })
             .collect())
     }
@@ -330,6 +331,7 @@ impl EventRow {
         let inserted = Inserted {
             id: EventId::new(id.id),
             emitted_at: system_time_from_micros(id.now_ms.saturating_mul(1000)),
+            head: false,
         };
         self.write(c, &inserted)?;
         Ok(inserted)

@@ -1,0 +1,1 @@
+DROP FUNCTION txbus_key_head(TEXT[], TEXT, BOOLEAN, BIGINT);
