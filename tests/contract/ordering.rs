@@ -655,7 +655,7 @@ pub async fn a_scheduled_keyed_event_takes_its_place_when_due<B: TestBackend>() 
 }
 
 /// An emit whose key has nothing pending writes its deliveries leased to itself, as the key's
-/// heads, where the backend tells so in its insert (`LEASES_KEY_HEADS`, PostgreSQL): they run
+/// heads, where the backend tells so in its insert (`LEASES_KEY_HEADS`: PostgreSQL, SQLite): they run
 /// from the emitting task, with no claim (the poller is off here). A crash right after such a
 /// commit leaves them leased, and the key's next event waits for that lease to end, as every
 /// delivery of a process that died does. Elsewhere a claim takes the key's head.

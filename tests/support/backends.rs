@@ -470,7 +470,7 @@ mod sqlite {
         const MINUS_AN_HOUR: &'static str = " - 3600000";
         const MIGRATIONS: i64 = 7;
         const PARKS: bool = true;
-        const LEASES_KEY_HEADS: bool = false;
+        const LEASES_KEY_HEADS: bool = true;
 
         async fn open() -> TestDb<Self> {
             let dir = std::env::temp_dir().join("txbus-tests");

@@ -36,6 +36,25 @@ INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_a
 SELECT ?1, value, ?2, ?3, ?4, ?5, 0, NULL, ?4 + ?9 / 1000, ?4 + ?6 / 1000, ?8, ?10, ?11, ?12
 FROM json_each(?7)";
 
+// A keyed event whose key has nothing pending for its listeners (see `KEY_IDLE`): its
+// deliveries are the key's heads, leased to the emitter as an unkeyed event's are.
+const INSERT_KEY_HEAD: &str = "\
+INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
+                              attempts, leased_at, available_at, expires_at, event_version,
+                              ordering_key, key_hold, trace_context)
+SELECT ?1, value, ?2, ?3, ?4, ?5, 1, ?4, ?4 + ?5, ?4 + ?6 / 1000, ?8, ?9, ?10, ?11
+FROM json_each(?7)";
+
+// Whether ordering key `?2` has nothing pending (or dead and holding it) for the listeners in
+// the list `?1`, by the key index. Writers take turns, and an emit's transaction holds the
+// write lock from its start, so this sees every earlier emit of the key.
+const KEY_IDLE: &str = "\
+SELECT NOT EXISTS (
+    SELECT 1 FROM txbus_deliveries p
+    WHERE p.listener IN (SELECT value FROM json_each(?1)) AND p.ordering_key = ?2
+      AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
+      AND (p.dead_at IS NULL OR p.key_hold)) AS idle";
+
 const DELETE_DONE: &str = "\
 DELETE FROM txbus_deliveries WHERE event_id = ? AND listener = ? AND attempts = ?
     AND dead_at IS NULL AND delivered_at IS NULL";
@@ -79,6 +98,9 @@ const RESERVE_IDS: &str = concat!(
 rows! {
     /// The next event id (the last of a block) and the clock.
     struct IdRow { id: i64, now_ms: i64 }
+
+    /// Whether an ordering key has nothing pending.
+    struct IdleRow { idle: bool }
 }
 
 impl Outbox for Sqlite {
@@ -305,6 +327,8 @@ struct EventRow {
     listeners: Option<String>,
     ordering_key: Option<Arc<str>>,
     key_hold: bool,
+    /// See [`NewEvent::lease_head`]: due now, and keyed.
+    lease_head: bool,
     trace: Option<Arc<str>>,
 }
 
@@ -321,18 +345,47 @@ impl EventRow {
                 .then(|| serde_json::Value::from(&*event.listeners).to_string()),
             ordering_key: event.ordering_key.clone(),
             key_hold: event.key_hold,
+            lease_head: event.lease_head
+                && event.due_in.is_none_or(|due| due.is_zero())
+                && event.ordering_key.is_some(),
             trace: event.trace.clone(),
         }
     }
 
-    /// Takes the next event id and writes one delivery per listener, in the open transaction.
+    /// Takes the next event id and writes one delivery per listener, in the open transaction:
+    /// leased to the emitter as its key's heads when the key has nothing pending.
     fn insert(self, c: &mut SqliteConnection) -> QueryResult<Inserted> {
         let id: IdRow = sql::<Db>(NEXT_EVENT_ID).get_result(c)?;
-        let inserted = Inserted {
+        let mut inserted = Inserted {
             id: EventId::new(id.id),
             emitted_at: system_time_from_micros(id.now_ms.saturating_mul(1000)),
             head: false,
         };
+        if let (true, Some(listeners), Some(key)) =
+            (self.lease_head, &self.listeners, &self.ordering_key)
+        {
+            let idle: IdleRow = sql::<Db>(KEY_IDLE)
+                .bind(listeners.as_str())
+                .bind(&**key)
+                .get_result(c)?;
+            if idle.idle {
+                sql::<Db>(INSERT_KEY_HEAD)
+                    .bind(inserted.id.get())
+                    .bind(self.name)
+                    .bind(&*self.payload)
+                    .bind(crate::store::micros_since_epoch(inserted.emitted_at) / 1000)
+                    .bind(self.lease)
+                    .bind(self.expires_us)
+                    .bind(listeners.as_str())
+                    .bind(self.version)
+                    .bind(&**key)
+                    .bind(self.key_hold)
+                    .bind(self.trace.as_deref())
+                    .execute(c)?;
+                inserted.head = true;
+                return Ok(inserted);
+            }
+        }
         self.write(c, &inserted)?;
         Ok(inserted)
     }
