@@ -368,35 +368,21 @@ impl EventRow {
                 .bind(listeners.as_str())
                 .bind(&**key)
                 .get_result(c)?;
-            if idle.idle {
-                sql::<Db>(INSERT_KEY_HEAD)
-                    .bind(inserted.id.get())
-                    .bind(self.name)
-                    .bind(&*self.payload)
-                    .bind(crate::store::micros_since_epoch(inserted.emitted_at) / 1000)
-                    .bind(self.lease)
-                    .bind(self.expires_us)
-                    .bind(listeners.as_str())
-                    .bind(self.version)
-                    .bind(&**key)
-                    .bind(self.key_hold)
-                    .bind(self.trace.as_deref())
-                    .execute(c)?;
-                inserted.head = true;
-                return Ok(inserted);
-            }
+            inserted.head = idle.idle;
         }
         self.write(c, &inserted)?;
         Ok(inserted)
     }
 
     /// Writes one delivery per listener for the event `inserted` names, in the open
-    /// transaction.
+    /// transaction: leased to the emitter unless it is scheduled or keyed, or as its key's
+    /// heads (`inserted.head`).
     fn write(&self, c: &mut SqliteConnection, inserted: &Inserted) -> QueryResult<()> {
         if let Some(listeners) = &self.listeners {
-            let statement = sql::<Db>(match self.due_us {
-                None => INSERT_EVENT,
-                Some(_) => INSERT_SCHEDULED,
+            let statement = sql::<Db>(match (inserted.head, self.due_us) {
+                (true, _) => INSERT_KEY_HEAD,
+                (false, None) => INSERT_EVENT,
+                (false, Some(_)) => INSERT_SCHEDULED,
             })
             .bind(inserted.id.get())
             .bind(self.name)
@@ -406,12 +392,15 @@ impl EventRow {
             .bind(self.expires_us)
             .bind(listeners.as_str())
             .bind(self.version);
-            match self.due_us {
-                Some(due_us) => statement
+            match (inserted.head, self.due_us) {
+                (true, _) => statement
+                    .bind(self.ordering_key.as_deref())
+                    .bind(self.key_hold),
+                (false, Some(due_us)) => statement
                     .bind(due_us)
                     .bind(self.ordering_key.as_deref())
                     .bind(self.key_hold),
-                None => statement,
+                (false, None) => statement,
             }
             .bind(self.trace.as_deref())
             .execute(c)?;
