@@ -229,7 +229,7 @@ where
 /// The error of the test transactions; its fields are read through `Debug` on failure.
 #[derive(Debug)]
 #[allow(dead_code)]
-enum TestError {
+pub(crate) enum TestError {
     Bus(Error),
     Db(diesel::result::Error),
     Refused,

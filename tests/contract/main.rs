@@ -82,6 +82,7 @@ macro_rules! scenarios {
             ordering::a_cancelled_head_releases_its_key,
             ordering::a_scheduled_keyed_event_takes_its_place_when_due,
             ordering::an_emit_on_an_idle_key_leases_its_head,
+            ordering::keyed_emits_and_transactions_on_one_row_do_not_deadlock,
         );
     };
 }
