@@ -33,7 +33,7 @@ pub struct NewEvent {
     pub(crate) version: u32,
     /// The event's ordering key ([`Event::ordering_key`](crate::Event::ordering_key)). A keyed
     /// event's deliveries are written not leased (`due_in` zero), for the claims that take each
-    /// key's head.
+    /// key's head, unless the insert finds them the heads of their key ([`Self::lease_head`]).
     pub(crate) ordering_key: Option<Arc<str>>,
     /// Whether a dead letter of a keyed delivery holds its key
     /// ([`EventSettings::block_key_on_dead`](crate::EventSettings::block_key_on_dead)).

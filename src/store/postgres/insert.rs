@@ -56,7 +56,7 @@ RETURNING event_id AS id, (extract(epoch FROM emitted_at) * 1000000)::int8 AS em
           FALSE AS head";
 
 // A keyed event, scheduled or due now, in one statement. `txbus_key_head` (see the migration
-// `key_heads`) takes the key's lock, after the entity writes of the statement (`$WRITTEN`), and
+// `key_heads`) takes the key's lock, after the entity writes of the statement (its `written`), and
 // before the event's id: the emits of one key take their ids in the order they commit, so a
 // claim that sees a delivery of the key sees every earlier one. Due now (`$11`), and with no
 // delivery of the key pending or holding it for these listeners, the deliveries are the key's
