@@ -40,7 +40,8 @@ pub struct NewEvent {
     pub(crate) key_hold: bool,
     /// A keyed event due now that every listener here can run: where the backend can tell in
     /// the insert, its deliveries are written leased to the emitter when none of its key is
-    /// pending (or holding the key) for its listeners ([`Inserted::head`]).
+    /// pending (or holding the key) for its listeners ([`Inserted::head`]). Set where the event
+    /// is prepared, and cleared where it is scheduled for later.
     pub(crate) lease_head: bool,
     /// The W3C trace context of the span that emitted or received it (`traceparent`, and
     /// `tracestate` on a second line), with the `opentelemetry` feature; `None` otherwise.

@@ -147,7 +147,7 @@ pub(super) fn insert_statement(event: &NewEvent, after_write: bool) -> Sql<'_, P
             .bind(event.ordering_key.as_deref())
             .bind(event.key_hold)
             .bind(event.trace.as_deref())
-            .bind(event.lease_head && event.due_in.is_none_or(|due| due.is_zero()));
+            .bind(event.lease_head);
         }
         ([_], None) => INSERT_EVENT_ONE,
         (_, None) => INSERT_EVENT,

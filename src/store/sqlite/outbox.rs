@@ -327,7 +327,7 @@ struct EventRow {
     listeners: Option<String>,
     ordering_key: Option<Arc<str>>,
     key_hold: bool,
-    /// See [`NewEvent::lease_head`]: due now, and keyed.
+    /// See [`NewEvent::lease_head`].
     lease_head: bool,
     trace: Option<Arc<str>>,
 }
@@ -345,9 +345,7 @@ impl EventRow {
                 .then(|| serde_json::Value::from(&*event.listeners).to_string()),
             ordering_key: event.ordering_key.clone(),
             key_hold: event.key_hold,
-            lease_head: event.lease_head
-                && event.due_in.is_none_or(|due| due.is_zero())
-                && event.ordering_key.is_some(),
+            lease_head: event.lease_head,
             trace: event.trace.clone(),
         }
     }
