@@ -23,17 +23,15 @@ pub struct Transaction<'c, B: Backend> {
     ids: Ids,
 }
 
-/// Event ids taken ahead for the transaction's emits, in blocks: 16, then twice as many each
-/// time, up to the backend's [`ID_BLOCK`](crate::store::Outbox::ID_BLOCK).
+/// Event ids taken ahead for the transaction's emits, in blocks: the backend's
+/// [`FIRST_ID_BLOCK`](crate::store::Outbox::FIRST_ID_BLOCK), then twice as many each time, up to
+/// its [`ID_BLOCK`](crate::store::Outbox::ID_BLOCK).
 struct Ids {
     taken: VecDeque<Inserted>,
     /// When the last block was taken: the leases of its events started no earlier.
     leased: Instant,
     next_block: usize,
 }
-
-/// The first block of ids a transaction takes.
-const FIRST_ID_BLOCK: usize = 16;
 
 impl<'c, B: Backend> Transaction<'c, B> {
     /// The transaction's connection, for your own diesel-async queries.
@@ -46,7 +44,7 @@ impl<'c, B: Backend> Transaction<'c, B> {
     ///
     /// The deliveries of all the transaction's events are written together, with the commit:
     /// a transaction that emits a hundred events sends one statement for them, not a hundred.
-    /// Their ids are taken ahead, in blocks (one at a time on MySQL): the ids of one
+    /// Their ids are taken ahead, in blocks (one at a time on MySQL, which has no `RETURNING`): the ids of one
     /// transaction's events increase in the order of its `emit`s, and ids are never reused, but
     /// they may leave gaps, and a transaction that commits later may hold smaller ids than one
     /// that committed before it. An event with an [ordering key](crate::Event::ordering_key)
@@ -170,7 +168,7 @@ impl<B: Backend> EventBus<B> {
                 ids: Ids {
                     taken: VecDeque::new(),
                     leased: Instant::now(),
-                    next_block: FIRST_ID_BLOCK,
+                    next_block: B::FIRST_ID_BLOCK,
                 },
             };
             let result = f(&mut tx).await;

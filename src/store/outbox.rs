@@ -190,10 +190,15 @@ pub trait Outbox<B: Backend = Self> {
     const INSERT_IS_ATOMIC: bool = false;
 
     /// The most event ids [`reserve_ids`](Self::reserve_ids) is asked for at once. A
-    /// transaction's `tx.emit`s take their ids in blocks that start small and double up to it.
+    /// transaction's `tx.emit`s take their ids in blocks that start at
+    /// [`FIRST_ID_BLOCK`](Self::FIRST_ID_BLOCK) and double up to it.
     const ID_BLOCK: usize;
 
-    /// Takes `n` fresh event ids, in increasing order, each with the database clock, in the
+    /// The first block of ids a transaction takes: small where an id costs a row.
+    const FIRST_ID_BLOCK: usize = 16;
+
+    /// Takes `n` fresh event ids (or fewer, at least one, where the database can only hand
+    /// them out one by one), in increasing order, each with the database clock, in the
     /// transaction open on `conn`. Their deliveries are written by
     /// [`commit_with_events`](Self::commit_with_events).
     fn reserve_ids(

@@ -24,8 +24,17 @@ INSERT INTO txbus_event_ids () VALUES ()
 RETURNING CAST(id AS SIGNED) AS id,
           TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
 
+/// MariaDB: a block of ids, one row for each element of the JSON array bound (of any numbers),
+/// with the time now, in one statement. The ids of a multi-row insert need not be consecutive
+/// (`innodb_autoinc_lock_mode = 2`); `RETURNING` hands each one back.
+const NEXT_EVENT_IDS_RETURNING: &str = "\
+INSERT INTO txbus_event_ids (id)
+SELECT NULL FROM JSON_TABLE(?, '$[*]' COLUMNS (n INT PATH '$')) j
+RETURNING CAST(id AS SIGNED) AS id,
+          TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
+
 /// Whether a server refused `RETURNING` (MySQL has none): from then on, the process takes ids in
-/// two statements. A process that talks to MariaDB only never sets it.
+/// two statements, one at a time. A process that talks to MariaDB only never sets it.
 static NO_RETURNING: AtomicBool = AtomicBool::new(false);
 
 const LOAD_EVENT_ID: &str = "\
@@ -272,16 +281,32 @@ LIMIT 10000",
         Ok(inserted)
     }
 
-    // Ids come one row of the `AUTO_INCREMENT` table at a time: the ids of a multi-row insert
-    // need not be consecutive (`innodb_autoinc_lock_mode = 2`) and could not be read back.
-    const ID_BLOCK: usize = 1;
+    // MariaDB takes a block of ids in one statement (`NEXT_EVENT_IDS_RETURNING`); MySQL, which
+    // has no `RETURNING`, one at a time: the ids of a multi-row insert need not be consecutive
+    // and could not be read back. Each id is a row, so blocks start at one: a transaction that
+    // emits once writes one.
+    const ID_BLOCK: usize = 256;
+
+    const FIRST_ID_BLOCK: usize = 1;
 
     async fn reserve_ids(conn: &mut AsyncMysqlConnection, n: usize) -> QueryResult<Vec<Inserted>> {
-        let mut ids = Vec::with_capacity(n);
-        for _ in 0..n {
-            ids.push(next_event_id(conn).await?);
+        if n > 1 && !AtomicBool::load(&NO_RETURNING, Ordering::Relaxed) {
+            let elements = vec![0_u8; n];
+            match sql::<<Self as Backend>::Db>(NEXT_EVENT_IDS_RETURNING)
+                .bind(serde_json::Value::from(elements).to_string())
+                .load::<InsertedRow>(conn)
+                .await
+            {
+                Ok(rows) if !rows.is_empty() => {
+                    let mut ids: Vec<Inserted> = rows.into_iter().map(Inserted::from).collect();
+                    ids.sort_by_key(|i| i.id.get());
+                    return Ok(ids);
+                }
+                Ok(_) => return Err(diesel::result::Error::NotFound),
+                Err(error) => refused_returning(conn, error).await?,
+            }
         }
-        Ok(ids)
+        Ok(vec![next_event_id(conn).await?])
     }
 
     async fn commit_with_events(
@@ -392,18 +417,27 @@ async fn next_event_id(conn: &mut AsyncMysqlConnection) -> QueryResult<Inserted>
             .await
         {
             Ok(rows) => return inserted(rows),
-            Err(error) => {
-                if is_mariadb(conn).await.unwrap_or(true) {
-                    return Err(error);
-                }
-                AtomicBool::store(&NO_RETURNING, true, Ordering::Relaxed);
-            }
+            Err(error) => refused_returning(conn, error).await?,
         }
     }
     sql::<<Mysql as Backend>::Db>(NEXT_EVENT_ID)
         .execute(conn)
         .await?;
     inserted(sql(LOAD_EVENT_ID).load::<InsertedRow>(conn).await?)
+}
+
+/// After `error` from a statement with `RETURNING`: on MySQL, which has none (a syntax error,
+/// which leaves the transaction as it was), remembers to take ids without it from now on; on
+/// MariaDB the error stands.
+async fn refused_returning(
+    conn: &mut AsyncMysqlConnection,
+    error: diesel::result::Error,
+) -> QueryResult<()> {
+    if is_mariadb(conn).await.unwrap_or(true) {
+        return Err(error);
+    }
+    AtomicBool::store(&NO_RETURNING, true, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Whether the server is MariaDB, by its version string.
