@@ -3,6 +3,10 @@
 //! plain transaction of the same upsert. txbus cannot be faster than its own statements; this
 //! shows how far the storage work alone is from the plain write.
 //!
+//! E2's shape too: 100 upserts in one transaction, against the same with their events (the ids
+//! from the sequence row in blocks of 16, 32 and 64, a delivery each, the completion of the 100
+//! in one transaction after).
+//!
 //! `cargo bench --bench sqlite_floor --features sqlite [-- EVENTS ROUNDS]`
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
@@ -153,6 +157,68 @@ fn emit(c: &mut SqliteConnection, shape: Shape, first: i64, n: i64, payload: &st
     n as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Events per transaction in E2.
+const BATCH: i64 = 100;
+
+/// E2's baseline: `n` upserts, `BATCH` to a transaction.
+fn plain_batch(c: &mut SqliteConnection, first: i64, n: i64) -> f64 {
+    let started = Instant::now();
+    for batch in (first..first + n).step_by(BATCH as usize) {
+        c.batch_execute("BEGIN").unwrap();
+        for id in batch..batch + BATCH {
+            upsert(c, id);
+        }
+        c.batch_execute("COMMIT").unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// E2's statements: `BATCH` upserts and events to a transaction, then their completion.
+fn emit_batch(c: &mut SqliteConnection, first: i64, n: i64, payload: &str) -> f64 {
+    let started = Instant::now();
+    for batch in (first..first + n).step_by(BATCH as usize) {
+        c.batch_execute("BEGIN IMMEDIATE").unwrap();
+        let mut ids = Vec::new();
+        let mut block = 16;
+        for user in batch..batch + BATCH {
+            upsert(c, user);
+            if ids.is_empty() {
+                let last = diesel::sql_query(
+                    "UPDATE txbus_sequence SET value = value + ? WHERE name = 'event_id' \
+                     RETURNING value",
+                )
+                .bind::<BigInt, _>(block)
+                .get_result::<Value>(c)
+                .unwrap()
+                .value;
+                ids.extend((last - block + 1..=last).rev());
+                block *= 2;
+            }
+            let id = ids.pop().unwrap();
+            diesel::sql_query(
+                "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, \
+                 emitted_at, lease_ms, attempts, leased_at, available_at, expires_at) \
+                 VALUES (?, 'bench.noop', 'bench.user_created', ?, \
+                 CAST(unixepoch('subsec') * 1000 AS INTEGER), 30000, 1, 0, 30000, 999999999999)",
+            )
+            .bind::<BigInt, _>(id)
+            .bind::<Text, _>(payload)
+            .execute(c)
+            .unwrap();
+        }
+        c.batch_execute("COMMIT").unwrap();
+        c.batch_execute("BEGIN IMMEDIATE").unwrap();
+        diesel::sql_query(
+            "DELETE FROM txbus_deliveries WHERE listener = 'bench.noop' AND attempts = 1 \
+             AND dead_at IS NULL AND delivered_at IS NULL",
+        )
+        .execute(c)
+        .unwrap();
+        c.batch_execute("COMMIT").unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
 fn main() {
     let args: Vec<i64> = std::env::args()
         .skip(1)
@@ -180,6 +246,24 @@ fn main() {
                 rate / plain
             );
         }
+    }
+    println!(
+        "\n| round | E2: {BATCH} per transaction | plain events/s | with events/s | ÷ plain |\n|---|---|---|---|---|"
+    );
+    for round in 0..rounds {
+        let base = (100 + round) * 2 * n;
+        // The order alternates by round.
+        let (plain, rate) = if round % 2 == 0 {
+            let plain = plain_batch(&mut c, base, n);
+            (plain, emit_batch(&mut c, base + n, n, &payload))
+        } else {
+            let rate = emit_batch(&mut c, base + n, n, &payload);
+            (plain_batch(&mut c, base, n), rate)
+        };
+        println!(
+            "| {round} | upserts + ids + deliveries + completion | {plain:.0} | {rate:.0} | {:.2} |",
+            rate / plain
+        );
     }
     drop(c);
     let _ = std::fs::remove_dir_all(dir);
