@@ -789,3 +789,72 @@ where
     crate::support::idle(&bus).await;
     Arc::into_inner(bus).unwrap().shutdown().await;
 }
+
+/// PostgreSQL: an emit leases its key's heads only under READ COMMITTED, where its look-up after
+/// the key's lock sees every delivery committed before it. A pool whose connections default to
+/// REPEATABLE READ, whose snapshot predates the lock, writes the deliveries unleased; a claim runs
+/// them, one event after the other, in order.
+pub async fn under_repeatable_read_an_emit_leaves_its_heads_to_a_claim<B: TestBackend>() {
+    let db = B::open().await;
+    // The test database's URL already carries `options` (its `search_path`).
+    let url = format!(
+        "{}%20-cdefault_transaction_isolation%3Drepeatable%5C%20read",
+        db.url
+    );
+    let pool = txbus::Pool::<B>::builder(url)
+        .max_size(4)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        B::count(
+            &pool,
+            "SELECT count(*) AS n FROM (SELECT 1) x \
+             WHERE current_setting('transaction_isolation') = 'repeatable read'"
+        )
+        .await,
+        1,
+        "the pool's transactions are REPEATABLE READ"
+    );
+    let probe = Probe::new();
+    let bus = bus(pool.clone(), &probe)
+        .state(Arc::new(std::sync::atomic::AtomicBool::new(false)))
+        .event::<Held>(fast_settings())
+        .poller(false)
+        .build()
+        .await
+        .unwrap();
+    let held = |n| Held {
+        account: "rr".into(),
+        n,
+    };
+    let first = bus.emit(held(1), []).await.unwrap();
+    let second = bus.emit(held(2), []).await.unwrap();
+    crate::support::idle(&bus).await;
+    assert!(probe.calls().is_empty(), "no run from the emits");
+    assert_eq!(
+        B::count(
+            &pool,
+            "SELECT count(*) AS n FROM txbus_deliveries WHERE attempts = 0 AND leased_at IS NULL"
+        )
+        .await,
+        4,
+        "both events' deliveries are written unleased"
+    );
+
+    let report = bus.run_due().await.unwrap();
+    assert_eq!(report.succeeded, 4, "{report:?}");
+    for listener in ["held_run", "held_other"] {
+        let order: Vec<(EventId, String)> = probe
+            .calls_of(listener)
+            .into_iter()
+            .map(|c| (c.event_id, c.note))
+            .collect();
+        assert_eq!(
+            order,
+            [(first, "ok 1".to_string()), (second, "ok 2".to_string())],
+            "{listener}"
+        );
+    }
+    bus.shutdown().await;
+}
