@@ -1,6 +1,8 @@
 //! N1: events per second from service A's emits through a JetStream relay into service B's
 //! inbox and listener: A alone (until JetStream acknowledged), B alone (draining the stream),
-//! and both at once; baseline: A's emits without the relay. And the broker alone.
+//! and both at once; baselines: A's emits without the relay, of an event no listener takes
+//! (which writes the entity only), and of E1's event to a local no-op listener (which writes and
+//! completes a delivery, as the relay's emit does). And the broker alone.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +14,7 @@ use txbus::nats::{JetStreamInbox, JetStreamRelay};
 use txbus::{Context, Entity, EventBus, ListenerError, persist};
 
 use super::backends::BenchBackend;
-use super::scenarios::{create_users, fan_out, next_user, pool_for};
+use super::scenarios::{create_users, fan_out, next_user, pool_for, settle};
 use super::{Args, BenchUser, Recorder, Row};
 use crate::support::unique;
 
@@ -77,7 +79,9 @@ where
         .build()
         .await
         .unwrap();
+    let local = Arc::new(Recorder::default());
     let plain = EventBus::builder(pool.clone())
+        .state(local.clone())
         .poller(false)
         .build()
         .await
@@ -125,31 +129,61 @@ where
         .await;
     };
 
-    let row = |scenario: &'static str| Row {
+    // A's emits of E1's event to its no-op listener, until every run's result is written.
+    let emit_local = async || {
+        let target = local.runs.load(Ordering::Relaxed) + args.events as u64;
+        fan_out(clients, args.events, |count| {
+            let (bus, payload) = (plain.clone(), args.payload);
+            async move {
+                for _ in 0..count {
+                    let (user, event) = next_user(payload);
+                    bus.emit(event, [persist(&user)]).await.unwrap();
+                }
+            }
+        })
+        .await;
+        settle(&plain, &local, target).await;
+    };
+
+    let row = |scenario: &'static str, baseline_name: &'static str| Row {
         backend: B::NAME,
         scenario,
         case: format!("{clients} emitters"),
         unit: "events/s",
         txbus: Vec::new(),
         baseline: Vec::new(),
-        baseline_name: "A's emit, no relay",
+        baseline_name,
         lower_is_better: false,
     };
+    const ENTITY_ONLY: &str = "A's emit, no relay (no listener: the entity only)";
+    const LOCAL: &str = "A's emit to a local no-op listener (E1)";
     // A's emits until JetStream acknowledged every publish, while B is idle.
-    let mut published = row("N1 A → JetStream, B idle");
+    let mut published = row("N1 A → JetStream, B idle", ENTITY_ONLY);
     // B's inbox and listener draining what A published, while A is idle.
-    let mut drained = row("N1 B drains JetStream, A idle");
+    let mut drained = row("N1 B drains JetStream, A idle", ENTITY_ONLY);
     // Both at once: A's emits until B's listener ran for every event.
-    let mut together = row("N1 A → JetStream → B");
+    let mut together = row("N1 A → JetStream → B", ENTITY_ONLY);
+    let mut published_local = row("N1 A → JetStream, B idle", LOCAL);
+    let mut together_local = row("N1 A → JetStream → B", LOCAL);
     let n = args.events;
     let rate = |started: Instant| n as f64 / started.elapsed().as_secs_f64();
     for round in 0..args.rounds {
-        for relay_first in [round % 2 == 1, round % 2 == 0] {
-            if !relay_first {
+        // The three kinds of measurement, in an order rotated round by round.
+        for turn in 0..3 {
+            if (round + turn) % 3 == 0 {
                 let started = Instant::now();
                 emit(&plain).await;
                 let baseline = rate(started);
                 for row in [&mut published, &mut drained, &mut together] {
+                    row.baseline.push(baseline);
+                }
+                continue;
+            }
+            if (round + turn) % 3 == 1 {
+                let started = Instant::now();
+                emit_local().await;
+                let baseline = rate(started);
+                for row in [&mut published_local, &mut together_local] {
                     row.baseline.push(baseline);
                 }
                 continue;
@@ -163,6 +197,7 @@ where
             let (stop, task) = start_inbox();
             wait_for_b(target).await;
             drained.txbus.push(rate(started));
+            published_local.txbus.push(*published.txbus.last().unwrap());
             let _ = stop.send(());
             task.await.unwrap().unwrap();
 
@@ -172,6 +207,7 @@ where
             emit(&relaying).await;
             wait_for_b(target).await;
             together.txbus.push(rate(started));
+            together_local.txbus.push(*together.txbus.last().unwrap());
             let _ = stop.send(());
             task.await.unwrap().unwrap();
         }
@@ -229,5 +265,12 @@ where
     plain.shutdown().await;
     receiving.shutdown().await;
     let _ = jetstream.delete_stream(&name).await;
-    vec![published, drained, together, broker]
+    vec![
+        published,
+        drained,
+        together,
+        published_local,
+        together_local,
+        broker,
+    ]
 }
