@@ -146,3 +146,12 @@ impl<B: Backend> EventBus<B> {
         self.engine.runner.hooks.arm(point);
     }
 }
+
+/// Makes this process take MySQL event ids as it does on MySQL 8, which has no `RETURNING`: one
+/// at a time, by an insert and `SELECT LAST_INSERT_ID()`, even on MariaDB. For txbus's own tests
+/// of that path; it lasts for the life of the process.
+#[cfg(feature = "mysql")]
+#[doc(hidden)]
+pub fn mysql_ids_without_returning() {
+    crate::store::mysql_without_returning();
+}

@@ -54,6 +54,8 @@ pub use entity::{
 pub use migrate::migrate;
 #[cfg(feature = "mysql")]
 pub use mysql::Mysql;
+#[cfg(all(feature = "mysql", feature = "testing"))]
+pub(crate) use mysql::without_returning as mysql_without_returning;
 pub use pool::{Pool, PoolBuilder, PooledConnection};
 #[cfg(feature = "postgres")]
 pub use postgres::Postgres;

@@ -659,6 +659,7 @@ pub async fn a_scheduled_keyed_event_takes_its_place_when_due<B: TestBackend>() 
 /// from the emitting task, with no claim (the poller is off here). A crash right after such a
 /// commit leaves them leased, and the key's next event waits for that lease to end, as every
 /// delivery of a process that died does. Elsewhere a claim takes the key's head.
+#[cfg(feature = "testing")]
 pub async fn an_emit_on_an_idle_key_leases_its_head<B: TestBackend>() {
     let db = B::open().await;
     let probe = Probe::new();
@@ -794,6 +795,7 @@ where
 /// the key's lock sees every delivery committed before it. A pool whose connections default to
 /// REPEATABLE READ, whose snapshot predates the lock, writes the deliveries unleased; a claim runs
 /// them, one event after the other, in order.
+#[cfg(feature = "testing")]
 pub async fn under_repeatable_read_an_emit_leaves_its_heads_to_a_claim<B: TestBackend>() {
     let db = B::open().await;
     // The test database's URL already carries `options` (its `search_path`).

@@ -16,6 +16,9 @@ mod inbox;
 mod outbox;
 mod results;
 
+#[cfg(feature = "testing")]
+pub(crate) use outbox::without_returning;
+
 /// The MySQL / MariaDB backend (feature `mysql`), on diesel-async's `AsyncMysqlConnection`.
 ///
 /// Connect with a URL such as `mysql://user:password@host:3306/database`. Needs MySQL 8.0.4+ or

@@ -426,6 +426,12 @@ async fn next_event_id(conn: &mut AsyncMysqlConnection) -> QueryResult<Inserted>
     inserted(sql(LOAD_EVENT_ID).load::<InsertedRow>(conn).await?)
 }
 
+/// From now on, takes ids as on MySQL, without `RETURNING` (see `testing`).
+#[cfg(feature = "testing")]
+pub(crate) fn without_returning() {
+    AtomicBool::store(&NO_RETURNING, true, Ordering::Relaxed);
+}
+
 /// After `error` from a statement with `RETURNING`: on MySQL, which has none (a syntax error,
 /// which leaves the transaction as it was), remembers to take ids without it from now on; on
 /// MariaDB the error stands.
