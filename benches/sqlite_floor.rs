@@ -98,6 +98,20 @@ fn upsert(c: &mut SqliteConnection, id: i64) {
     .unwrap();
 }
 
+/// Writes event `id`'s delivery, leased as an emit writes it.
+fn deliver(c: &mut SqliteConnection, id: i64, payload: &str) {
+    diesel::sql_query(
+        "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, \
+         lease_ms, attempts, leased_at, available_at, expires_at) \
+         VALUES (?, 'bench.noop', 'bench.user_created', ?, \
+         CAST(unixepoch('subsec') * 1000 AS INTEGER), 30000, 1, 0, 30000, 999999999999)",
+    )
+    .bind::<BigInt, _>(id)
+    .bind::<Text, _>(payload)
+    .execute(c)
+    .unwrap();
+}
+
 fn plain(c: &mut SqliteConnection, first: i64, n: i64) -> f64 {
     let started = Instant::now();
     for id in first..first + n {
@@ -127,16 +141,7 @@ fn emit(c: &mut SqliteConnection, shape: Shape, first: i64, n: i64, payload: &st
             user + (1 << 40)
         };
         if shape.delivery {
-            diesel::sql_query(
-                "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, \
-                 emitted_at, lease_ms, attempts, leased_at, available_at, expires_at) \
-                 VALUES (?, 'bench.noop', 'bench.user_created', ?, \
-                 CAST(unixepoch('subsec') * 1000 AS INTEGER), 30000, 1, 0, 30000, 999999999999)",
-            )
-            .bind::<BigInt, _>(id)
-            .bind::<Text, _>(payload)
-            .execute(c)
-            .unwrap();
+            deliver(c, id, payload);
         }
         c.batch_execute("COMMIT").unwrap();
         done.push(id);
@@ -195,16 +200,7 @@ fn emit_batch(c: &mut SqliteConnection, first: i64, n: i64, payload: &str) -> f6
                 block *= 2;
             }
             let id = ids.pop().unwrap();
-            diesel::sql_query(
-                "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, \
-                 emitted_at, lease_ms, attempts, leased_at, available_at, expires_at) \
-                 VALUES (?, 'bench.noop', 'bench.user_created', ?, \
-                 CAST(unixepoch('subsec') * 1000 AS INTEGER), 30000, 1, 0, 30000, 999999999999)",
-            )
-            .bind::<BigInt, _>(id)
-            .bind::<Text, _>(payload)
-            .execute(c)
-            .unwrap();
+            deliver(c, id, payload);
         }
         c.batch_execute("COMMIT").unwrap();
         c.batch_execute("BEGIN IMMEDIATE").unwrap();

@@ -12,12 +12,13 @@ use crate::store::migrate::{self, Migration, MigrationLock, Migrations};
 use crate::store::{Backend, Sealed};
 
 mod admin;
+mod ids;
 mod inbox;
 mod outbox;
 mod results;
 
 #[cfg(feature = "testing")]
-pub(crate) use outbox::without_returning;
+pub(crate) use ids::without_returning;
 
 /// The MySQL / MariaDB backend (feature `mysql`), on diesel-async's `AsyncMysqlConnection`.
 ///

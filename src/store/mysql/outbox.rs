@@ -1,45 +1,17 @@
 //! MySQL / MariaDB: the outbox's statements, event ids from an `AUTO_INCREMENT` table, results
 //! written as one JSON parameter.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use diesel::QueryResult;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use serde_json::json;
 
-use super::{Mysql, keys_table, listeners_table, results};
+use super::{Mysql, ids, keys_table, listeners_table, results};
 use crate::delivery::Outcome;
-use crate::store::rows::{Count, InsertedRow, inserted, lease_ms, micros};
+use crate::store::rows::{lease_ms, micros};
 use crate::store::sql::sql;
 use crate::store::tx::finish;
 use crate::store::update::{read_committed, select_and_update};
 use crate::store::{Backend, Died, Inserted, NewEvent, Outbox, Persist, Recorded, Update};
-
-const NEXT_EVENT_ID: &str = "INSERT INTO txbus_event_ids () VALUES ()";
-
-/// MariaDB (10.5 and later) returns the new id and the time from the insert: one round trip
-/// instead of `NEXT_EVENT_ID` and `LOAD_EVENT_ID`.
-const NEXT_EVENT_ID_RETURNING: &str = "\
-INSERT INTO txbus_event_ids () VALUES ()
-RETURNING CAST(id AS SIGNED) AS id,
-          TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
-
-/// MariaDB: a block of ids, one row for each element of the JSON array bound (of any numbers),
-/// with the time now, in one statement. The ids of a multi-row insert need not be consecutive
-/// (`innodb_autoinc_lock_mode = 2`); `RETURNING` hands each one back.
-const NEXT_EVENT_IDS_RETURNING: &str = "\
-INSERT INTO txbus_event_ids (id)
-SELECT NULL FROM JSON_TABLE(?, '$[*]' COLUMNS (n INT PATH '$')) j
-RETURNING CAST(id AS SIGNED) AS id,
-          TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
-
-/// Whether a server refused `RETURNING` (MySQL has none): from then on, the process takes ids in
-/// two statements, one at a time. A process that talks to MariaDB only never sets it.
-static NO_RETURNING: AtomicBool = AtomicBool::new(false);
-
-const LOAD_EVENT_ID: &str = "\
-SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id,
-       TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
 
 const INSERT_EVENT: &str = concat!(
     "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
@@ -251,7 +223,7 @@ LIMIT 10000",
                 .execute(conn)
                 .await?;
         }
-        let inserted = next_event_id(conn).await?;
+        let inserted = ids::next_event_id(conn).await?;
         if !event.listeners.is_empty() {
             let lease = lease_ms(event.lease);
             let (statement, available_us) = match event.due_in {
@@ -290,23 +262,7 @@ LIMIT 10000",
     const FIRST_ID_BLOCK: usize = 1;
 
     async fn reserve_ids(conn: &mut AsyncMysqlConnection, n: usize) -> QueryResult<Vec<Inserted>> {
-        if n > 1 && !AtomicBool::load(&NO_RETURNING, Ordering::Relaxed) {
-            let elements = vec![0_u8; n];
-            match sql::<<Self as Backend>::Db>(NEXT_EVENT_IDS_RETURNING)
-                .bind(serde_json::Value::from(elements).to_string())
-                .load::<InsertedRow>(conn)
-                .await
-            {
-                Ok(rows) if !rows.is_empty() => {
-                    let mut ids: Vec<Inserted> = rows.into_iter().map(Inserted::from).collect();
-                    ids.sort_by_key(|i| i.id.get());
-                    return Ok(ids);
-                }
-                Ok(_) => return Err(diesel::result::Error::NotFound),
-                Err(error) => refused_returning(conn, error).await?,
-            }
-        }
-        Ok(vec![next_event_id(conn).await?])
+        ids::next_event_ids(conn, n).await
     }
 
     async fn commit_with_events(
@@ -405,52 +361,4 @@ LIMIT 10000",
     ) -> QueryResult<Recorded> {
         results::record(conn, outcomes, retain).await
     }
-}
-
-/// A new event id and the database's time: one statement on MariaDB, two where the server has
-/// no `RETURNING`. The first refusal, which leaves the transaction as it was, teaches the process
-/// that: unless the server says it is MariaDB (then the error was another and is returned).
-async fn next_event_id(conn: &mut AsyncMysqlConnection) -> QueryResult<Inserted> {
-    if !AtomicBool::load(&NO_RETURNING, Ordering::Relaxed) {
-        match sql::<<Mysql as Backend>::Db>(NEXT_EVENT_ID_RETURNING)
-            .load::<InsertedRow>(conn)
-            .await
-        {
-            Ok(rows) => return inserted(rows),
-            Err(error) => refused_returning(conn, error).await?,
-        }
-    }
-    sql::<<Mysql as Backend>::Db>(NEXT_EVENT_ID)
-        .execute(conn)
-        .await?;
-    inserted(sql(LOAD_EVENT_ID).load::<InsertedRow>(conn).await?)
-}
-
-/// From now on, takes ids as on MySQL, without `RETURNING` (see `testing`).
-#[cfg(feature = "testing")]
-pub(crate) fn without_returning() {
-    AtomicBool::store(&NO_RETURNING, true, Ordering::Relaxed);
-}
-
-/// After `error` from a statement with `RETURNING`: on MySQL, which has none (a syntax error,
-/// which leaves the transaction as it was), remembers to take ids without it from now on; on
-/// MariaDB the error stands.
-async fn refused_returning(
-    conn: &mut AsyncMysqlConnection,
-    error: diesel::result::Error,
-) -> QueryResult<()> {
-    if is_mariadb(conn).await.unwrap_or(true) {
-        return Err(error);
-    }
-    AtomicBool::store(&NO_RETURNING, true, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Whether the server is MariaDB, by its version string.
-async fn is_mariadb(conn: &mut AsyncMysqlConnection) -> QueryResult<bool> {
-    let rows: Vec<Count> =
-        sql::<<Mysql as Backend>::Db>("SELECT CAST(VERSION() LIKE '%MariaDB%' AS SIGNED) AS n")
-            .load(conn)
-            .await?;
-    Ok(<[Count]>::first(&rows).is_some_and(|row| row.n == 1))
 }
