@@ -14,29 +14,40 @@ use crate::store::{Backend, Inserted};
 
 const NEXT_EVENT_ID: &str = "INSERT INTO txbus_event_ids () VALUES ()";
 
+/// The columns an id statement returns: the id and the database's time in microseconds.
+macro_rules! id_and_now {
+    ($id:literal) => {
+        concat!(
+            "CAST(",
+            $id,
+            " AS SIGNED) AS id,
+       TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us"
+        )
+    };
+}
+
 /// MariaDB (10.5 and later) returns the new id and the time from the insert: one round trip
 /// instead of `NEXT_EVENT_ID` and `LOAD_EVENT_ID`.
-const NEXT_EVENT_ID_RETURNING: &str = "\
-INSERT INTO txbus_event_ids () VALUES ()
-RETURNING CAST(id AS SIGNED) AS id,
-          TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
+const NEXT_EVENT_ID_RETURNING: &str = concat!(
+    "INSERT INTO txbus_event_ids () VALUES () RETURNING ",
+    id_and_now!("id")
+);
 
 /// MariaDB: a block of ids, one row for each element of the JSON array bound (of any numbers),
 /// with the time now, in one statement. The ids of a multi-row insert need not be consecutive
 /// (`innodb_autoinc_lock_mode = 2`); `RETURNING` hands each one back.
-const NEXT_EVENT_IDS_RETURNING: &str = "\
-INSERT INTO txbus_event_ids (id)
+const NEXT_EVENT_IDS_RETURNING: &str = concat!(
+    "INSERT INTO txbus_event_ids (id)
 SELECT NULL FROM JSON_TABLE(?, '$[*]' COLUMNS (n INT PATH '$')) j
-RETURNING CAST(id AS SIGNED) AS id,
-          TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
+RETURNING ",
+    id_and_now!("id")
+);
 
 /// Whether a server refused `RETURNING` (MySQL has none): from then on, the process takes ids in
 /// two statements, one at a time. A process that talks to MariaDB only never sets it.
 static NO_RETURNING: AtomicBool = AtomicBool::new(false);
 
-const LOAD_EVENT_ID: &str = "\
-SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id,
-       TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS emitted_at_us";
+const LOAD_EVENT_ID: &str = concat!("SELECT ", id_and_now!("LAST_INSERT_ID()"));
 
 /// Takes `n` ids (one where the server has no `RETURNING`), in increasing order. Each id is a
 /// row: the callers start with blocks of one.
