@@ -152,7 +152,7 @@ impl<B: Backend> EventBus<B> {
         ops: Vec<Operation<'a, B>>,
     ) -> impl Future<Output = Result<EventId, Error>> + Send + 'a {
         let span =
-            tracing::info_span!("txbus.emit", event = name, event_id = tracing::field::Empty);
+            tracing::debug_span!("txbus.emit", event = name, event_id = tracing::field::Empty);
         async move {
             let engine = &*self.engine;
             engine.check_running()?;
