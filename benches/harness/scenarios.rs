@@ -2,6 +2,7 @@
 //! delivered, nothing run twice) and panics when they do not hold.
 
 use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -490,6 +491,16 @@ where
             }
         }
     }
+    // Whether a second instance slows the drain is a question about pairs: each round's two
+    // drains ran a few seconds apart.
+    let ratios: Vec<String> = (two.txbus.iter().zip(&one.txbus))
+        .map(|(two, one)| format!("{:.2}", two / one))
+        .collect();
+    eprintln!(
+        "[{}] D1 2 processes ÷ 1 process, per round: {}",
+        B::NAME,
+        ratios.join(" ")
+    );
     vec![one, two, defaults]
 }
 
@@ -525,8 +536,7 @@ where
     let outs: Vec<_> = (0..2)
         .map(|i| dir.join(format!("txbus-bench-{}-{i}.ids", std::process::id())))
         .collect();
-    let started = Instant::now();
-    let children: Vec<_> = outs
+    let mut children: Vec<_> = outs
         .iter()
         .map(|out| {
             Command::new(std::env::current_exe().unwrap())
@@ -539,11 +549,24 @@ where
                     out.to_str().unwrap(),
                 ])
                 .stdin(Stdio::piped())
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
+    // The clock starts when both children have connected, as `drain_here`'s starts after its
+    // pool: what is timed is the two buses' build and drain, not starting processes.
+    for child in &mut children {
+        let mut ready = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "ready", "a draining child did not start");
+    }
+    let started = Instant::now();
+    for child in &mut children {
+        child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    }
     // This process watches the table, with a query that stops at the first row left, so
     // that the children spend nothing on it; closing their input tells them to stop.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -747,6 +770,13 @@ where
     match mode {
         "hold" => super::later::hold::<B>(&url, n).await,
         "drain" => {
+            // Connected: the parent starts its clock, and tells us to build the bus.
+            println!("ready");
+            let go = tokio::task::spawn_blocking(|| {
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line).map(|_| line)
+            });
+            assert_eq!(go.await.unwrap().unwrap().trim(), "go");
             let bus = drain_bus(pool.clone(), recorder.clone())
                 .run_migrations(false)
                 .build()
