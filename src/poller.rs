@@ -287,9 +287,11 @@ async fn claim_heads<B: Backend>(
         keys = heads.len(),
         claimed = tracing::field::Empty
     );
-    async {
+    let result = async {
         #[cfg(feature = "testing")]
         let _claiming = engine.runner.hooks.claiming().await;
+        #[cfg(feature = "testing")]
+        engine.runner.hooks.head_claim_fails()?;
         let (turn, mut conn) = engine.pool.get_for_write().await?;
         let leased = Instant::now();
         let claimed = B::claim_heads(&mut conn, known, versions, &heads, room).await?;
@@ -303,7 +305,13 @@ async fn claim_heads<B: Backend>(
         Ok(full)
     }
     .instrument(span)
-    .await
+    .await;
+    if result.is_err() {
+        // Their next deliveries may be parked, which only a claim of their heads takes before
+        // the parking ends: try again at the next poll.
+        engine.runner.return_heads(heads);
+    }
+    result
 }
 
 /// Claims one batch and queues it. Returns when to claim again.

@@ -147,6 +147,20 @@ impl<B: Backend> EventBus<B> {
     }
 }
 
+/// Makes the next `n` claims of ordering keys' heads by `bus`'s poller fail before their
+/// statement, as a statement that fails would. For txbus's own tests of what a failed claim
+/// leaves behind.
+#[doc(hidden)]
+pub fn fail_head_claims<B: Backend>(bus: &EventBus<B>, n: u64) {
+    bus.engine.runner.hooks.fail_head_claims(n);
+}
+
+/// How many of the failures [`fail_head_claims`] asked for are still to happen.
+#[doc(hidden)]
+pub fn head_claim_failures_left<B: Backend>(bus: &EventBus<B>) -> u64 {
+    bus.engine.runner.hooks.head_claim_failures_left()
+}
+
 /// Makes this process take MySQL event ids as it does on MySQL 8, which has no `RETURNING`: one
 /// at a time, by an insert and `SELECT LAST_INSERT_ID()`, even on MariaDB. For txbus's own tests
 /// of that path; it lasts for the life of the process.

@@ -54,6 +54,8 @@ pub(crate) struct Hooks {
     recording: AtomicBool,
     emitted: Mutex<Vec<Emitted>>,
     crash_after_commit: AtomicBool,
+    /// Claims of keys' heads that are to fail before their statement (txbus's own tests).
+    failing_head_claims: AtomicU64,
     crash_after_success: AtomicBool,
     ran: AtomicU64,
     succeeded: AtomicU64,
@@ -125,6 +127,29 @@ impl Hooks {
     /// claim under way, whose runs it then waits for.
     pub(crate) async fn claiming(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.claiming.lock().await
+    }
+
+    /// Makes the next `n` claims of keys' heads fail, as a statement that fails would.
+    pub(crate) fn fail_head_claims(&self, n: u64) {
+        self.failing_head_claims.store(n, Ordering::SeqCst);
+    }
+
+    /// How many claims of keys' heads are still to fail.
+    pub(crate) fn head_claim_failures_left(&self) -> u64 {
+        self.failing_head_claims.load(Ordering::SeqCst)
+    }
+
+    /// Fails this claim of keys' heads if [`fail_head_claims`](Self::fail_head_claims) asked.
+    pub(crate) fn head_claim_fails(&self) -> Result<(), crate::Error> {
+        let armed =
+            self.failing_head_claims
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match armed {
+            Ok(_) => Err(crate::Error::Database(
+                diesel::result::Error::QueryBuilderError("a simulated failure of a claim".into()),
+            )),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Counts a delivery a claim found expired (and made dead).

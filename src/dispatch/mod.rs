@@ -177,6 +177,17 @@ impl Runner {
         self.heads_ready.notify_one();
     }
 
+    /// Puts back keys that [`take_heads`](Self::take_heads) took for a claim that failed, for
+    /// the poller's next claim of heads (at its next poll: no wake-up, so that a database that
+    /// keeps failing is not asked again at once). Dropping them would leave a parked delivery
+    /// of theirs to the end of its parking.
+    pub(crate) fn return_heads(&self, keys: Vec<(&'static str, Arc<str>)>) {
+        self.heads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(keys);
+    }
+
     /// Up to `n` of the keys waiting for a claim of their heads, each once.
     pub(crate) fn take_heads(&self, n: usize) -> Vec<(&'static str, Arc<str>)> {
         let mut heads = self.heads.lock().unwrap_or_else(PoisonError::into_inner);

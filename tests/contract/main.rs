@@ -122,7 +122,11 @@ scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
         pipeline::one_entity_is_one_statement_prepared_once,
         pipeline::entities_with_custom_types_are_written_atomically,
         pipeline::a_write_that_fails_before_it_is_sent_leaves_nothing,
-        #[cfg(feature = "testing")] ordering::under_repeatable_read_an_emit_leaves_its_heads_to_a_claim));
+        #[cfg(feature = "testing")] ordering::under_repeatable_read_an_emit_leaves_its_heads_to_a_claim,
+        #[cfg(feature = "testing")] ordering::a_failed_claim_of_heads_is_tried_again));
 scenarios!(backend_tests!("mysql", mysql, txbus::Mysql,
     extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap));
-scenarios!(backend_tests!("sqlite", sqlite, txbus::Sqlite));
+// Backends that park a delivery behind its key's head (PostgreSQL, SQLite) also show that a
+// failed claim of heads does not leave it parked.
+scenarios!(backend_tests!("sqlite", sqlite, txbus::Sqlite,
+    extra: #[cfg(feature = "testing")] ordering::a_failed_claim_of_heads_is_tried_again));

@@ -577,6 +577,94 @@ pub async fn a_cancelled_head_releases_its_key<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// A keyed event whose listener fails while the bus's `Arc<AtomicBool>` is set; the first
+/// event's success calls the bus's [`OnSuccess`] first.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "contract.claimed_again", ordering_key = account)]
+struct ClaimedAgain {
+    account: String,
+    n: u32,
+}
+
+/// What `claimed_again_run` calls when the first event succeeds, before its result is written.
+type OnSuccess = Arc<Mutex<Option<Box<dyn Fn() + Send + Sync>>>>;
+
+#[txbus::listener]
+async fn claimed_again_run(event: ClaimedAgain, ctx: Context) -> Result<(), ListenerError> {
+    let failing = ctx.state::<Arc<std::sync::atomic::AtomicBool>>()?;
+    let probe = ctx.state::<Arc<Probe>>()?;
+    if failing.load(std::sync::atomic::Ordering::SeqCst) {
+        probe.record(&ctx, format!("failed {}", event.n));
+        return Err("failing".into());
+    }
+    if event.n == 1
+        && let Some(on_success) = &*ctx.state::<OnSuccess>()?.lock().unwrap()
+    {
+        on_success();
+    }
+    probe.record(&ctx, format!("ok {}", event.n));
+    Ok(())
+}
+
+/// A claim of a key's head that fails does not leave the next delivery of the key to the end
+/// of its parking: the poller claims the key's head again at its next poll.
+#[cfg(feature = "testing")]
+pub async fn a_failed_claim_of_heads_is_tried_again<B: TestBackend>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let on_success = OnSuccess::default();
+    let bus = bus(db.pool.clone(), &probe)
+        .state(failing.clone())
+        .state(on_success.clone())
+        .event::<ClaimedAgain>(fast_settings().retry_after(Duration::from_secs(2)))
+        .build()
+        .await
+        .unwrap();
+    // The head's success makes the claim of heads that its result asks for fail: armed in the
+    // run, before the result is written, so that no other claim of heads takes the failure.
+    let armed = bus.clone();
+    *on_success.lock().unwrap() = Some(Box::new(move || {
+        txbus::testing::fail_head_claims(&armed, 1);
+    }));
+    let event = |n| ClaimedAgain {
+        account: "claimed-again".into(),
+        n,
+    };
+    bus.emit(event(1), []).await.unwrap();
+    let second = bus.emit(event(2), []).await.unwrap();
+    probe
+        .wait_until("the head to fail", |calls| {
+            calls.iter().any(|c| c.note == "failed 1")
+        })
+        .await;
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    // Parked behind its head, the second waits 30 s at least unless its key's head is claimed.
+    crate::support::eventually("a claim to park the second behind the head", || async {
+        (parked(&db.pool).await == 1).then_some(())
+    })
+    .await;
+    // The head's retry, 2 s after its failure, succeeds; well before the parking ends:
+    let calls = tokio::time::timeout(
+        Duration::from_secs(20),
+        probe.wait_until("the second to run", |calls| {
+            calls.iter().any(|c| c.event_id == second)
+        }),
+    )
+    .await
+    .expect("the second delivery of the key ran without waiting for its parking to end");
+    let notes: Vec<String> = calls.into_iter().map(|c| c.note).collect();
+    assert_eq!(notes, ["failed 1", "ok 1", "ok 2"]);
+    assert_eq!(
+        txbus::testing::head_claim_failures_left(&bus),
+        0,
+        "the claim of heads after the head's success failed"
+    );
+    // The bus holds the closure that holds the bus.
+    on_success.lock().unwrap().take();
+    bus.shutdown().await;
+}
+
 /// A scheduled keyed event does not hold its key before it is due (a later event of the key
 /// runs first), and once due it takes its place by event id: a later event waits for it.
 pub async fn a_scheduled_keyed_event_takes_its_place_when_due<B: TestBackend>() {
