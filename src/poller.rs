@@ -296,10 +296,6 @@ async fn claim_heads<B: Backend>(
         let leased = Instant::now();
         let claimed = B::claim_heads(&mut conn, known, versions, &heads, room).await?;
         drop((conn, turn));
-        let Some(claimed) = claimed else {
-            engine.runner.retry_due.notify_one();
-            return Ok(false);
-        };
         let full = claimed.len() >= room;
         submit_all(engine, claimed, leased);
         Ok(full)

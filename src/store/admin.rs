@@ -211,10 +211,10 @@ pub trait Admin<B: Backend = Self> {
     /// Deletes up to `$2` dead letters that died more than `$1` µs ago, oldest first.
     const PURGE_DEAD: &'static str;
 
-    /// Makes every parked delivery (see [`Outbox::CLAIM`](crate::store::Outbox::CLAIM)) due now,
+    /// Makes every parked delivery (see [`Outbox::claim_due`](crate::store::Outbox::claim_due)) due now,
     /// for the claims to look at again: after dead letters that may have held their keys were
-    /// deleted. `None` where the backend does not park.
-    const UNPARK: Option<&'static str> = None;
+    /// deleted.
+    const UNPARK: &'static str;
 
     /// Deletes up to `$2` deliveries delivered more than `$1` µs ago, oldest first.
     const PURGE_DELIVERED: &'static str;
@@ -294,14 +294,9 @@ pub trait Admin<B: Backend = Self> {
         async move { purge::<B>(conn, Self::PURGE_DEAD, older_than, limit).await }
     }
 
-    /// Runs [`UNPARK`](Self::UNPARK), if the backend parks.
+    /// Runs [`UNPARK`](Self::UNPARK).
     fn unpark(conn: &mut B::Connection) -> impl Future<Output = QueryResult<()>> + Send {
-        async move {
-            if let Some(statement) = Self::UNPARK {
-                sql::<B::Db>(statement).execute(conn).await?;
-            }
-            Ok(())
-        }
+        async move { sql::<B::Db>(Self::UNPARK).execute(conn).await.map(drop) }
     }
 
     /// One retention round, unless another instance is running one (then `None`): deletes

@@ -10,7 +10,7 @@ use diesel_async::RunQueryDsl;
 use crate::delivery::{DeliveryKey, Outcome, Resolution};
 use crate::event::EventId;
 use crate::store::entity::{Operation, Persist};
-use crate::store::rows::{ClaimedRow, ListenerCount, attempt_i32};
+use crate::store::rows::{ListenerCount, attempt_i32};
 use crate::store::sql::sql;
 use crate::store::tx::finish;
 use crate::store::update::{self, Update};
@@ -123,21 +123,6 @@ pub struct Died {
 /// dead nor delivered).
 #[doc(hidden)]
 pub trait Outbox<B: Backend = Self> {
-    /// Leases up to `$3` due deliveries (`available_at` passed, pending) of the listeners in
-    /// the list `$1` whose `event_version` is one the listener knows (1, or at most its version
-    /// in the JSON object `$2`), oldest due first, in one statement that concurrent claimers
-    /// cannot overlap: `attempts` + 1, leased now for `lease_ms`. Those past `expires_at` are
-    /// made dead (`expired`) instead. A keyed delivery is leased only as its key's head; where
-    /// the backend parks, one that is not is parked instead (`parked`, and out of the due range
-    /// for a while) and returned as parked. Returns [`ClaimedRow`]s.
-    const CLAIM: Update;
-
-    /// [`CLAIM`](Self::CLAIM) restricted to the heads of some ordering keys: `$4` and `$5` are
-    /// lists of listener ids and keys, pairwise; for each pair, the first delivery of the key
-    /// (by event id, pending or holding the key) is claimed if `CLAIM` would claim it. `None`
-    /// where the backend has no such statement: then the general claim runs instead.
-    const CLAIM_HEADS: Option<Update> = None;
-
     /// Makes up to `$3` expired due deliveries dead that no listener here can run: those of
     /// listeners not in the list `$1`, as `no_listener` (with a `last_error` naming the
     /// listener, unless one is set), and those of listeners in it stored at a version newer
@@ -158,14 +143,14 @@ pub trait Outbox<B: Backend = Self> {
     /// leased with the lease passed (a run that can no longer record its result).
     const CANCEL: &'static str;
 
-    /// Where the backend parks (see [`CLAIM`](Self::CLAIM)): the listener and ordering key of
-    /// the keyed deliveries of event `$1` that [`CANCEL`](Self::CANCEL) deletes ([`KeyRow`]s,
-    /// read before it), and the statement that then makes the parked deliveries of those keys
-    /// (listeners in the list `$1`, keys in the list `$2`) due now: the next of a cancelled
-    /// head's key runs without waiting for its parking to end. `None` elsewhere.
+    /// The listener and ordering key of the keyed deliveries of event `$1` that
+    /// [`CANCEL`](Self::CANCEL) deletes ([`KeyRow`]s, read before it), and the statement that
+    /// then makes the parked deliveries (see [`claim_due`](Self::claim_due)) of those keys (listeners
+    /// in the list `$1`, keys in the list `$2`) due now: the next of a cancelled head's key
+    /// runs without waiting for its parking to end.
     ///
     /// [`KeyRow`]: rows::KeyRow
-    const CANCEL_KEYS: Option<(&'static str, &'static str)> = None;
+    const CANCEL_KEYS: (&'static str, &'static str);
 
     /// Deletes delivery (`$1`, `$2`) if it is pending and its `attempts` is `$3`.
     const COMPLETE: &'static str;
@@ -293,52 +278,44 @@ pub trait Outbox<B: Backend = Self> {
         }
     }
 
-    /// Leases up to `limit` due deliveries of `listeners` at a version they know (`versions`,
-    /// see [`Outbox::CLAIM`]).
-    /// Claims the heads of the `(listener, key)` pairs `heads` ([`CLAIM_HEADS`](Self::CLAIM_HEADS)),
-    /// at most `limit`; `None` where the backend has no such claim.
-    fn claim_heads(
+    /// Leases up to `limit` due deliveries (`available_at` passed, pending) of `listeners`
+    /// whose `event_version` is one the listener knows (1, or at most its version in the JSON
+    /// object `versions`), oldest due first, so that concurrent claimers cannot overlap:
+    /// `attempts` + 1, leased now for `lease_ms`. Those past `expires_at` are made dead
+    /// (`expired`) instead. A keyed delivery is leased only as its key's head; one that is not
+    /// is parked instead (`parked`, and out of the due range for a while) and returned as
+    /// parked.
+    ///
+    /// With `heads`, only the heads of those `(listener, key)` pairs (sorted): for each pair,
+    /// the first delivery of the key (by event id, pending or holding the key) is claimed if it
+    /// would be claimed without `heads`, or if it is parked.
+    fn claim_due(
         conn: &mut B::Connection,
         listeners: &[&'static str],
         versions: &str,
-        heads: &[(&'static str, Arc<str>)],
+        heads: Option<&[(&'static str, Arc<str>)]>,
         limit: usize,
-    ) -> impl Future<Output = QueryResult<Option<Vec<Claimed>>>> + Send {
-        async move {
-            let Some(statement) = Self::CLAIM_HEADS else {
-                return Ok(None);
-            };
-            let (head_listeners, keys): (Vec<&str>, Vec<&str>) = heads
-                .iter()
-                .map(|(listener, key)| (*listener, &**key))
-                .unzip();
-            let rows: Vec<ClaimedRow> = update::rows::<B, _>(conn, statement, |q| {
-                q.bind_list(listeners)
-                    .bind(versions)
-                    .bind(rows::limit(limit))
-                    .bind_list(&head_listeners)
-                    .bind_list(&keys)
-            })
-            .await?;
-            Ok(Some(rows.into_iter().map(Claimed::from).collect()))
-        }
-    }
+    ) -> impl Future<Output = QueryResult<Vec<Claimed>>> + Send;
 
+    /// [`claim_due`](Self::claim_due) without `heads`.
     fn claim(
         conn: &mut B::Connection,
         listeners: &[&'static str],
         versions: &str,
         limit: usize,
     ) -> impl Future<Output = QueryResult<Vec<Claimed>>> + Send {
-        async move {
-            let rows: Vec<ClaimedRow> = update::rows::<B, _>(conn, Self::CLAIM, |q| {
-                q.bind_list(listeners)
-                    .bind(versions)
-                    .bind(rows::limit(limit))
-            })
-            .await?;
-            Ok(rows.into_iter().map(Claimed::from).collect())
-        }
+        Self::claim_due(conn, listeners, versions, None, limit)
+    }
+
+    /// [`claim_due`](Self::claim_due) of the heads of these keys.
+    fn claim_heads(
+        conn: &mut B::Connection,
+        listeners: &[&'static str],
+        versions: &str,
+        heads: &[(&'static str, Arc<str>)],
+        limit: usize,
+    ) -> impl Future<Output = QueryResult<Vec<Claimed>>> + Send {
+        Self::claim_due(conn, listeners, versions, Some(heads), limit)
     }
 
     /// How long until a delivery of `listeners` that waits in the table falls due, if within
@@ -367,16 +344,14 @@ pub trait Outbox<B: Backend = Self> {
         event_id: EventId,
     ) -> impl Future<Output = QueryResult<u64>> + Send {
         async move {
-            let keys: Vec<rows::KeyRow> = match Self::CANCEL_KEYS {
-                Some((find, _)) => sql::<B::Db>(find).bind(event_id.get()).load(conn).await?,
-                None => Vec::new(),
-            };
+            let (find, unpark) = Self::CANCEL_KEYS;
+            let keys: Vec<rows::KeyRow> =
+                sql::<B::Db>(find).bind(event_id.get()).load(conn).await?;
             let deleted = sql::<B::Db>(Self::CANCEL)
                 .bind(event_id.get())
                 .execute(conn)
                 .await?;
-            if let (Some((_, unpark)), false) = (Self::CANCEL_KEYS, keys.is_empty() || deleted == 0)
-            {
+            if !keys.is_empty() && deleted > 0 {
                 let listeners: Vec<&str> = keys.iter().map(|k| k.listener.as_str()).collect();
                 let ordering: Vec<&str> = keys.iter().map(|k| k.ordering_key.as_str()).collect();
                 sql::<B::Db>(unpark)

@@ -18,51 +18,15 @@ pub enum Update {
     /// MySQL: in one short `READ COMMITTED` transaction, `select` the keys (`event_id`,
     /// `listener`) of the deliveries to change, locking them (`SKIP LOCKED` where concurrent
     /// callers must not wait for each other); `update` those, bound as one JSON array of
-    /// `[event_id, listener]` pairs; then, when given, `read` them back the same way.
+    /// `[event_id, listener]` pairs.
     Keyed {
         select: &'static str,
         update: &'static str,
-        read: Option<&'static str>,
     },
 }
 
 /// Runs `update` with the values `bind` adds (to the statement with `RETURNING`, or to MySQL's
-/// select) and returns the rows it changed, as read by its `RETURNING` clause or its `read`.
-pub(crate) async fn rows<'q, B: Backend, R>(
-    conn: &mut B::Connection,
-    update: Update,
-    bind: impl FnOnce(Sql<'q, B::Db>) -> Sql<'q, B::Db>,
-) -> QueryResult<Vec<R>>
-where
-    R: diesel::QueryableByName<B::Db> + Send + 'static,
-{
-    let (select, update, read) = match update {
-        Update::Returning(text) => return bind(sql(text)).load(conn).await,
-        Update::Keyed {
-            select,
-            update,
-            read: Some(read),
-        } => (select, update, read),
-        Update::Keyed { read: None, .. } => {
-            return Err(diesel::result::Error::QueryBuilderError(
-                "a keyed update that returns rows needs a statement to read them".into(),
-            ));
-        }
-    };
-    read_committed::<B>(conn).await?;
-    B::begin(conn).await?;
-    let result = async {
-        let keys = select_and_update::<B>(conn, select, update, bind).await?;
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        sql::<B::Db>(read).bind(key_json(&keys)).load(conn).await
-    }
-    .await;
-    finish::<B, _, _>(conn, result).await
-}
-
-/// Runs `update` as [`rows`] does, and returns the keys of the deliveries it changed.
+/// select), and returns the keys of the deliveries it changed.
 pub(crate) async fn keys<'q, B: Backend>(
     conn: &mut B::Connection,
     update: Update,
@@ -70,7 +34,7 @@ pub(crate) async fn keys<'q, B: Backend>(
 ) -> QueryResult<Vec<DeliveryRef>> {
     let (select, update) = match update {
         Update::Returning(text) => return bind(sql(text)).load(conn).await,
-        Update::Keyed { select, update, .. } => (select, update),
+        Update::Keyed { select, update } => (select, update),
     };
     read_committed::<B>(conn).await?;
     B::begin(conn).await?;

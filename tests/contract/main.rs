@@ -83,6 +83,7 @@ macro_rules! scenarios {
             ordering::a_scheduled_keyed_event_takes_its_place_when_due,
             #[cfg(feature = "testing")] ordering::an_emit_on_an_idle_key_leases_its_head,
             ordering::keyed_emits_and_transactions_on_one_row_do_not_deadlock,
+            #[cfg(feature = "testing")] ordering::a_failed_claim_of_heads_is_tried_again,
         );
     };
 }
@@ -115,6 +116,7 @@ macro_rules! backend_tests {
 
 // Backends with row locks also show that a claimer skips the rows another transaction holds,
 // and that retention rounds of two instances never overlap (SQLite's rounds wait their turn).
+// MySQL also shows that a claim of a key's head waits for a head another transaction holds.
 // PostgreSQL also sends an emit in one round trip, and shows that it stays atomic, and that an
 // emit leases its key's heads only under READ COMMITTED.
 scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
@@ -122,11 +124,8 @@ scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
         pipeline::one_entity_is_one_statement_prepared_once,
         pipeline::entities_with_custom_types_are_written_atomically,
         pipeline::a_write_that_fails_before_it_is_sent_leaves_nothing,
-        #[cfg(feature = "testing")] ordering::under_repeatable_read_an_emit_leaves_its_heads_to_a_claim,
-        #[cfg(feature = "testing")] ordering::a_failed_claim_of_heads_is_tried_again));
+        #[cfg(feature = "testing")] ordering::under_repeatable_read_an_emit_leaves_its_heads_to_a_claim));
 scenarios!(backend_tests!("mysql", mysql, txbus::Mysql,
-    extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap));
-// Backends that park a delivery behind its key's head (PostgreSQL, SQLite) also show that a
-// failed claim of heads does not leave it parked.
-scenarios!(backend_tests!("sqlite", sqlite, txbus::Sqlite,
-    extra: #[cfg(feature = "testing")] ordering::a_failed_claim_of_heads_is_tried_again));
+    extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap,
+        ordering::a_claim_of_heads_waits_for_a_held_head));
+scenarios!(backend_tests!("sqlite", sqlite, txbus::Sqlite));

@@ -382,7 +382,7 @@ pub async fn a_dead_head_lets_the_next_run_or_holds_its_key<B: TestBackend>() {
         "the held key's next delivery ran: {:?}",
         probe.calls()
     );
-    // Waiting behind its key (parked, where the backend parks), it counts as due.
+    // Waiting behind its key (parked), it counts as due.
     let stats = bus.stats().await.unwrap();
     let held = &stats.listeners[&listener_id("held_run")];
     assert_eq!(
@@ -478,15 +478,11 @@ async fn a_deleted_dead_head_releases_its_key<B: TestBackend>(deletion: Deletion
         (stats.total.held_keys == 1).then_some(())
     })
     .await;
-    if B::PARKS {
-        // Parked behind the dead head: due again in 30 s at the earliest, unless released.
-        crate::support::eventually("a claim to park the second behind the head", || async {
-            (parked(&db.pool).await == 1).then_some(())
-        })
-        .await;
-    } else {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Parked behind the dead head: due again in 30 s at the earliest, unless released.
+    crate::support::eventually("a claim to park the second behind the head", || async {
+        (parked(&db.pool).await == 1).then_some(())
+    })
+    .await;
     assert!(
         probe
             .calls_of("held_run")
@@ -512,11 +508,9 @@ async fn a_deleted_dead_head_releases_its_key<B: TestBackend>(deletion: Deletion
     })
     .await;
     janitor.shutdown().await;
-    if B::PARKS {
-        // Due at once, not when the claim's parking ends: nothing parks it again (its head is
-        // gone).
-        assert_eq!(parked(&db.pool).await, 0);
-    }
+    // Due at once, not when the claim's parking ends: nothing parks it again (its head is
+    // gone).
+    assert_eq!(parked(&db.pool).await, 0);
     assert_eq!(held_runs_until(&probe, second).await, ["failed 1", "ok 2"]);
     crate::support::idle(&bus).await;
     assert_eq!(bus.stats().await.unwrap().total.held_keys, 0);
@@ -524,7 +518,7 @@ async fn a_deleted_dead_head_releases_its_key<B: TestBackend>(deletion: Deletion
 }
 
 /// Cancelling a key's head that waits for its retry lets the next delivery of its key run at
-/// once, though a claim parked it behind the head (for 30 s at least, where the backend parks).
+/// once, though a claim parked it behind the head (for 30 s at least).
 pub async fn a_cancelled_head_releases_its_key<B: TestBackend>() {
     let db = B::open().await;
     let probe = Probe::new();
@@ -557,12 +551,10 @@ pub async fn a_cancelled_head_releases_its_key<B: TestBackend>() {
         (stats.listeners[&listener_id("held_run")].retrying == 1).then_some(())
     })
     .await;
-    if B::PARKS {
-        crate::support::eventually("a claim to park the second behind the head", || async {
-            (parked(&db.pool).await == 1).then_some(())
-        })
-        .await;
-    }
+    crate::support::eventually("a claim to park the second behind the head", || async {
+        (parked(&db.pool).await == 1).then_some(())
+    })
+    .await;
     failing.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
         bus.cancel(head).await.unwrap(),
@@ -574,6 +566,62 @@ pub async fn a_cancelled_head_releases_its_key<B: TestBackend>() {
         .await
         .expect("the second delivery of the key ran without waiting for its parking to end");
     assert_eq!(runs, ["failed 1", "ok 2"]);
+    bus.shutdown().await;
+}
+
+/// The claim of a key's head that finds the head held by another transaction (a claim whose
+/// plan reads the row, a result write) waits for it rather than passing it by: the head, parked
+/// behind the one that just finished, would otherwise wait for the end of its parking (30 s at
+/// least).
+pub async fn a_claim_of_heads_waits_for_a_held_head<B: crate::support::backends::RowLocks>() {
+    let db = B::open().await;
+    let probe = Probe::new();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let bus = bus(db.pool.clone(), &probe)
+        .state(failing.clone())
+        .event::<Held>(fast_settings().retry_after(Duration::from_secs(2)))
+        .build()
+        .await
+        .unwrap();
+    let held = |n| Held {
+        account: "locked".into(),
+        n,
+    };
+    bus.emit(held(1), []).await.unwrap();
+    let second = bus.emit(held(2), []).await.unwrap();
+    probe
+        .wait_until("held_run's head to fail, held_other to run both", |calls| {
+            calls.iter().any(|c| c.note == "failed 1")
+                && calls.iter().filter(|c| c.listener == "held_other").count() == 2
+        })
+        .await;
+    crate::support::eventually("a claim to park the second behind the head", || async {
+        (parked(&db.pool).await == 1).then_some(())
+    })
+    .await;
+    let (mut holder, held_rows) = B::hold_event(&db.pool, second.get()).await;
+    assert_eq!(held_rows, 1, "held_run's delivery of the second event");
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    probe
+        .wait_until("the head's retry to succeed", |calls| {
+            calls
+                .iter()
+                .any(|c| c.listener == "held_run" && c.note == "ok 1")
+        })
+        .await;
+    // The claim of the key's head runs after the head's result is written, while the row is
+    // held.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    diesel_async::SimpleAsyncConnection::batch_execute(&mut *holder, "COMMIT")
+        .await
+        .unwrap();
+    drop(holder);
+    let runs = tokio::time::timeout(Duration::from_secs(20), held_runs_until(&probe, second))
+        .await
+        .expect("the second delivery of the key ran without waiting for its parking to end");
+    let (failed, done) = runs.split_at(runs.len() - 2);
+    assert!(failed.iter().all(|n| n == "failed 1"), "{runs:?}");
+    assert_eq!(done, ["ok 1", "ok 2"]);
     bus.shutdown().await;
 }
 

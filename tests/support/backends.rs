@@ -16,10 +16,6 @@ pub trait TestBackend: Backend {
     /// How many migrations txbus has for this backend.
     const MIGRATIONS: i64;
 
-    /// Whether a claim parks a keyed delivery it finds waiting behind its key (column
-    /// `parked`).
-    const PARKS: bool;
-
     /// Whether an emit whose ordering key has nothing pending writes its deliveries leased to
     /// itself, as the key's heads, and runs them without a claim.
     const LEASES_KEY_HEADS: bool;
@@ -129,6 +125,13 @@ pub trait RowLocks: TestBackend {
         pool: &Pool<Self>,
         n: i64,
     ) -> impl Future<Output = txbus::PooledConnection<Self>> + Send;
+
+    /// A connection in a transaction that holds the deliveries of event `event_id` locked
+    /// until `COMMIT`; returns it and how many it holds.
+    fn hold_event(
+        pool: &Pool<Self>,
+        event_id: i64,
+    ) -> impl Future<Output = (txbus::PooledConnection<Self>, usize)> + Send;
 }
 
 /// Runs a batch of statements.
@@ -171,7 +174,6 @@ mod postgres {
     impl TestBackend for Postgres {
         const MINUS_AN_HOUR: &'static str = " - interval '1 hour'";
         const MIGRATIONS: i64 = 8;
-        const PARKS: bool = true;
         const LEASES_KEY_HEADS: bool = true;
 
         async fn open() -> TestDb<Self> {
@@ -293,6 +295,22 @@ impl RowLocks for txbus::Postgres {
         assert_eq!(locked.len() as i64, n);
         conn
     }
+
+    async fn hold_event(
+        pool: &Pool<Self>,
+        event_id: i64,
+    ) -> (txbus::PooledConnection<Self>, usize) {
+        let mut conn = pool.get().await.unwrap();
+        conn.batch_execute("BEGIN").await.unwrap();
+        let locked: Vec<Count> = diesel::sql_query(
+            "SELECT event_id AS n FROM txbus_deliveries WHERE event_id = $1 FOR UPDATE",
+        )
+        .bind::<BigInt, _>(event_id)
+        .load(&mut *conn)
+        .await
+        .unwrap();
+        (conn, locked.len())
+    }
 }
 
 #[cfg(feature = "mysql")]
@@ -309,6 +327,22 @@ impl RowLocks for txbus::Mysql {
         .unwrap();
         assert_eq!(locked.len() as i64, n);
         conn
+    }
+
+    async fn hold_event(
+        pool: &Pool<Self>,
+        event_id: i64,
+    ) -> (txbus::PooledConnection<Self>, usize) {
+        let mut conn = pool.get().await.unwrap();
+        conn.batch_execute("BEGIN").await.unwrap();
+        let locked: Vec<Count> = diesel::sql_query(
+            "SELECT event_id AS n FROM txbus_deliveries WHERE event_id = ? FOR UPDATE",
+        )
+        .bind::<BigInt, _>(event_id)
+        .load(&mut *conn)
+        .await
+        .unwrap();
+        (conn, locked.len())
     }
 }
 
@@ -347,8 +381,7 @@ mod mysql {
 
     impl TestBackend for Mysql {
         const MINUS_AN_HOUR: &'static str = " - INTERVAL 1 HOUR";
-        const MIGRATIONS: i64 = 9;
-        const PARKS: bool = false;
+        const MIGRATIONS: i64 = 11;
         const LEASES_KEY_HEADS: bool = false;
 
         async fn open() -> TestDb<Self> {
@@ -469,7 +502,6 @@ mod sqlite {
         // Milliseconds since the epoch.
         const MINUS_AN_HOUR: &'static str = " - 3600000";
         const MIGRATIONS: i64 = 7;
-        const PARKS: bool = true;
         const LEASES_KEY_HEADS: bool = true;
 
         async fn open() -> TestDb<Self> {

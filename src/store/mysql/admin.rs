@@ -22,8 +22,10 @@ macro_rules! dead_filter {
 }
 
 impl Admin for Mysql {
-    // Every pending delivery is in exactly one of due, running, stale, retrying. SUM is DECIMAL
-    // in MySQL: cast, so that it reads as BIGINT. UTC_TIMESTAMP is fixed for the whole statement.
+    // Every pending delivery is in exactly one of due, running, stale, retrying, scheduled (a
+    // parked one is due: it waits only for its key). A delivery never run waits since its due
+    // time, any other (and a parked one) since its emit. SUM is DECIMAL in MySQL: cast, so that
+    // it reads as BIGINT. UTC_TIMESTAMP is fixed for the whole statement.
     const STATS: &'static str = "\
 SELECT s.listener, s.due, s.running, s.stale, s.retrying, s.scheduled, s.dead, s.delivered,
        s.oldest_us, s.held_keys, s.held_since_us, CAST(s.event_version AS SIGNED) AS event_version, i.n AS inbox_ids, m.n AS inbox_messages,
@@ -32,7 +34,8 @@ FROM (SELECT count(*) AS n FROM txbus_inbox) i
 CROSS JOIN (SELECT count(*) AS n FROM txbus_inbox_messages) m
 LEFT JOIN (
     SELECT listener, event_version,
-           CAST(SUM(CASE WHEN pending AND leased_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
+           CAST(SUM(CASE WHEN pending AND leased_at IS NULL
+                              AND (available_at <= UTC_TIMESTAMP(6) OR parked)
                          THEN 1 ELSE 0 END) AS SIGNED) AS due,
            CAST(SUM(CASE WHEN pending AND leased_at IS NOT NULL
                               AND available_at > UTC_TIMESTAMP(6)
@@ -41,25 +44,27 @@ LEFT JOIN (
                               AND available_at <= UTC_TIMESTAMP(6)
                          THEN 1 ELSE 0 END) AS SIGNED) AS stale,
            CAST(SUM(CASE WHEN pending AND leased_at IS NULL AND available_at > UTC_TIMESTAMP(6)
-                              AND attempts > 0
+                              AND attempts > 0 AND NOT parked
                          THEN 1 ELSE 0 END) AS SIGNED) AS retrying,
            CAST(SUM(CASE WHEN pending AND leased_at IS NULL AND available_at > UTC_TIMESTAMP(6)
-                              AND attempts = 0
+                              AND attempts = 0 AND NOT parked
                          THEN 1 ELSE 0 END) AS SIGNED) AS scheduled,
            count(dead_at) AS dead,
            count(delivered_at) AS delivered,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00',
                          MIN(CASE WHEN NOT pending THEN NULL
-                                  WHEN attempts = 0 AND leased_at IS NULL
+                                  WHEN attempts = 0 AND leased_at IS NULL AND NOT parked
                                        AND available_at > UTC_TIMESTAMP(6) THEN NULL
-                                  WHEN attempts = 0 AND leased_at IS NULL THEN available_at
+                                  WHEN attempts = 0 AND leased_at IS NULL AND NOT parked
+                                       THEN available_at
                                   ELSE emitted_at END)) AS oldest_us,
            COUNT(DISTINCT CASE WHEN dead_at IS NOT NULL AND key_hold THEN ordering_key END)
                AS held_keys,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00',
                          MIN(CASE WHEN key_hold THEN dead_at END)) AS held_since_us
     FROM (SELECT listener, event_version, attempts, leased_at, available_at, dead_at, delivered_at, emitted_at,
-                 ordering_key, key_hold, dead_at IS NULL AND delivered_at IS NULL AS pending
+                 ordering_key, key_hold, parked,
+                 dead_at IS NULL AND delivered_at IS NULL AS pending
           FROM txbus_deliveries) d
     GROUP BY listener, event_version) s ON TRUE";
 
@@ -69,7 +74,7 @@ SELECT event_id, event_name, listener,
        TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', emitted_at) AS emitted_at_us
 FROM txbus_deliveries
 WHERE dead_at IS NULL AND delivered_at IS NULL AND available_at > UTC_TIMESTAMP(6)
-  AND leased_at IS NULL AND attempts = 0
+  AND leased_at IS NULL AND attempts = 0 AND NOT parked
 ORDER BY available_at, event_id, CAST(listener AS BINARY)
 LIMIT ?";
 
@@ -106,16 +111,16 @@ LIMIT ?9
 FOR UPDATE"
         ),
         update: concat!(
-            "UPDATE txbus_deliveries d JOIN ",
+            "UPDATE ",
             keys_table!(),
-            " ON d.event_id = k.event_id AND d.listener = k.listener
+            " STRAIGHT_JOIN txbus_deliveries d FORCE INDEX (PRIMARY)
+      ON d.event_id = k.event_id AND d.listener = k.listener
     SET d.dead_at = NULL, d.dead_reason = NULL, d.leased_at = NULL,
         d.available_at = UTC_TIMESTAMP(6),
         d.expires_at = UTC_TIMESTAMP(6)
                        + INTERVAL TIMESTAMPDIFF(MICROSECOND, d.emitted_at, d.expires_at) MICROSECOND
     WHERE d.delivered_at IS NULL AND d.dead_at IS NOT NULL"
         ),
-        read: None,
     };
 
     // Bounded and oldest first, a range of the index. Ordered by the index's columns: MariaDB
@@ -125,6 +130,11 @@ DELETE FROM txbus_deliveries
 WHERE delivered_at IS NULL AND dead_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
 ORDER BY delivered_at, dead_at
 LIMIT ?";
+
+    // The key index holds every pending keyed delivery, the parked ones among them.
+    const UNPARK: &'static str = "\
+UPDATE txbus_deliveries SET available_at = UTC_TIMESTAMP(6), parked = FALSE
+WHERE parked AND ordering_key IS NOT NULL AND delivered_at IS NULL AND dead_at IS NULL";
 
     const PURGE_DELIVERED: &'static str = "\
 DELETE FROM txbus_deliveries
@@ -150,12 +160,12 @@ WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= UTC_TIMESTAMP
 LIMIT ?
 FOR UPDATE SKIP LOCKED",
         update: concat!(
-            "UPDATE txbus_deliveries d JOIN ",
+            "UPDATE ",
             keys_table!(),
-            " ON d.event_id = k.event_id AND d.listener = k.listener
+            " STRAIGHT_JOIN txbus_deliveries d FORCE INDEX (PRIMARY)
+      ON d.event_id = k.event_id AND d.listener = k.listener
     SET d.leased_at = NULL, d.available_at = UTC_TIMESTAMP(6),
         d.last_error = COALESCE(d.last_error, 'its lease passed without a result')"
         ),
-        read: None,
     };
 }

@@ -12,6 +12,7 @@ use crate::store::migrate::{self, Migration, MigrationLock, Migrations};
 use crate::store::{Backend, Sealed};
 
 mod admin;
+mod claim;
 mod ids;
 mod inbox;
 mod outbox;
@@ -41,6 +42,11 @@ macro_rules! listeners_table {
 use listeners_table;
 
 /// Opens a JSON array of `[event_id, listener]` pairs as a table `k`.
+///
+/// A statement that locks the deliveries of such a list reads the list first and each delivery
+/// by its primary key (`k STRAIGHT_JOIN txbus_deliveries d FORCE INDEX (PRIMARY)`): on a small
+/// table the optimizer would otherwise scan it and lock rows outside the list, which deadlocks
+/// with another statement doing the same.
 macro_rules! keys_table {
     () => {
         "JSON_TABLE(?, '$[*]' COLUMNS (

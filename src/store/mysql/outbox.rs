@@ -1,17 +1,19 @@
 //! MySQL / MariaDB: the outbox's statements, event ids from an `AUTO_INCREMENT` table, results
 //! written as one JSON parameter.
 
+use std::sync::Arc;
+
 use diesel::QueryResult;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use serde_json::json;
 
-use super::{Mysql, ids, keys_table, listeners_table, results};
+use super::{Mysql, claim, ids, keys_table, listeners_table, results};
 use crate::delivery::Outcome;
 use crate::store::rows::{lease_ms, micros};
 use crate::store::sql::sql;
 use crate::store::tx::finish;
 use crate::store::update::{read_committed, select_and_update};
-use crate::store::{Backend, Died, Inserted, NewEvent, Outbox, Persist, Recorded, Update};
+use crate::store::{Backend, Claimed, Died, Inserted, NewEvent, Outbox, Persist, Recorded, Update};
 
 const INSERT_EVENT: &str = concat!(
     "INSERT INTO txbus_deliveries (event_id, listener, event_name, payload, emitted_at, lease_ms,
@@ -70,9 +72,10 @@ ON DUPLICATE KEY UPDATE ordering_key = ordering_key";
 
 /// Relabels dead letters that `EXPIRE` made for a version no instance knew.
 const UNKNOWN_VERSION: &str = concat!(
-    "UPDATE txbus_deliveries d JOIN ",
+    "UPDATE ",
     keys_table!(),
-    " ON d.event_id = k.event_id AND d.listener = k.listener
+    " STRAIGHT_JOIN txbus_deliveries d FORCE INDEX (PRIMARY)
+      ON d.event_id = k.event_id AND d.listener = k.listener
     SET d.dead_reason = 'unknown_version',
         d.last_error = CONCAT('no running instance knows version ', d.event_version,
                               ' of event ', d.event_name)
@@ -80,56 +83,6 @@ const UNKNOWN_VERSION: &str = concat!(
 );
 
 impl Outbox for Mysql {
-    const CLAIM: Update = Update::Keyed {
-        select: concat!(
-            "SELECT event_id, listener FROM txbus_deliveries d
-    WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= UTC_TIMESTAMP(6)
-      AND listener IN (SELECT listener FROM ",
-            listeners_table!(),
-            ")
-      AND (event_version = 1
-           OR event_version <= JSON_VALUE(?, CONCAT('$.', JSON_QUOTE(listener))))
-      AND (ordering_key IS NULL OR NOT EXISTS (
-          SELECT 1 FROM txbus_deliveries p
-          WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
-            AND p.delivered_at IS NULL AND (p.dead_at IS NULL OR p.key_hold)
-            AND p.event_id <> d.event_id
-            AND ((p.event_id < d.event_id
-                  AND (p.dead_at IS NOT NULL OR p.attempts > 0
-                       OR p.available_at <= UTC_TIMESTAMP(6)))
-                 OR (d.available_at > d.emitted_at AND p.dead_at IS NULL
-                     AND p.leased_at IS NOT NULL AND p.available_at > UTC_TIMESTAMP(6)))))
-    ORDER BY available_at
-    LIMIT ?
-    FOR UPDATE SKIP LOCKED"
-        ),
-        // Expired deliveries are made dead instead of leased. Every CASE tests `expires_at`,
-        // which no assignment changes, so the (unspecified) order of multi-table assignments
-        // does not matter.
-        update: concat!(
-            "UPDATE txbus_deliveries d JOIN ",
-            keys_table!(),
-            " ON d.event_id = k.event_id AND d.listener = k.listener
-    SET d.dead_reason = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN 'expired' END,
-        d.dead_at = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN UTC_TIMESTAMP(6) END,
-        d.attempts = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN d.attempts
-                          ELSE d.attempts + 1 END,
-        d.leased_at = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN NULL
-                           ELSE UTC_TIMESTAMP(6) END,
-        d.available_at = CASE WHEN d.expires_at <= UTC_TIMESTAMP(6) THEN d.available_at
-                              ELSE UTC_TIMESTAMP(6) + INTERVAL d.lease_ms * 1000 MICROSECOND END"
-        ),
-        read: Some(concat!(
-            "SELECT d.event_id, d.listener, d.attempts, d.payload,
-           TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', d.emitted_at) AS emitted_at_us,
-           d.lease_ms, d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key,
-           d.leased_at IS NULL AND d.dead_at IS NULL AS parked, d.trace_context
-    FROM txbus_deliveries d JOIN ",
-            keys_table!(),
-            " ON d.event_id = k.event_id AND d.listener = k.listener"
-        )),
-    };
-
     const EXPIRE: Update = Update::Keyed {
         select: concat!(
             "SELECT event_id, listener FROM txbus_deliveries
@@ -145,16 +98,16 @@ impl Outbox for Mysql {
         ),
         // Those of listeners known here died for their version: `expire` relabels them.
         update: concat!(
-            "UPDATE txbus_deliveries d JOIN ",
+            "UPDATE ",
             keys_table!(),
-            " ON d.event_id = k.event_id AND d.listener = k.listener
+            " STRAIGHT_JOIN txbus_deliveries d FORCE INDEX (PRIMARY)
+      ON d.event_id = k.event_id AND d.listener = k.listener
     SET d.dead_at = UTC_TIMESTAMP(6),
         d.dead_reason = 'no_listener',
         d.leased_at = NULL,
         d.last_error = COALESCE(d.last_error,
                                 CONCAT('no running instance has listener ', d.listener))"
         ),
-        read: None,
     };
 
     const ORPHANS: &'static str = concat!(
@@ -182,6 +135,28 @@ impl Outbox for Mysql {
 DELETE FROM txbus_deliveries
 WHERE event_id = ? AND dead_at IS NULL AND delivered_at IS NULL
   AND (leased_at IS NULL OR available_at <= UTC_TIMESTAMP(6))";
+
+    // The parked deliveries of the keys are found through the key index (see `keys_table!`);
+    // the two lists pair by position.
+    const CANCEL_KEYS: (&'static str, &'static str) = (
+        "\
+SELECT DISTINCT listener, ordering_key FROM txbus_deliveries
+WHERE event_id = ? AND ordering_key IS NOT NULL AND dead_at IS NULL AND delivered_at IS NULL
+  AND (leased_at IS NULL OR available_at <= UTC_TIMESTAMP(6))",
+        "\
+UPDATE (SELECT l.listener, o.ordering_key
+      FROM JSON_TABLE(?, '$[*]' COLUMNS (
+               n FOR ORDINALITY,
+               listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) l
+      JOIN JSON_TABLE(?, '$[*]' COLUMNS (
+               n FOR ORDINALITY,
+               ordering_key VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) o
+        ON o.n = l.n) k
+STRAIGHT_JOIN txbus_deliveries d FORCE INDEX (txbus_deliveries_key)
+  ON d.listener = k.listener AND d.ordering_key = k.ordering_key
+SET d.available_at = UTC_TIMESTAMP(6), d.parked = FALSE
+WHERE d.parked AND d.delivered_at IS NULL AND d.dead_at IS NULL",
+    );
 
     // Only a pending delivery (neither dead nor delivered) is still held by a run.
     const COMPLETE: &'static str = "\
@@ -309,7 +284,7 @@ LIMIT 10000",
         versions: &str,
         limit: usize,
     ) -> QueryResult<Vec<Died>> {
-        let Update::Keyed { select, update, .. } = Self::EXPIRE else {
+        let Update::Keyed { select, update } = Self::EXPIRE else {
             return Err(diesel::result::Error::QueryBuilderError(
                 "MySQL's expiry is a keyed update".into(),
             ));
@@ -352,6 +327,17 @@ LIMIT 10000",
             .map(died("unknown_version"))
             .chain(unknown.into_iter().map(died("no_listener")))
             .collect())
+    }
+
+    // See `claim.rs`.
+    async fn claim_due(
+        conn: &mut AsyncMysqlConnection,
+        listeners: &[&'static str],
+        versions: &str,
+        heads: Option<&[(&'static str, Arc<str>)]>,
+        limit: usize,
+    ) -> QueryResult<Vec<Claimed>> {
+        claim::claim(conn, listeners, versions, heads, limit).await
     }
 
     async fn record(

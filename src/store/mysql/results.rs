@@ -13,25 +13,27 @@ use crate::store::tx::finish;
 use crate::store::update::read_committed;
 use crate::store::{Backend, Recorded};
 
-/// Opens the JSON array of `[event_id, listener, attempts]` of successes as a table `k`.
+/// Opens the JSON array of `[event_id, listener, attempts]` of successes as a table `k`, and
+/// joins their deliveries `d` by primary key (see `keys_table!`).
 macro_rules! done_table {
     () => {
         "JSON_TABLE(?, '$[*]' COLUMNS (
             event_id BIGINT PATH '$[0]',
             listener VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[1]',
             attempts INT PATH '$[2]')) k
+          STRAIGHT_JOIN txbus_deliveries d FORCE INDEX (PRIMARY)
           ON d.event_id = k.event_id AND d.listener = k.listener AND d.attempts = k.attempts"
     };
 }
 
 const DELETE_DONE: &str = concat!(
-    "DELETE d FROM txbus_deliveries d JOIN ",
+    "DELETE d FROM ",
     done_table!(),
     " WHERE d.delivered_at IS NULL AND d.dead_at IS NULL"
 );
 
 const MARK_DONE: &str = concat!(
-    "UPDATE txbus_deliveries d JOIN ",
+    "UPDATE ",
     done_table!(),
     " SET d.delivered_at = UTC_TIMESTAMP(6), d.leased_at = NULL
     WHERE d.delivered_at IS NULL AND d.dead_at IS NULL"
@@ -61,10 +63,10 @@ const LOCK_FAILED: &str = concat!(
                 WHEN UTC_TIMESTAMP(6) + INTERVAL x.delay_us MICROSECOND >= t.expires_at
                 THEN 'expired' END AS dead_reason,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS now_us
-    FROM txbus_deliveries t
-    JOIN ",
+    FROM ",
     failed_table!(),
-    " ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+    " STRAIGHT_JOIN txbus_deliveries t FORCE INDEX (PRIMARY)
+      ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
     WHERE t.delivered_at IS NULL AND t.dead_at IS NULL
     FOR UPDATE"
 );
@@ -72,10 +74,10 @@ const LOCK_FAILED: &str = concat!(
 // `?2` is the instant of LOCK_FAILED. Every CASE tests `expires_at` and `x`, which no assignment
 // changes, so the (unspecified) order of multi-table assignments does not matter.
 const UPDATE_FAILED: &str = concat!(
-    "UPDATE txbus_deliveries t
-    JOIN ",
+    "UPDATE ",
     failed_table!(),
-    " ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
+    " STRAIGHT_JOIN txbus_deliveries t FORCE INDEX (PRIMARY)
+      ON t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.attempts
     CROSS JOIN (SELECT TIMESTAMP '1970-01-01 00:00:00' + INTERVAL ?2 MICROSECOND AS now_at) n
     SET t.last_error = COALESCE(x.error, t.last_error),
         t.leased_at = NULL,

@@ -111,10 +111,8 @@ DELETE FROM txbus_deliveries d USING old
 WHERE d.event_id = old.event_id AND d.listener = old.listener AND d.dead_at IS NOT NULL";
 
     // The key index holds every pending keyed delivery, the parked ones among them.
-    const UNPARK: Option<&'static str> = Some(
-        "UPDATE txbus_deliveries SET available_at = now(), parked = FALSE
-WHERE parked AND ordering_key IS NOT NULL AND delivered_at IS NULL AND dead_at IS NULL",
-    );
+    const UNPARK: &'static str = "UPDATE txbus_deliveries SET available_at = now(), parked = FALSE
+WHERE parked AND ordering_key IS NOT NULL AND delivered_at IS NULL AND dead_at IS NULL";
 
     const PURGE_DELIVERED: &'static str = "\
 WITH old AS MATERIALIZED (

@@ -1,7 +1,5 @@
 //! PostgreSQL: the claims of due deliveries, and of the heads of ordering keys.
 
-use crate::store::Update;
-
 /// The condition that a due delivery `d` is its key's head, for its listener (always true
 /// without a key): no other delivery of the key is pending before it (by event id), or dead
 /// before it and holding the key; a scheduled one not due yet does not count. One that may have
@@ -72,7 +70,7 @@ RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
 // delivery whose parking lock is taken is left as it is. The MATERIALIZED CTE is evaluated
 // exactly once: a plain `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` can be rescanned by
 // some plans and then claim more than n rows.
-pub(super) const CLAIM: Update = Update::Returning(concat!(
+pub(super) const CLAIM: &str = concat!(
     "\
 WITH c AS MATERIALIZED (
 SELECT event_id, listener, NOT ",
@@ -91,7 +89,7 @@ ORDER BY available_at
 LIMIT $3
 FOR UPDATE SKIP LOCKED)",
     lease_claimed!()
-));
+);
 
 // The first delivery of each (listener `$4`, key `$5`) pair, pending or holding its key, by
 // the key index: claimed if it is its key's head and due. (A first one that is scheduled and
@@ -100,7 +98,7 @@ FOR UPDATE SKIP LOCKED)",
 // the order of the lists, which every caller sorts), so that a row a claim is parking right
 // now is seen parked. The look-up locks the row it returns, so that the plan cannot start
 // from the due index instead.
-pub(super) const CLAIM_HEADS: Update = Update::Returning(concat!(
+pub(super) const CLAIM_HEADS: &str = concat!(
     "\
 WITH c AS MATERIALIZED (
 SELECT d.event_id, d.listener, FALSE AS blocked
@@ -127,4 +125,4 @@ WHERE d.dead_at IS NULL AND (d.available_at <= now() OR d.parked)
     "
 LIMIT $3)",
     lease_claimed!()
-));
+);

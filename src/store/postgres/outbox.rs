@@ -1,5 +1,7 @@
 //! PostgreSQL: the outbox's statements, an emit in one round trip, results written as arrays.
 
+use std::sync::Arc;
+
 use diesel::QueryResult;
 use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
 use diesel::pg::Pg;
@@ -7,15 +9,18 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::Untyped;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
 
+use super::claim::{CLAIM, CLAIM_HEADS};
 use super::insert::{
     EmittedRow, EventColumns, LOCK_KEY, RESERVE_IDS, insert_rows, insert_statement, reads_the_write,
 };
 use super::{Postgres, pipeline};
 use crate::delivery::{DeliveryKey, Outcome};
 use crate::store::outbox::{Failure, split_done};
-use crate::store::rows::{DiedRow, InsertedRow, attempt_i32, inserted};
+use crate::store::rows::{self, ClaimedRow, DiedRow, InsertedRow, attempt_i32, inserted};
 use crate::store::sql::{Sql, sql};
-use crate::store::{Inserted, NewEvent, Operation, Outbox, Persist, Recorded, Statement, Update};
+use crate::store::{
+    Claimed, Inserted, NewEvent, Operation, Outbox, Persist, Recorded, Statement, Update,
+};
 
 // The fences of the result writes say `COALESCE(dead_at, delivered_at) IS NULL` rather than
 // `dead_at IS NULL AND delivered_at IS NULL`: the latter is the predicate of the partial index
@@ -53,11 +58,6 @@ WHERE t.event_id = x.event_id AND t.listener = x.listener AND t.attempts = x.att
 RETURNING t.event_id, t.listener, t.dead_reason";
 
 impl Outbox for Postgres {
-    // See `claim.rs`.
-    const CLAIM: Update = super::claim::CLAIM;
-
-    const CLAIM_HEADS: Option<Update> = Some(super::claim::CLAIM_HEADS);
-
     const EXPIRE: Update = Update::Returning(
         "\
 WITH c AS MATERIALIZED (
@@ -104,7 +104,7 @@ WHERE event_id = $1 AND COALESCE(dead_at, delivered_at) IS NULL
   AND (leased_at IS NULL OR available_at <= now())";
 
     // The parked deliveries of the keys are found through the key index.
-    const CANCEL_KEYS: Option<(&'static str, &'static str)> = Some((
+    const CANCEL_KEYS: (&'static str, &'static str) = (
         "\
 SELECT DISTINCT listener, ordering_key FROM txbus_deliveries
 WHERE event_id = $1 AND ordering_key IS NOT NULL AND COALESCE(dead_at, delivered_at) IS NULL
@@ -114,7 +114,7 @@ UPDATE txbus_deliveries d SET available_at = now(), parked = FALSE
 FROM unnest($1::text[], $2::text[]) AS k (listener, ordering_key)
 WHERE d.listener = k.listener AND d.ordering_key = k.ordering_key AND d.parked
   AND d.ordering_key IS NOT NULL AND d.delivered_at IS NULL AND d.dead_at IS NULL",
-    ));
+    );
 
     // Fenced like the result writes: `COALESCE` keeps the planner on the primary key.
     const COMPLETE: &'static str = "\
@@ -177,6 +177,36 @@ WHERE event_id = $1 AND listener = $2 AND attempts = $3
 
     async fn insert_event(conn: &mut AsyncPgConnection, event: &NewEvent) -> QueryResult<Inserted> {
         inserted(insert_rows(conn, event).await?)
+    }
+
+    // The statements are in `claim.rs`.
+    async fn claim_due(
+        conn: &mut AsyncPgConnection,
+        listeners: &[&'static str],
+        versions: &str,
+        heads: Option<&[(&'static str, Arc<str>)]>,
+        limit: usize,
+    ) -> QueryResult<Vec<Claimed>> {
+        let (head_listeners, keys): (Vec<&str>, Vec<&str>) = heads
+            .unwrap_or_default()
+            .iter()
+            .map(|(listener, key)| (*listener, &**key))
+            .unzip();
+        let statement = sql::<Pg>(if heads.is_some() { CLAIM_HEADS } else { CLAIM })
+            .bind_list(listeners)
+            .bind(versions)
+            .bind(rows::limit(limit));
+        let rows: Vec<ClaimedRow> = match heads {
+            Some(_) => {
+                statement
+                    .bind_list(&head_listeners)
+                    .bind_list(&keys)
+                    .load(conn)
+                    .await?
+            }
+            None => statement.load(conn).await?,
+        };
+        Ok(rows.into_iter().map(Claimed::from).collect())
     }
 
     // The insert and COMMIT travel together, in one round trip. Both go through diesel-async's

@@ -121,12 +121,12 @@ RETURNING event_id, listener"
     );
 
     // The key index holds every pending keyed delivery, the parked ones among them.
-    const UNPARK: Option<&'static str> = Some(concat!(
+    const UNPARK: &'static str = concat!(
         "UPDATE txbus_deliveries SET available_at = ",
         now_ms!(),
         ", parked = 0
 WHERE parked AND ordering_key IS NOT NULL AND delivered_at IS NULL AND dead_at IS NULL"
-    ));
+    );
 
     const PURGE_DELIVERED: &'static str = concat!(
         "DELETE FROM txbus_deliveries WHERE (event_id, listener) IN (

@@ -104,8 +104,6 @@ rows! {
 }
 
 impl Outbox for Sqlite {
-    const CLAIM: Update = Update::Returning(claim::CLAIM);
-
     const EXPIRE: Update = Update::Returning(concat!(
         "UPDATE txbus_deliveries SET dead_at = ",
         now_ms!(),
@@ -162,7 +160,7 @@ impl Outbox for Sqlite {
 
     // The parked deliveries of the keys are found through the key index; the two lists pair
     // by position.
-    const CANCEL_KEYS: Option<(&'static str, &'static str)> = Some((
+    const CANCEL_KEYS: (&'static str, &'static str) = (
         concat!(
             "SELECT DISTINCT listener, ordering_key FROM txbus_deliveries
     WHERE event_id = ? AND ordering_key IS NOT NULL AND dead_at IS NULL AND delivered_at IS NULL
@@ -178,7 +176,7 @@ impl Outbox for Sqlite {
     AND (listener, ordering_key) IN (
         SELECT l.value, k.value FROM json_each(?1) l JOIN json_each(?2) k ON k.key = l.key)"
         ),
-    ));
+    );
 
     const COMPLETE: &'static str = DELETE_DONE;
 
@@ -255,25 +253,14 @@ impl Outbox for Sqlite {
             .await
     }
 
-    async fn claim(
+    async fn claim_due(
         conn: &mut Conn,
         listeners: &[&'static str],
         versions: &str,
+        heads: Option<&[(&'static str, Arc<str>)]>,
         limit: usize,
     ) -> QueryResult<Vec<Claimed>> {
-        claim::claim(conn, listeners, versions, None, limit).await
-    }
-
-    async fn claim_heads(
-        conn: &mut Conn,
-        listeners: &[&'static str],
-        versions: &str,
-        heads: &[(&'static str, Arc<str>)],
-        limit: usize,
-    ) -> QueryResult<Option<Vec<Claimed>>> {
-        claim::claim(conn, listeners, versions, Some(heads), limit)
-            .await
-            .map(Some)
+        claim::claim(conn, listeners, versions, heads, limit).await
     }
 
     // One immediate transaction on the blocking pool, a statement per result.

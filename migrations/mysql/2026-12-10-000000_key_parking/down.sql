@@ -1,0 +1,1 @@
+ALTER TABLE txbus_deliveries DROP COLUMN parked

@@ -1,0 +1,1 @@
+DROP TABLE txbus_key_parks
