@@ -30,11 +30,12 @@ use crate::store::{Backend, Claimed};
 /// before it and holding the key; a scheduled one not due yet does not count, a parked one does.
 /// One that may have been passed by a later one (a retry, a scheduled or replayed one: its
 /// `available_at` is past its emit) also waits while a later one of its key runs. The index
-/// `txbus_deliveries_key` serves the look-up.
+/// `txbus_deliveries_key` serves the look-up: named, since MariaDB otherwise reads the pending
+/// deliveries of every key through the due index, for each candidate.
 macro_rules! key_head {
     () => {
         "(d.ordering_key IS NULL OR NOT EXISTS (
-          SELECT 1 FROM txbus_deliveries p
+          SELECT 1 FROM txbus_deliveries p FORCE INDEX (txbus_deliveries_key)
           WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
             AND p.delivered_at IS NULL AND (p.dead_at IS NULL OR p.key_hold)
             AND p.event_id <> d.event_id
@@ -84,7 +85,8 @@ const CANDIDATES: &str = concat!(
 );
 
 /// The first delivery of each `[listener, key]` pair of the JSON array, pending or holding its
-/// key, by the key index: a candidate if it is its key's head and due. (A first one that is
+/// key, by the key index (named: MariaDB otherwise reads the primary key in order until it
+/// finds one): a candidate if it is its key's head and due. (A first one that is
 /// scheduled and not due yet stops the look-up; the general claim finds what is behind it.) A
 /// parked one counts as due: it waited for the one before it. MariaDB has no `LATERAL`: the
 /// first is a correlated look-up, which reads without locking. A first one that another
@@ -99,7 +101,7 @@ const HEADS: &str = concat!(
     STRAIGHT_JOIN txbus_deliveries d FORCE INDEX (PRIMARY)
       ON d.listener = k.listener
      AND d.event_id = (
-         SELECT h.event_id FROM txbus_deliveries h
+         SELECT h.event_id FROM txbus_deliveries h FORCE INDEX (txbus_deliveries_key)
          WHERE h.listener = k.listener AND h.ordering_key = k.ordering_key
            AND h.delivered_at IS NULL AND (h.dead_at IS NULL OR h.key_hold)
          ORDER BY h.event_id
