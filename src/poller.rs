@@ -365,6 +365,17 @@ fn submit<B: Backend>(
     if delivery.parked {
         return;
     }
+    if delivery.held {
+        if let (Some(key), Some((stored_as, _))) = (
+            &delivery.ordering_key,
+            engine.registry.resolve(&delivery.listener),
+        ) {
+            engine
+                .runner
+                .return_heads(vec![(stored_as, Arc::from(key.as_str()))]);
+        }
+        return;
+    }
     if delivery.expired {
         if let (Some(key), Some((stored_as, _))) = (
             &delivery.ordering_key,

@@ -92,6 +92,9 @@ pub struct Claimed {
     /// Not leased: parked behind an earlier delivery of its key, which the claim of its key's
     /// head takes as due.
     pub(crate) parked: bool,
+    /// Not leased: its key's head, which another transaction held when a claim of heads
+    /// found it. The claim of its key's head is tried again at the next poll.
+    pub(crate) held: bool,
     /// The stored trace context (see [`NewEvent::trace`]).
     pub(crate) trace: Option<Arc<str>>,
 }

@@ -62,6 +62,7 @@ rows! {
         ordering_key: Option<String>,
         parked: bool,
         trace_context: Option<String>,
+        held: bool,
     }
 
     /// A delivery a result write changed, and its reason when it died.
@@ -163,6 +164,7 @@ impl From<ClaimedRow> for crate::store::Claimed {
             version: u32::try_from(row.event_version).unwrap_or(1),
             ordering_key: row.ordering_key,
             parked: row.parked,
+            held: row.held,
             trace: row.trace_context.map(Arc::from),
         }
     }

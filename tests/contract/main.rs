@@ -116,7 +116,8 @@ macro_rules! backend_tests {
 
 // Backends with row locks also show that a claimer skips the rows another transaction holds,
 // and that retention rounds of two instances never overlap (SQLite's rounds wait their turn).
-// MySQL also shows that a claim of a key's head waits for a head another transaction holds.
+// They also show that a claim of a key's head does not leave a head another transaction
+// holds parked.
 // PostgreSQL also sends an emit in one round trip, and shows that it stays atomic, and that an
 // emit leases its key's heads only under READ COMMITTED.
 scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
@@ -124,8 +125,9 @@ scenarios!(backend_tests!("postgres", postgres, txbus::Postgres,
         pipeline::one_entity_is_one_statement_prepared_once,
         pipeline::entities_with_custom_types_are_written_atomically,
         pipeline::a_write_that_fails_before_it_is_sent_leaves_nothing,
+        ordering::a_held_head_is_not_left_parked,
         #[cfg(feature = "testing")] ordering::under_repeatable_read_an_emit_leaves_its_heads_to_a_claim));
 scenarios!(backend_tests!("mysql", mysql, txbus::Mysql,
     extra: sharing::claims_skip_rows_locked_by_another_transaction, ops::cleanup_rounds_never_overlap,
-        ordering::a_claim_of_heads_waits_for_a_held_head));
+        ordering::a_held_head_is_not_left_parked));
 scenarios!(backend_tests!("sqlite", sqlite, txbus::Sqlite));

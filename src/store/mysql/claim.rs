@@ -188,7 +188,7 @@ const READ: &str = concat!(
     "SELECT d.event_id, d.listener, d.attempts, d.payload,
            TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', d.emitted_at) AS emitted_at_us,
            d.lease_ms, d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key,
-           d.parked, d.trace_context
+           d.parked, d.trace_context, FALSE AS held
     FROM txbus_deliveries d JOIN ",
     keys_table!(),
     " ON d.event_id = k.event_id AND d.listener = k.listener"

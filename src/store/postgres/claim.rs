@@ -60,7 +60,7 @@ WHERE d.event_id = c.event_id AND d.listener = c.listener
 RETURNING d.event_id, d.listener, d.attempts, d.payload::text AS payload,
           (extract(epoch FROM d.emitted_at) * 1000000)::int8 AS emitted_at_us, d.lease_ms,
           d.dead_at IS NOT NULL AS expired, d.event_version, d.ordering_key, d.parked,
-          d.trace_context"
+          d.trace_context, FALSE AS held"
     };
 }
 
@@ -96,33 +96,50 @@ FOR UPDATE SKIP LOCKED)",
 // not due yet stops the look-up; the general claim finds what is behind it.) A parked one
 // counts as due: it waited for the one before it. Each key's parking lock is taken first (in
 // the order of the lists, which every caller sorts), so that a row a claim is parking right
-// now is seen parked. The look-up locks the row it returns, so that the plan cannot start
-// from the due index instead.
+// now is seen parked.
+//
+// The look-up `f` locks nothing; `c` then locks the heads it found, checked again where a
+// transaction changed them since. A running head fails the checks before it is locked, so its
+// result write does not wait for this claim. A head that another transaction holds is skipped,
+// never waited for (this claim holds other rows meanwhile, which could deadlock with a result
+// write), and returned `held`: its key is tried again at the next poll (one a general claim
+// holds, it leases; anything else that holds it would otherwise leave it parked).
 pub(super) const CLAIM_HEADS: &str = concat!(
     "\
-WITH c AS MATERIALIZED (
-SELECT d.event_id, d.listener, FALSE AS blocked
+WITH f AS MATERIALIZED (
+SELECT d.event_id, d.listener, d.ordering_key
 FROM unnest($4::text[], $5::text[]) AS k (listener, ordering_key)
 CROSS JOIN LATERAL (
     SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock(",
     park_lock!("k"),
     ")) x OFFSET 0) l
 CROSS JOIN LATERAL (
-    SELECT h.event_id, h.listener, h.ordering_key, h.dead_at, h.available_at, h.emitted_at,
-           h.event_version, h.parked
+    SELECT h.event_id
     FROM txbus_deliveries h
     WHERE l.locked = 1 AND h.listener = k.listener AND h.ordering_key = k.ordering_key
       AND h.ordering_key IS NOT NULL AND h.delivered_at IS NULL
       AND (h.dead_at IS NULL OR h.key_hold)
     ORDER BY h.event_id
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED) d
-WHERE d.dead_at IS NULL AND (d.available_at <= now() OR d.parked)
+    LIMIT 1) first
+JOIN txbus_deliveries d ON d.event_id = first.event_id AND d.listener = k.listener
+WHERE d.dead_at IS NULL AND d.delivered_at IS NULL AND (d.available_at <= now() OR d.parked)
   AND d.listener = ANY($1)
   AND (d.event_version = 1 OR d.event_version <= ($2::jsonb ->> d.listener)::int4)
   AND ",
     key_head!(),
     "
-LIMIT $3)",
-    lease_claimed!()
+LIMIT $3),
+c AS MATERIALIZED (
+SELECT d.event_id, d.listener, FALSE AS blocked
+FROM f JOIN txbus_deliveries d ON d.event_id = f.event_id AND d.listener = f.listener
+WHERE d.dead_at IS NULL AND d.delivered_at IS NULL AND (d.available_at <= now() OR d.parked)
+FOR UPDATE OF d SKIP LOCKED),
+u AS (",
+    lease_claimed!(),
+    ")
+SELECT * FROM u
+UNION ALL
+SELECT f.event_id, f.listener, 0, '', 0, 0, FALSE, 1, f.ordering_key, FALSE, NULL, TRUE
+FROM f
+WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.event_id = f.event_id AND c.listener = f.listener)"
 );

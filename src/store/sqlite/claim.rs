@@ -51,7 +51,7 @@ macro_rules! lease_claimed {
     WHERE t.event_id = c.event_id AND t.listener = c.listener
     RETURNING event_id, listener, attempts, payload, emitted_at * 1000 AS emitted_at_us,
               lease_ms, dead_at IS NOT NULL AS expired, event_version, ordering_key, parked,
-              trace_context"
+              trace_context, FALSE AS held"
         )
     };
 }
