@@ -173,7 +173,7 @@ mod postgres {
 
     impl TestBackend for Postgres {
         const MINUS_AN_HOUR: &'static str = " - interval '1 hour'";
-        const MIGRATIONS: i64 = 8;
+        const MIGRATIONS: i64 = 9;
         const LEASES_KEY_HEADS: bool = true;
 
         async fn open() -> TestDb<Self> {
@@ -501,7 +501,7 @@ mod sqlite {
     impl TestBackend for Sqlite {
         // Milliseconds since the epoch.
         const MINUS_AN_HOUR: &'static str = " - 3600000";
-        const MIGRATIONS: i64 = 7;
+        const MIGRATIONS: i64 = 8;
         const LEASES_KEY_HEADS: bool = true;
 
         async fn open() -> TestDb<Self> {

@@ -3,21 +3,26 @@
 /// The condition that a due delivery `d` is its key's head, for its listener (always true
 /// without a key): no other delivery of the key is pending before it (by event id), or dead
 /// before it and holding the key; a scheduled one not due yet does not count. One that may have
-/// been passed by a later one (a retry, a scheduled or replayed one: its `available_at` is past
-/// its emit) also waits while a later one of its key runs. The partial index
-/// `txbus_deliveries_key` serves the look-up.
+/// been passed by a later one (a retry, a scheduled, replayed or parked one: its `available_at`
+/// is past its emit) also waits while a later one of its key runs. The partial indexes
+/// `txbus_deliveries_key` and `txbus_deliveries_key_leased` serve the two look-ups: the first
+/// reads only the deliveries before `d`, the second only the leased ones.
 macro_rules! key_head {
     () => {
-        "(d.ordering_key IS NULL OR NOT EXISTS (
-          SELECT 1 FROM txbus_deliveries p
-          WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
-            AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
-            AND (p.dead_at IS NULL OR p.key_hold) AND p.event_id <> d.event_id
-            AND ((p.event_id < d.event_id
-                  AND (p.dead_at IS NOT NULL OR p.attempts > 0 OR p.available_at <= now()
-                       OR p.parked))
-                 OR (d.available_at > d.emitted_at AND p.dead_at IS NULL
-                     AND p.leased_at IS NOT NULL AND p.available_at > now()))))"
+        "(d.ordering_key IS NULL OR (
+          NOT EXISTS (
+            SELECT 1 FROM txbus_deliveries p
+            WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
+              AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
+              AND (p.dead_at IS NULL OR p.key_hold) AND p.event_id < d.event_id
+              AND (p.dead_at IS NOT NULL OR p.attempts > 0 OR p.available_at <= now()
+                   OR p.parked))
+          AND (d.available_at <= d.emitted_at OR NOT EXISTS (
+            SELECT 1 FROM txbus_deliveries p
+            WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
+              AND p.ordering_key IS NOT NULL AND p.leased_at IS NOT NULL
+              AND p.delivered_at IS NULL AND p.dead_at IS NULL
+              AND p.event_id <> d.event_id AND p.available_at > now()))))"
     };
 }
 

@@ -70,22 +70,27 @@ macro_rules! runs_here {
 /// key): no other delivery of the key is pending before it (by event id), or dead before it and
 /// holding the key; a scheduled one not due yet does not count. One that may have been passed by
 /// a later one (its `available_at` is past its emit) also waits while a later one of its key
-/// runs.
+/// runs. The partial indexes `txbus_deliveries_key` and `txbus_deliveries_key_leased` serve the
+/// two look-ups: the first reads only the deliveries before `d`, the second only the leased ones.
 macro_rules! key_head {
     () => {
         concat!(
-            "(d.ordering_key IS NULL OR NOT EXISTS (
-              SELECT 1 FROM txbus_deliveries p
-              WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
-                AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
-                AND (p.dead_at IS NULL OR p.key_hold) AND p.event_id <> d.event_id
-                AND ((p.event_id < d.event_id
-                      AND (p.dead_at IS NOT NULL OR p.attempts > 0 OR p.parked
-                           OR p.available_at <= ",
+            "(d.ordering_key IS NULL OR (
+              NOT EXISTS (
+                SELECT 1 FROM txbus_deliveries p
+                WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
+                  AND p.ordering_key IS NOT NULL AND p.delivered_at IS NULL
+                  AND (p.dead_at IS NULL OR p.key_hold) AND p.event_id < d.event_id
+                  AND (p.dead_at IS NOT NULL OR p.attempts > 0 OR p.parked
+                       OR p.available_at <= ",
             now_ms!(),
             "))
-                     OR (d.available_at > d.emitted_at AND p.dead_at IS NULL
-                         AND p.leased_at IS NOT NULL AND p.available_at > ",
+              AND (d.available_at <= d.emitted_at OR NOT EXISTS (
+                SELECT 1 FROM txbus_deliveries p
+                WHERE p.listener = d.listener AND p.ordering_key = d.ordering_key
+                  AND p.ordering_key IS NOT NULL AND p.leased_at IS NOT NULL
+                  AND p.delivered_at IS NULL AND p.dead_at IS NULL
+                  AND p.event_id <> d.event_id AND p.available_at > ",
             now_ms!(),
             "))))"
         )

@@ -1,0 +1,1 @@
+DROP INDEX txbus_deliveries_key_leased;
