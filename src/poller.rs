@@ -365,27 +365,22 @@ fn submit<B: Backend>(
     if delivery.parked {
         return;
     }
+    // Its listener, as registered, and its key.
+    let listener_key = || {
+        let key = delivery.ordering_key.as_deref()?;
+        let (stored_as, _) = engine.registry.resolve(&delivery.listener)?;
+        Some((stored_as, Arc::from(key)))
+    };
     if delivery.held {
-        if let (Some(key), Some((stored_as, _))) = (
-            &delivery.ordering_key,
-            engine.registry.resolve(&delivery.listener),
-        ) {
-            engine
-                .runner
-                .return_heads(vec![(stored_as, Arc::from(key.as_str()))]);
-        }
+        // Claimed again at the next poll.
+        engine
+            .runner
+            .return_heads(listener_key().into_iter().collect());
         return;
     }
     if delivery.expired {
-        if let (Some(key), Some((stored_as, _))) = (
-            &delivery.ordering_key,
-            engine.registry.resolve(&delivery.listener),
-        ) {
-            // The next delivery of its key may run now.
-            engine
-                .runner
-                .wake_heads([(stored_as, Arc::from(key.as_str()))]);
-        }
+        // The next delivery of its key may run now.
+        engine.runner.wake_heads(listener_key());
         crate::metrics::died(&delivery.listener, "expired");
         #[cfg(feature = "testing")]
         engine.runner.hooks.expired();

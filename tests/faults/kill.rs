@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use txbus::{Context, Entity, EventBus, EventSettings, ListenerError, Pool, persist};
 
 use crate::support::backends::exec;
-use crate::support::process::runtime;
+use crate::support::process::{KillOnDrop, runtime};
 use crate::support::{TestBackend, eventually};
 use crate::{Order, Rng, scale, seed, with_backend};
 
@@ -85,23 +85,24 @@ where
     let kills = 20 * scale();
     let mut rng = Rng::new(seed(&format!("{}::kill", B::NAME)));
     for round in 0..kills {
-        let mut worker = Command::new(std::env::current_exe().unwrap())
-            .env("TXBUS_FAULT_CHILD", "kill-worker")
-            .args([
-                B::NAME,
-                &db.url,
-                &((round as i64 + 1) * 1_000_000).to_string(),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut worker = KillOnDrop(
+            Command::new(std::env::current_exe().unwrap())
+                .env("TXBUS_FAULT_CHILD", "kill-worker")
+                .args([
+                    B::NAME,
+                    &db.url,
+                    &((round as i64 + 1) * 1_000_000).to_string(),
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         tokio::time::sleep(Duration::from_millis(rng.range(20, 400))).await;
         assert!(
             worker.try_wait().unwrap().is_none(),
             "the worker stopped by itself"
         );
-        worker.kill().unwrap();
-        worker.wait().unwrap();
+        worker.stop();
     }
     let committed = count(&db.pool, "SELECT count(*) AS n FROM fault_orders").await;
     let left = count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await;

@@ -11,14 +11,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use txbus::{Context, Entity, EventBus, EventSettings, ListenerError, Pool, persist};
 
-use crate::support::process::runtime;
+use crate::support::process::{KillOnDrop, runtime};
 use crate::support::{PATIENCE, TestBackend, eventually};
 use crate::{Order, Rng, seed, with_backend};
 
@@ -199,24 +199,21 @@ fn check(by_key: &BTreeMap<i64, Vec<Run>>, killed: bool) -> (usize, usize) {
 }
 
 /// A worker process: `<backend> <url> <file> <first id> <events>`.
-fn start_worker<B: TestBackend>(url: &str, file: &Path, first: i64, events: i64) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .env("TXBUS_FAULT_CHILD", "ordering-worker")
-        .args([
-            B::NAME,
-            url,
-            file.to_str().unwrap(),
-            &first.to_string(),
-            &events.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn stop(mut child: Child) {
-    child.kill().unwrap();
-    child.wait().unwrap();
+fn start_worker<B: TestBackend>(url: &str, file: &Path, first: i64, events: i64) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .env("TXBUS_FAULT_CHILD", "ordering-worker")
+            .args([
+                B::NAME,
+                url,
+                file.to_str().unwrap(),
+                &first.to_string(),
+                &events.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 pub async fn keyed_order_across_processes<B: TestBackend>(kill: bool)
@@ -255,7 +252,7 @@ where
                 assert!(Instant::now() < deadline, "the worker never ran a listener");
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            stop(b);
+            b.stop();
             if runs_a_head(&file) {
                 heads_killed += 1;
             }
@@ -286,8 +283,8 @@ where
         (B::count(&db.pool, "SELECT count(*) AS n FROM txbus_deliveries").await == 0).then_some(())
     })
     .await;
-    stop(a);
-    stop(b);
+    a.stop();
+    b.stop();
 
     let committed = B::count(&db.pool, "SELECT count(*) AS n FROM fault_orders").await;
     let by_key = read_runs(&files);

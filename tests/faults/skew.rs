@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader, Lines};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use txbus::{Context, EventBus, EventSettings, ListenerError, Pool, Postgres};
 
 use crate::support::backends::exec;
-use crate::support::process::runtime;
+use crate::support::process::{KillOnDrop, runtime};
 use crate::support::{TestBackend, eventually};
 
 /// How far off the children's wall clocks are.
@@ -107,15 +107,17 @@ fn start_child(
     url: &str,
     who: &str,
     emit: bool,
-) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .env("TXBUS_FAULT_CHILD", "skew")
-        .env("LD_PRELOAD", skew_clock())
-        .env("TXBUS_SKEW_SECONDS", skew.to_string())
-        .args([url, who, if emit { "emit" } else { "poll" }])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+) -> (KillOnDrop, Lines<BufReader<ChildStdout>>) {
+    let mut child = KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .env("TXBUS_FAULT_CHILD", "skew")
+            .env("LD_PRELOAD", skew_clock())
+            .env("TXBUS_SKEW_SECONDS", skew.to_string())
+            .args([url, who, if emit { "emit" } else { "poll" }])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
     (child, lines)
 }

@@ -103,8 +103,11 @@ FOR UPDATE SKIP LOCKED)",
 // the order of the lists, which every caller sorts), so that a row a claim is parking right
 // now is seen parked.
 //
-// The look-up `f` locks nothing; `c` then locks the heads it found, checked again where a
-// transaction changed them since. A running head fails the checks before it is locked, so its
+// The look-up `f` locks nothing. It reads each key's first delivery in a `LATERAL` with a
+// `LIMIT`, which the planner cannot turn into a join: as a join with the table, a plan could
+// start from the due index instead, for every key. `c` then locks the heads it found (by
+// primary key: `COALESCE` as in the result writes), checked again where a transaction changed
+// them since. A running head fails the checks before it is locked, so its
 // result write does not wait for this claim. A head that another transaction holds is skipped,
 // never waited for (this claim holds other rows meanwhile, which could deadlock with a result
 // write), and returned `held`: its key is tried again at the next poll (one a general claim
@@ -119,15 +122,15 @@ CROSS JOIN LATERAL (
     park_lock!("k"),
     ")) x OFFSET 0) l
 CROSS JOIN LATERAL (
-    SELECT h.event_id
+    SELECT h.event_id, h.listener, h.ordering_key, h.dead_at, h.available_at, h.emitted_at,
+           h.event_version, h.parked
     FROM txbus_deliveries h
     WHERE l.locked = 1 AND h.listener = k.listener AND h.ordering_key = k.ordering_key
       AND h.ordering_key IS NOT NULL AND h.delivered_at IS NULL
       AND (h.dead_at IS NULL OR h.key_hold)
     ORDER BY h.event_id
-    LIMIT 1) first
-JOIN txbus_deliveries d ON d.event_id = first.event_id AND d.listener = k.listener
-WHERE d.dead_at IS NULL AND d.delivered_at IS NULL AND (d.available_at <= now() OR d.parked)
+    LIMIT 1) d
+WHERE d.dead_at IS NULL AND (d.available_at <= now() OR d.parked)
   AND d.listener = ANY($1)
   AND (d.event_version = 1 OR d.event_version <= ($2::jsonb ->> d.listener)::int4)
   AND ",
@@ -137,7 +140,7 @@ LIMIT $3),
 c AS MATERIALIZED (
 SELECT d.event_id, d.listener, FALSE AS blocked
 FROM f JOIN txbus_deliveries d ON d.event_id = f.event_id AND d.listener = f.listener
-WHERE d.dead_at IS NULL AND d.delivered_at IS NULL AND (d.available_at <= now() OR d.parked)
+WHERE COALESCE(d.dead_at, d.delivered_at) IS NULL AND (d.available_at <= now() OR d.parked)
 FOR UPDATE OF d SKIP LOCKED),
 u AS (",
     lease_claimed!(),
