@@ -107,11 +107,11 @@ FOR UPDATE SKIP LOCKED)",
 // `LIMIT`, which the planner cannot turn into a join: as a join with the table, a plan could
 // start from the due index instead, for every key. `c` then locks the heads it found (by
 // primary key: `COALESCE` as in the result writes), checked again where a transaction changed
-// them since. A running head fails the checks before it is locked, so its
-// result write does not wait for this claim. A head that another transaction holds is skipped,
-// never waited for (this claim holds other rows meanwhile, which could deadlock with a result
-// write), and returned `held`: its key is tried again at the next poll (one a general claim
-// holds, it leases; anything else that holds it would otherwise leave it parked).
+// them since. A running head fails the checks before it is locked, so its result write does
+// not wait for this claim. A head that another transaction holds is skipped, never waited for
+// (this claim holds other rows meanwhile, which could deadlock with a result write), and
+// returned `held`: its key is tried again at the next poll (one a general claim holds, it
+// leases; anything else that holds it would otherwise leave it parked).
 pub(super) const CLAIM_HEADS: &str = concat!(
     "\
 WITH f AS MATERIALIZED (
