@@ -98,6 +98,11 @@ pub(crate) async fn run(
         };
         // Holding the permit while the completer is behind slows the poller down with it.
         let _ = reports.send(report).await;
+    } else if let Some(key) = job.ordering_key.clone() {
+        // Recorded in the listener's own transaction (or left to the run that took its lease):
+        // no result goes through the completer, whose write would wake the claim of the key's
+        // next delivery. Wake it here, after the commit.
+        runner.wake_heads([(job.key.listener, key)]);
     }
     drop(permit);
     runner.freed.notify_one();

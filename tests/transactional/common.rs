@@ -33,11 +33,39 @@ pub struct Credit {
     pub mode: String,
 }
 
-/// Defines the transactional listener for a connection type: it writes a ledger row, then
-/// misbehaves on its first attempts as the event asks.
+/// A credit of an account, in order per account.
+#[derive(Debug, Clone, Serialize, Deserialize, txbus::Event)]
+#[event(name = "tx.transfer", ordering_key = account)]
+pub struct Transfer {
+    pub account: String,
+    pub amount: i64,
+}
+
+/// Defines the transactional listeners for a connection type. `tx.credit` writes a ledger row,
+/// then misbehaves on its first attempts as the event asks; `tx.transfer` writes one.
 #[macro_export]
 macro_rules! credit_listener {
     ($connection:ty) => {
+        #[txbus::listener(transactional, name = "tx.transfer")]
+        async fn transfer(
+            event: common::Transfer,
+            ctx: txbus::Context,
+            conn: &mut $connection,
+        ) -> Result<(), txbus::ListenerError> {
+            use common::tx_ledger;
+            use diesel::prelude::*;
+            use diesel_async::RunQueryDsl;
+            diesel::insert_into(tx_ledger::table)
+                .values((
+                    tx_ledger::event_id.eq(ctx.event_id().get()),
+                    tx_ledger::attempt.eq(i64::from(ctx.attempt())),
+                    tx_ledger::amount.eq(event.amount),
+                ))
+                .execute(conn)
+                .await?;
+            Ok(())
+        }
+
         #[txbus::listener(transactional, name = "tx.credit")]
         async fn credit(
             event: common::Credit,
@@ -190,6 +218,33 @@ async fn a_timeout_rolls_back_and_drops_the_connection<B: TestBackend>() {
     bus.shutdown().await;
 }
 
+/// The deliveries of one key to a transactional listener, which records each success in its
+/// own transaction: each success lets the next of the key run. The bus polls once an hour, so
+/// only the success itself can start the next one.
+async fn a_keyed_success_lets_the_next_of_its_key_run<B: TestBackend>() {
+    let db = setup::<B>().await;
+    let bus = EventBus::builder(db.pool.clone())
+        .event::<Credit>(settings())
+        .retry_every(Duration::from_secs(3600))
+        .build()
+        .await
+        .unwrap();
+    bus.transaction(async |tx| {
+        for amount in 1..=3 {
+            let transfer = Transfer {
+                account: "acct-1".into(),
+                amount,
+            };
+            tx.emit(&transfer).await?;
+        }
+        Ok::<_, txbus::Error>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(settled(&db).await, 3, "each transfer ran once");
+    bus.shutdown().await;
+}
+
 /// A child process runs the listener, which writes and aborts the process before the commit.
 async fn a_crash_before_commit_leaves_no_writes<B: TestBackend>() {
     let db = setup::<B>().await;
@@ -272,6 +327,10 @@ pub fn main<B: TestBackend>() -> ExitCode {
         trial(
             format!("{name}::a_timeout_rolls_back_and_drops_the_connection"),
             || runtime().block_on(a_timeout_rolls_back_and_drops_the_connection::<B>()),
+        ),
+        trial(
+            format!("{name}::a_keyed_success_lets_the_next_of_its_key_run"),
+            || runtime().block_on(a_keyed_success_lets_the_next_of_its_key_run::<B>()),
         ),
         trial(
             format!("{name}::a_crash_before_commit_leaves_no_writes"),
