@@ -46,10 +46,10 @@ pub struct Transfer {
 #[macro_export]
 macro_rules! credit_listener {
     ($connection:ty) => {
-        #[txbus::listener(transactional, name = "tx.transfer")]
-        async fn transfer(
-            event: common::Transfer,
-            ctx: txbus::Context,
+        /// Writes the ledger row of this run.
+        async fn write_ledger(
+            ctx: &txbus::Context,
+            amount: i64,
             conn: &mut $connection,
         ) -> Result<(), txbus::ListenerError> {
             use common::tx_ledger;
@@ -59,11 +59,20 @@ macro_rules! credit_listener {
                 .values((
                     tx_ledger::event_id.eq(ctx.event_id().get()),
                     tx_ledger::attempt.eq(i64::from(ctx.attempt())),
-                    tx_ledger::amount.eq(event.amount),
+                    tx_ledger::amount.eq(amount),
                 ))
                 .execute(conn)
                 .await?;
             Ok(())
+        }
+
+        #[txbus::listener(transactional, name = "tx.transfer")]
+        async fn transfer(
+            event: common::Transfer,
+            ctx: txbus::Context,
+            conn: &mut $connection,
+        ) -> Result<(), txbus::ListenerError> {
+            write_ledger(&ctx, event.amount, conn).await
         }
 
         #[txbus::listener(transactional, name = "tx.credit")]
@@ -72,17 +81,8 @@ macro_rules! credit_listener {
             ctx: txbus::Context,
             conn: &mut $connection,
         ) -> Result<(), txbus::ListenerError> {
-            use common::tx_ledger;
-            use diesel::prelude::*;
             use diesel_async::RunQueryDsl;
-            diesel::insert_into(tx_ledger::table)
-                .values((
-                    tx_ledger::event_id.eq(ctx.event_id().get()),
-                    tx_ledger::attempt.eq(i64::from(ctx.attempt())),
-                    tx_ledger::amount.eq(event.amount),
-                ))
-                .execute(conn)
-                .await?;
+            write_ledger(&ctx, event.amount, conn).await?;
             match (event.mode.as_str(), ctx.attempt()) {
                 ("fail_twice", 1 | 2) => return Err("failed after writing".into()),
                 ("lose_lease", 1) => {
