@@ -1,5 +1,7 @@
--- One row per ordering key ever emitted: a keyed emit locks its key's row (an upsert) before it
--- takes its event id, so that the emits of one key take their ids in the order they commit.
+-- One row per bucket of ordering keys (the low 16 bits of the key's CRC-32: at most 65,536
+-- rows, however many keys there are): a keyed emit locks its key's bucket row (an upsert) before
+-- it takes its event id, so that the emits of one key take their ids in the order they commit.
+-- Keys that share a bucket only share the lock, for the moment an emit holds it.
 CREATE TABLE txbus_key_locks (
-    ordering_key VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY
+    bucket INT UNSIGNED NOT NULL PRIMARY KEY
 )

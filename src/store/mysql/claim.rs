@@ -5,7 +5,7 @@
 //! leases those that are their key's heads and parks the others (see the migration
 //! `key_parking`): a parked delivery is out of the due range, so that claims of a keyed backlog
 //! do not scan it again and again, and the claim of its key's head takes it when the one before
-//! it finishes. A delivery is parked only under its listener and key's row in
+//! it finishes. A delivery is parked only under the row of its listener and its key's bucket in
 //! `txbus_key_parks`, taken without waiting and followed by a fresh look at its key; the claim
 //! of a key's head takes that row, waiting, before it looks. So a claim of heads that runs
 //! after a head's result is written either sees the next delivery parked, or the claim that
@@ -18,7 +18,7 @@ use diesel::QueryResult;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use serde_json::json;
 
-use super::{Mysql, keys_table, listeners_table};
+use super::{Mysql, bucket_of, key_bucket, keys_table, listeners_table};
 use crate::store::rows::{self, ClaimedRow, DeliveryRef, KeyRow, rows};
 use crate::store::sql::sql;
 use crate::store::tx::finish;
@@ -118,14 +118,17 @@ const HEADS: &str = concat!(
     FOR UPDATE"
 );
 
-/// Locks the parking rows of the JSON array of `[listener, key]` pairs, and returns them.
+/// Locks the parking rows of the JSON array of `[listener, key]` pairs (the rows of their keys'
+/// buckets), and returns the pairs whose row it took.
 macro_rules! lock_parks {
     ($how:literal) => {
         concat!(
-            "SELECT p.listener, p.ordering_key FROM ",
+            "SELECT k.listener, k.ordering_key FROM ",
             pairs_table!(),
             " STRAIGHT_JOIN txbus_key_parks p FORCE INDEX (PRIMARY)
-      ON p.listener = k.listener AND p.ordering_key = k.ordering_key
+      ON p.listener = k.listener AND p.bucket = ",
+            bucket_of!("k.ordering_key"),
+            "
     FOR UPDATE",
             $how
         )
@@ -141,8 +144,10 @@ const TRY_LOCK_PARKS: &str = lock_parks!(" SKIP LOCKED");
 /// Adds the parking rows that a claim could not take, where they are missing: after its
 /// transaction, so that the claim never waits for another one adding or holding the same.
 const ADD_PARKS: &str = concat!(
-    "INSERT IGNORE INTO txbus_key_parks (listener, ordering_key)
-    SELECT k.listener, k.ordering_key FROM ",
+    "INSERT IGNORE INTO txbus_key_parks (listener, bucket)
+    SELECT k.listener, ",
+    bucket_of!("k.ordering_key"),
+    " FROM ",
     pairs_table!()
 );
 
@@ -321,7 +326,16 @@ fn pair(c: &Candidate) -> (String, String) {
     )
 }
 
-/// A JSON array of `[listener, key]` pairs.
+/// A JSON array of `[listener, key]` pairs, in the order of their parking rows: two claims that
+/// wait for the rows of the same pairs take them in the same order, and never deadlock.
 fn pairs_json<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
-    serde_json::Value::from(pairs.map(|(l, k)| json!([l, k])).collect::<Vec<_>>()).to_string()
+    let mut pairs: Vec<_> = pairs.map(|(l, k)| (l, key_bucket(k), k)).collect();
+    pairs.sort_unstable();
+    serde_json::Value::from(
+        pairs
+            .into_iter()
+            .map(|(l, _, k)| json!([l, k]))
+            .collect::<Vec<_>>(),
+    )
+    .to_string()
 }

@@ -7,7 +7,7 @@ use diesel::QueryResult;
 use diesel_async::{AsyncMysqlConnection, RunQueryDsl};
 use serde_json::json;
 
-use super::{Mysql, claim, ids, keys_table, listeners_table, results};
+use super::{Mysql, bucket_of, claim, ids, keys_table, listeners_table, results};
 use crate::delivery::Outcome;
 use crate::store::rows::{lease_ms, micros};
 use crate::store::sql::sql;
@@ -65,10 +65,14 @@ FROM (SELECT j.*, TIMESTAMPADD(MICROSECOND, j.emitted_us, '1970-01-01 00:00:00')
           key_hold BOOLEAN PATH '$[10]',
           trace_context TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[11]')) j) x";
 
-/// Locks ordering key `?` to the end of the transaction (see `Outbox::LOCK_KEY`).
-const LOCK_KEY: &str = "\
-INSERT INTO txbus_key_locks (ordering_key) VALUES (?)
-ON DUPLICATE KEY UPDATE ordering_key = ordering_key";
+/// Locks ordering key `?` to the end of the transaction (see `Outbox::LOCK_KEY`): the row of its
+/// bucket (see the migration `key_locks`), so that the table stays small whatever the keys.
+const LOCK_KEY: &str = concat!(
+    "INSERT INTO txbus_key_locks (bucket) VALUES (",
+    bucket_of!("?"),
+    ")
+ON DUPLICATE KEY UPDATE bucket = bucket"
+);
 
 /// Relabels dead letters that `EXPIRE` made for a version no instance knew.
 const UNKNOWN_VERSION: &str = concat!(
