@@ -57,19 +57,13 @@ macro_rules! keys_table {
 use keys_table;
 
 /// The bucket of an ordering key, the SQL expression `$key`, in `txbus_key_locks` and
-/// `txbus_key_parks`: the low 16 bits of its CRC-32, as [`key_bucket`] computes it.
+/// `txbus_key_parks`: the low 16 bits of its CRC-32.
 macro_rules! bucket_of {
     ($key:literal) => {
         concat!("(CRC32(", $key, ") & 65535)")
     };
 }
 use bucket_of;
-
-/// The bucket of ordering key `key` (see [`bucket_of!`]): MySQL's `CRC32` is the CRC-32 of
-/// zlib, which `crc32fast` computes.
-pub(super) fn key_bucket(key: &str) -> u32 {
-    crc32fast::hash(key.as_bytes()) & 0xFFFF
-}
 
 impl Backend for Mysql {
     type Connection = AsyncMysqlConnection;
