@@ -83,11 +83,12 @@ async fn keys_of_one_bucket_share_a_lock_row() {
     }
     let ids = bus
         .transaction(async |tx| {
-            let first = tx.emit(&Posted {
-                account: a.clone(),
-                n: 5,
-            });
-            let first = first.await?;
+            let first = tx
+                .emit(&Posted {
+                    account: a.clone(),
+                    n: 5,
+                })
+                .await?;
             let second = tx
                 .emit(&Posted {
                     account: b.clone(),
