@@ -280,71 +280,52 @@ mod postgres {
     }
 }
 
-#[cfg(feature = "postgres")]
-impl RowLocks for txbus::Postgres {
-    async fn hold_locks(pool: &Pool<Self>, n: i64) -> txbus::PooledConnection<Self> {
-        let mut conn = pool.get().await.unwrap();
-        conn.batch_execute("BEGIN").await.unwrap();
-        let locked: Vec<Count> = diesel::sql_query(
-            "SELECT event_id AS n FROM txbus_deliveries ORDER BY event_id LIMIT $1 FOR UPDATE",
-        )
-        .bind::<BigInt, _>(n)
-        .load(&mut *conn)
-        .await
-        .unwrap();
-        assert_eq!(locked.len() as i64, n);
-        conn
-    }
+/// Implements [`RowLocks`] for a backend whose statements write their one parameter as `$param`.
+macro_rules! row_locks {
+    ($backend:ty, $param:literal) => {
+        impl RowLocks for $backend {
+            async fn hold_locks(pool: &Pool<Self>, n: i64) -> txbus::PooledConnection<Self> {
+                let (conn, locked) =
+                    lock_rows!(pool, concat!("ORDER BY event_id LIMIT ", $param), n);
+                assert_eq!(locked as i64, n);
+                conn
+            }
 
-    async fn hold_event(
-        pool: &Pool<Self>,
-        event_id: i64,
-    ) -> (txbus::PooledConnection<Self>, usize) {
-        let mut conn = pool.get().await.unwrap();
+            async fn hold_event(
+                pool: &Pool<Self>,
+                event_id: i64,
+            ) -> (txbus::PooledConnection<Self>, usize) {
+                lock_rows!(pool, concat!("WHERE event_id = ", $param), event_id)
+            }
+        }
+    };
+}
+
+/// Opens a transaction on a connection of `pool` that locks the deliveries `SELECT ...
+/// FROM txbus_deliveries $rest FOR UPDATE` reads, `$bind` bound; evaluates to the connection and
+/// how many rows it locked.
+macro_rules! lock_rows {
+    ($pool:expr, $rest:expr, $bind:expr) => {{
+        let mut conn = $pool.get().await.unwrap();
         conn.batch_execute("BEGIN").await.unwrap();
-        let locked: Vec<Count> = diesel::sql_query(
-            "SELECT event_id AS n FROM txbus_deliveries WHERE event_id = $1 FOR UPDATE",
-        )
-        .bind::<BigInt, _>(event_id)
+        let locked: Vec<Count> = diesel::sql_query(concat!(
+            "SELECT event_id AS n FROM txbus_deliveries ",
+            $rest,
+            " FOR UPDATE"
+        ))
+        .bind::<BigInt, _>($bind)
         .load(&mut *conn)
         .await
         .unwrap();
         (conn, locked.len())
-    }
+    }};
 }
+
+#[cfg(feature = "postgres")]
+row_locks!(txbus::Postgres, "$1");
 
 #[cfg(feature = "mysql")]
-impl RowLocks for txbus::Mysql {
-    async fn hold_locks(pool: &Pool<Self>, n: i64) -> txbus::PooledConnection<Self> {
-        let mut conn = pool.get().await.unwrap();
-        conn.batch_execute("BEGIN").await.unwrap();
-        let locked: Vec<Count> = diesel::sql_query(
-            "SELECT event_id AS n FROM txbus_deliveries ORDER BY event_id LIMIT ? FOR UPDATE",
-        )
-        .bind::<BigInt, _>(n)
-        .load(&mut *conn)
-        .await
-        .unwrap();
-        assert_eq!(locked.len() as i64, n);
-        conn
-    }
-
-    async fn hold_event(
-        pool: &Pool<Self>,
-        event_id: i64,
-    ) -> (txbus::PooledConnection<Self>, usize) {
-        let mut conn = pool.get().await.unwrap();
-        conn.batch_execute("BEGIN").await.unwrap();
-        let locked: Vec<Count> = diesel::sql_query(
-            "SELECT event_id AS n FROM txbus_deliveries WHERE event_id = ? FOR UPDATE",
-        )
-        .bind::<BigInt, _>(event_id)
-        .load(&mut *conn)
-        .await
-        .unwrap();
-        (conn, locked.len())
-    }
-}
+row_locks!(txbus::Mysql, "?");
 
 #[cfg(feature = "mysql")]
 mod mysql {
